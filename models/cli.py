@@ -1,0 +1,23 @@
+"""``valve-model``: the model side's command line (torch). Dispatch only; see service.cli."""
+
+from __future__ import annotations
+
+import sys
+
+from service.cli import dispatch
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("models.train:main", "train IRA-CNN on a dataset"),
+    "evaluate": ("models.evaluate:main", "evaluate a run: classification and segmentation metrics, report"),
+    "export": ("models.export:main", "export a run to ONNX with Grad-CAM++ inside the graph"),
+    "build-dataset": ("models.build_dataset:main", "slice camera frames into the 'folders' dataset format"),
+    "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("valve-model", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

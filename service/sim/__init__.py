@@ -1,0 +1,1 @@
+"""Simulators for the demo and the tests: synthetic camera frames and the PLC side."""

@@ -1,0 +1,150 @@
+"""IRA-CNN and IAM against the paper's Table 1 and eqs (3)-(10)."""
+
+import math
+
+import pytest
+import torch
+
+from models.attention import ATTENTION_KINDS, CBAM, IAM, ImprovedChannelAttention, make_attention
+from models.ira_cnn import IRACNN, ModelConfig, build_model, count_parameters, preset_config
+
+
+@pytest.fixture(scope="module")
+def paper_model() -> IRACNN:
+    torch.manual_seed(0)
+    return build_model(preset_config("paper")).eval()
+
+
+def test_paper_preset_intermediate_shapes_match_table_1(paper_model):
+    """Every stage of the paper preset has Table 1's output shape for a 192x192 input."""
+    seen = {}
+    hooks = [getattr(paper_model, n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape))
+             for n in ("stem", "block1", "block2", "block3", "classifier")]
+    hooks.append(paper_model.classifier.fc1.register_forward_hook(lambda m, i, o: seen.__setitem__("fc1", o.shape)))
+    hooks.append(paper_model.classifier.fc2.register_forward_hook(lambda m, i, o: seen.__setitem__("fc2", o.shape)))
+    x = torch.randint(0, 256, (1, 1, 192, 192), dtype=torch.uint8)
+    with torch.no_grad():
+        paper_model(x)
+    for h in hooks:
+        h.remove()
+    assert seen["stem"] == (1, 32, 192, 192)
+    assert seen["block1"] == (1, 64, 96, 96)
+    assert seen["block2"] == (1, 128, 48, 48)
+    assert seen["block3"] == (1, 256, 24, 24)
+    assert seen["fc1"] == (1, 1024)
+    assert seen["fc2"] == (1, 1024)
+    assert seen["classifier"] == (1, 4)
+    assert paper_model.classifier.fc1.in_features == 24 * 24 * 256
+
+
+def test_paper_preset_has_about_155_million_parameters(paper_model):
+    """The flatten head makes the paper preset ~155 M parameters (24*24*256*1024 alone is 151 M)."""
+    n = count_parameters(paper_model)
+    assert 150e6 < n < 160e6, n
+
+
+def test_stem_is_two_1x1_convs_of_32_filters(paper_model):
+    """The stem is two 1x1 convolutions with 32 filters each."""
+    convs = [m for m in paper_model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.out_channels) for c in convs] == [((1, 1), 32), ((1, 1), 32)]
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+@pytest.mark.parametrize("preset", ["paper", "compact"])
+def test_forward_is_head_of_features(preset, attention):
+    """forward(x) == head(features(x)) and features are (B, C, 24, 24) for every variant."""
+    torch.manual_seed(1)
+    cfg = preset_config(preset, attention, width=0.125, head_width=32) if preset == "paper" \
+        else preset_config(preset, attention)
+    model = build_model(cfg).eval()
+    x = torch.randint(0, 256, (2, 1, 192, 192), dtype=torch.uint8)
+    with torch.no_grad():
+        f = model.features(x)
+        assert f.shape == (2, cfg.block_channels[-1], 24, 24)
+        torch.testing.assert_close(model(x), model.head(f))
+
+
+def test_raw_gray_input_dtype_does_not_matter():
+    """Normalisation is inside the model: uint8 and float gray values give the same logits."""
+    model = build_model(preset_config("compact")).eval()
+    x = torch.randint(0, 256, (2, 1, 192, 192), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.float()))
+
+
+def test_icam_alpha_starts_at_zero_and_mixes_gmp_and_gap_equally():
+    """alpha0 = 0 gives the weights e^a/(e^a+1) = 1/(e^a+1) = 1/2 on GMP and GAP (eq 5)."""
+    icam = ImprovedChannelAttention(8)
+    assert icam.alpha.item() == 0.0
+    w_gmp, w_gap = icam.mix_weights()
+    assert w_gmp.item() == pytest.approx(0.5) and w_gap.item() == pytest.approx(0.5)
+    with torch.no_grad():
+        icam.alpha.fill_(1.3)
+    w_gmp, w_gap = icam.mix_weights()
+    assert w_gmp.item() == pytest.approx(math.exp(1.3) / (math.exp(1.3) + 1))
+    assert w_gap.item() == pytest.approx(1 / (math.exp(1.3) + 1))
+    assert icam.alpha.requires_grad
+
+
+def test_iam_matches_equations_3_to_10_written_out():
+    """IAM's output equals eqs (3)-(10) computed by hand from its own parameters."""
+    torch.manual_seed(2)
+    iam = IAM(6, reduction=2)
+    with torch.no_grad():
+        iam.channel.alpha.fill_(0.7)
+    m = torch.randn(3, 6, 5, 7)
+    a = torch.tensor(0.7)
+    f_mix = torch.exp(a) / (torch.exp(a) + 1) * m.amax(dim=(2, 3), keepdim=True) \
+        + 1 / (torch.exp(a) + 1) * m.mean(dim=(2, 3), keepdim=True)
+    mlp = iam.channel.mlp
+    f_cw = torch.sigmoid(mlp.fc2(torch.relu(mlp.fc1(f_mix))))
+    assert mlp.fc1.out_channels == 3  # reduction 2
+    m_icam = f_cw * m + m
+    s = torch.cat([m_icam.mean(1, keepdim=True), m_icam.amax(1, keepdim=True)], 1)
+    assert iam.spatial.conv.kernel_size == (7, 7)
+    f_sw = torch.sigmoid(iam.spatial.conv(s))
+    expected = f_sw * m_icam + m_icam
+    torch.testing.assert_close(iam(m), expected)
+
+
+def test_iam_without_spatial_is_the_channel_part_only():
+    """'iam-no-spatial' returns M_ICAM and has no spatial convolution."""
+    mod = make_attention("iam-no-spatial", 8)
+    assert mod.spatial is None
+    m = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(mod(m), mod.channel(m))
+
+
+def test_cbam_has_no_residual_and_no_alpha():
+    """CBAM multiplies by its gates (a zero gate zeroes the output) and has no alpha."""
+    cbam = CBAM(4)
+    assert not any("alpha" in n for n, _ in cbam.named_parameters())
+    with torch.no_grad():
+        cbam.spatial.conv.weight.fill_(-1e4)  # spatial gate ~ 0
+    out = cbam(torch.rand(1, 4, 6, 6) + 1)
+    assert out.abs().max() < 1e-3
+
+
+def test_unknown_names_are_rejected_with_the_choices():
+    """A typo in preset or attention names the valid choices."""
+    with pytest.raises(ValueError, match="iam-no-spatial"):
+        make_attention("iam-nospatial", 4)
+    with pytest.raises(ValueError, match="compact"):
+        preset_config("tiny")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ModelConfig(input_size=100)
+
+
+def test_explicit_head_backprop_equals_autograd():
+    """IRAHead.forward_with_grad gives autograd's d logit[argmax] / d features, both pools."""
+    for preset in ("paper", "compact"):
+        torch.manual_seed(3)
+        cfg = preset_config(preset, width=0.125, head_width=64) if preset == "paper" else preset_config(preset)
+        model = build_model(cfg).eval()
+        f = torch.relu(torch.randn(3, cfg.block_channels[-1], 24, 24))
+        logits, cls, grad = model.classifier.forward_with_grad(f)
+        leaf = f.clone().requires_grad_(True)
+        out = model.head(leaf)
+        (ref,) = torch.autograd.grad(out.gather(1, cls.view(-1, 1)).sum(), leaf)
+        torch.testing.assert_close(logits, out.detach())
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
