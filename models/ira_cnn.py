@@ -35,6 +35,8 @@ from torch import nn
 from models.attention import ATTENTION_KINDS, make_attention
 
 DEFAULT_CLASSES = ("good", "dirt", "scratch", "ec")
+#: classes whose Grad-CAM++ map is binarised into a mask (EC covers the whole valve, Good has none)
+DEFAULT_SEGMENTED = ("dirt", "scratch")
 PRESETS = ("paper", "compact")
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -259,6 +261,15 @@ class IRACNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def segmented_classes(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Which classes get an Otsu mask: dirt and scratch where present; for other class sets
+    (the public datasets) every class except ``good``/``free``."""
+    named = tuple(c for c in classes if c in DEFAULT_SEGMENTED)
+    if named:
+        return named
+    return tuple(c for c in classes if c.lower() not in ("good", "free", "mt_free", "ok", "ec"))
 
 
 def build_model(config: ModelConfig) -> IRACNN:
