@@ -61,8 +61,8 @@ class ModelConfig:
     preset: str = "compact"
     attention: str = "iam"
     classes: tuple[str, ...] = DEFAULT_CLASSES
-    width: float = 0.25
-    head_width: int = 128
+    width: float = 0.125
+    head_width: int = 64
     head_pool: str = "gap"
     input_size: int = 192
     dropout: float = 0.3
@@ -112,7 +112,7 @@ def preset_config(preset: str, attention: str = "iam", **overrides) -> ModelConf
         base = ModelConfig(preset="paper", attention=attention, width=1.0, head_width=1024,
                            head_pool="flatten", dropout=0.5)
     elif preset == "compact":
-        base = ModelConfig(preset="compact", attention=attention, width=0.25, head_width=128,
+        base = ModelConfig(preset="compact", attention=attention, width=0.125, head_width=64,
                            head_pool="gap", dropout=0.3)
     else:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
