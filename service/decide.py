@@ -1,0 +1,203 @@
+"""Per-part verdict from the model's per-slice prediction: accept, reject (which defects), or not inspected.
+
+Rules, for one part whose frame gave N slices (normally 8) with probabilities ``probs`` (N, K):
+
+1. Consistency first. The part is NotInspected, with a reason, never Accept, when:
+   N != n_expected_slices; probs is not (N, K) with K = len(classes); any probability is NaN/inf,
+   outside [0, 1] or a row does not sum to 1 (+-1e-3); masks (when given) are not (N, H, W);
+   ``segmented`` does not match the classes; or a defect class of the model has no threshold in (0, 1].
+2. Each slice's predicted class is its argmax (``Prediction.predicted``; ties go to the lower index,
+   as in ``service.segment.masks_for``).
+3. A slice rejects for its predicted class c when c is not "good" and probs[slice, c] >= thresholds[c]
+   (equality rejects). A slice predicted as a defect class *below* that class's threshold does not
+   reject: it counts as good (it is listed in ``extra["below_threshold"]`` and the reason). The
+   threshold is the operator's knob for how sure the model must be; a defect class that "wins" the
+   argmax with low confidence is the ambiguous case the threshold exists to let through.
+4. dirt -> RejectDirt, scratch -> RejectScratch, ec -> RejectEC. Any other non-"good" class (none
+   today; reserved for a future model) -> RejectUnknown, by the same threshold rule.
+5. Several classes may reject at once (every bit is set). No slice rejects -> Accept.
+6. Reported for every inspected part (accept or reject):
+   ScoreDirt / ScoreScratch / ScoreEC = the highest probability of that class over the slices
+   (0 when the model has no such class); DirtAreaPx / ScratchAreaPx = mask pixels summed over the
+   slices *predicted* dirt / scratch (whether or not above the threshold, as the masks are computed
+   for every slice predicted a segmented class), 0 when ``masks`` is None or the class is not segmented.
+
+Class names are matched exactly (lower case, as in model.json).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from service.errors import ConfigError
+from service.records import Prediction, Verdict
+
+GOOD = "good"
+#: defect class -> the Verdict field its reject bit lives in; other non-good classes map to reject_unknown.
+DEFECT_FLAGS = {"dirt": "reject_dirt", "scratch": "reject_scratch", "ec": "reject_ec"}
+SCORE_FIELDS = {"dirt": "score_dirt", "scratch": "score_scratch", "ec": "score_ec"}
+AREA_FIELDS = {"dirt": "dirt_area_px", "scratch": "scratch_area_px"}
+PROB_ATOL = 1e-5
+SUM_ATOL = 1e-3
+
+
+def _valid_threshold(t: object) -> bool:
+    return (not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t)
+            and 0.0 < float(t) <= 1.0)
+
+
+def validate_thresholds(thresholds: Mapping[str, float], classes: Sequence[str]) -> dict[str, float]:
+    """Check the reject thresholds against the model's classes; returns them as {class: float}.
+
+    Every class except "good" needs a threshold, a number in (0, 1] as in service.config's
+    [model.thresholds] (a slice rejects when its predicted class's probability is >= it). "good" takes none, and names the model does not have
+    are refused (a typo would otherwise silently leave a class on a default).
+
+    Raises:
+        ConfigError: naming the class and the fix.
+    """
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"thresholds must be a table of class = probability, got {thresholds!r}")
+    out: dict[str, float] = {}
+    for name, value in thresholds.items():
+        if name == GOOD:
+            raise ConfigError("thresholds.good: 'good' takes no threshold (a slice is good unless a defect class "
+                              "rejects it). Fix: remove it.")
+        if name not in classes:
+            raise ConfigError(f"thresholds.{name}: the model has no class {name!r} (its classes: "
+                              f"{', '.join(classes)}). Fix: correct or remove it.")
+        if not _valid_threshold(value):
+            raise ConfigError(f"thresholds.{name} = {value!r}: must be a probability in (0, 1]. "
+                              f"Fix: e.g. {name} = 0.5.")
+        out[name] = float(value)
+    missing = [c for c in classes if c != GOOD and c not in out]
+    if missing:
+        raise ConfigError(f"no threshold for the model's class(es) {', '.join(missing)}. Fix: add e.g. "
+                          + ", ".join(f"{c} = 0.5" for c in missing) + " to the thresholds table.")
+    return out
+
+
+def _segmented_names(segmented: np.ndarray | Iterable[str] | Iterable[bool], classes: Sequence[str]) -> set[str]:
+    """(K,) bool over classes, or class names -> set of names. Raises ValueError when inconsistent."""
+    seg = list(segmented)
+    if seg and all(isinstance(s, (bool, np.bool_)) for s in seg):
+        if len(seg) != len(classes):
+            raise ValueError(f"segmented has {len(seg)} flags for {len(classes)} classes")
+        return {c for c, s in zip(classes, seg, strict=True) if s}
+    names = {str(s) for s in seg}
+    unknown = names - set(classes)
+    if unknown:
+        raise ValueError(f"segmented names {sorted(unknown)} not in classes {list(classes)}")
+    return names
+
+
+def _check(prediction: Prediction, masks: np.ndarray | None, n_expected: int) -> str:
+    """'' when the prediction is complete and consistent, else the NotInspected reason."""
+    probs = prediction.probs
+    k = len(prediction.classes)
+    if not isinstance(probs, np.ndarray) or probs.ndim != 2:
+        return f"inconsistent prediction: probs of shape {getattr(probs, 'shape', None)}, expected (N, K)"
+    n = probs.shape[0]
+    if n != n_expected:
+        return f"{n} of {n_expected} slices inspected"
+    if probs.shape[1] != k:
+        return f"inconsistent prediction: probs have {probs.shape[1]} classes, model has {k}"
+    if not np.isfinite(probs).all():
+        bad = sorted(set(np.nonzero(~np.isfinite(probs))[0].tolist()))
+        return f"non-finite probabilities on slice(s) {bad}"
+    if (probs < -PROB_ATOL).any() or (probs > 1 + PROB_ATOL).any():
+        return "probabilities outside [0, 1]"
+    sums = probs.sum(axis=1, dtype=np.float64)
+    if not np.allclose(sums, 1.0, atol=SUM_ATOL):
+        return f"probabilities do not sum to 1 (row sums {np.round(sums, 4).tolist()})"
+    if masks is not None and (not isinstance(masks, np.ndarray) or masks.ndim != 3 or masks.shape[0] != n):
+        return f"inconsistent masks: shape {getattr(masks, 'shape', None)} for {n} slices"
+    return ""
+
+
+def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarray | None,
+           thresholds: Mapping[str, float], segmented: np.ndarray | Iterable[str] | Iterable[bool],
+           inspect_ms: float, n_expected_slices: int = 8) -> Verdict:
+    """The verdict for one part (rules in the module docstring). Never raises for bad data: NotInspected instead.
+
+    Args:
+        part_id, frame_id: identify the part and its frame.
+        prediction: the model's answer for the part's slices.
+        masks: (N, H, W) bool Otsu masks (``service.segment.masks_for``), or None when not computed.
+        thresholds: {defect class: probability}, normally from ``validate_thresholds``.
+        segmented: (K,) bool over the classes, or the names of the segmented classes.
+        inspect_ms: time from frame arrival to verdict, reported as is.
+        n_expected_slices: slices a fully inspected part has.
+    """
+    def not_inspected(reason: str) -> Verdict:
+        return Verdict.make_not_inspected(part_id, reason, frame_id=frame_id, inspect_ms=inspect_ms)
+
+    classes = tuple(prediction.classes)
+    reason = _check(prediction, masks, n_expected_slices) if n_expected_slices >= 1 \
+        else f"n_expected_slices = {n_expected_slices}, must be >= 1"
+    if reason:
+        return not_inspected(reason)
+    try:
+        seg_names = _segmented_names(segmented, classes)
+    except ValueError as exc:
+        return not_inspected(f"inconsistent segmented classes: {exc}")
+    limits: dict[str, float] = {}
+    for c in classes:
+        if c == GOOD:
+            continue
+        t = thresholds.get(c) if isinstance(thresholds, Mapping) else None
+        if not _valid_threshold(t):
+            return not_inspected(f"no valid threshold for class {c!r} (got {t!r})")
+        limits[c] = float(t)
+
+    probs = prediction.probs
+    predicted = probs.argmax(axis=1)
+    slices = []
+    rejecting: dict[str, list[int]] = {}
+    below: dict[str, list[int]] = {}
+    for i, ci in enumerate(predicted.tolist()):
+        name = classes[ci]
+        p = float(probs[i, ci])
+        rejects = name != GOOD and p >= limits[name]
+        slices.append({"class": name, "p": round(p, 6), "rejects": rejects})
+        if rejects:
+            rejecting.setdefault(name, []).append(i)
+        elif name != GOOD:
+            below.setdefault(name, []).append(i)
+
+    fields: dict[str, object] = {}
+    for name, fld in SCORE_FIELDS.items():
+        fields[fld] = float(probs[:, classes.index(name)].max()) if name in classes else 0.0
+    for name, fld in AREA_FIELDS.items():
+        area = 0
+        if masks is not None and name in classes and name in seg_names:
+            sel = predicted == classes.index(name)
+            if sel.any():
+                area = int(np.count_nonzero(masks[sel]))
+        fields[fld] = area
+
+    notes = []
+    for name, idx in rejecting.items():
+        pmax = max(float(probs[i, classes.index(name)]) for i in idx)
+        notes.append(f"{name} on slice(s) {idx} (max p {pmax:.3f} >= {limits[name]:.3f})")
+    below_note = "; ".join(f"{name} below threshold on slice(s) {idx} (counted good)" for name, idx in below.items())
+    extra = {"slices": slices, "rejecting": rejecting, "below_threshold": below,
+             "thresholds": {c: limits[c] for c in classes if c != GOOD}}
+
+    if rejecting:
+        flags = {fld: False for fld in DEFECT_FLAGS.values()}
+        unknown = False
+        for name in rejecting:
+            if name in DEFECT_FLAGS:
+                flags[DEFECT_FLAGS[name]] = True
+            else:
+                unknown = True
+        text = "reject: " + "; ".join(notes) + (f"; {below_note}" if below_note else "")
+        return Verdict(part_id=part_id, frame_id=frame_id, reject_unknown=unknown, inspect_ms=inspect_ms,
+                       reason=text, extra=extra, **flags, **fields)
+    text = f"all {len(slices)} slices good" + (f"; {below_note}" if below_note else "")
+    return Verdict(part_id=part_id, frame_id=frame_id, accept=True, inspect_ms=inspect_ms, reason=text,
+                   extra=extra, **fields)

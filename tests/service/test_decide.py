@@ -1,0 +1,223 @@
+"""service.decide: the per-part verdict rules, threshold edges and the never-accept-uninspected guarantee."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.decide import decide, validate_thresholds
+from service.errors import ConfigError
+from service.records import Prediction
+
+CLASSES = ("good", "dirt", "scratch", "ec")
+SEG = np.array([False, True, True, False])
+TH = {"dirt": 0.6, "scratch": 0.7, "ec": 0.8}
+S = 16  # mask/saliency size; decide does not care
+
+
+def pred_from(rows, classes=CLASSES) -> Prediction:
+    """Prediction whose probs are the given rows (the rest of each row goes to 'good' unless a full row is given)."""
+    probs = np.asarray(rows, dtype=np.float32)
+    n = probs.shape[0]
+    return Prediction(logits=np.log(np.clip(probs, 1e-9, None)), probs=probs,
+                      saliency=np.zeros((n, S, S), np.float32), classes=tuple(classes))
+
+
+def row(cls: str, p: float, classes=CLASSES) -> list[float]:
+    """A probability row: ``p`` on ``cls``, the rest spread over the other classes (so ``cls`` is the argmax)."""
+    k = len(classes)
+    r = [(1.0 - p) / (k - 1)] * k
+    r[classes.index(cls)] = p
+    return r
+
+
+def good8():
+    return [row("good", 0.9) for _ in range(8)]
+
+
+def run(rows, masks=None, thresholds=TH, classes=CLASSES, seg=SEG, n=8):
+    return decide(101, 7, pred_from(rows, classes), masks, thresholds, seg, inspect_ms=12.5, n_expected_slices=n)
+
+
+def test_all_good_is_accept_with_scores():
+    """Eight confidently good slices accept, with scores = the highest per-class probability."""
+    rows = good8()
+    rows[3] = [0.7, 0.2, 0.05, 0.05]
+    v = run(rows)
+    assert v.accept and v.label == "accept" and not v.defects
+    assert v.part_id == 101 and v.frame_id == 7 and v.inspect_ms == 12.5
+    assert v.score_dirt == pytest.approx(0.2) and v.score_scratch == pytest.approx(0.05)
+    assert v.score_ec == pytest.approx(0.05)
+    assert v.dirt_area_px == 0 and v.scratch_area_px == 0
+
+
+@pytest.mark.parametrize("cls, flag", [("dirt", "reject_dirt"), ("scratch", "reject_scratch"), ("ec", "reject_ec")])
+def test_one_defect_slice_rejects_its_class(cls, flag):
+    """One slice predicted a defect class at or above its threshold rejects for exactly that class."""
+    rows = good8()
+    rows[5] = row(cls, 0.95)
+    v = run(rows)
+    assert v.label == "reject" and getattr(v, flag) and v.defects == (cls,)
+    assert v.extra["rejecting"] == {cls: [5]}
+    assert cls in v.reason and "[5]" in v.reason
+
+
+def test_probability_equal_to_threshold_rejects():
+    """p == threshold rejects (>=), a hair below does not."""
+    p = np.float32(0.6)
+    rows = good8()
+    rows[0] = [0.2, float(p), 0.1, 0.1]
+    assert pred_from(rows).probs[0, 1] == np.float32(0.6)
+    assert run(rows, thresholds={"dirt": float(np.float32(0.6)), "scratch": 0.7, "ec": 0.8}).reject_dirt
+    rows[0] = [0.2, float(np.nextafter(p, np.float32(0))), 0.1, 0.1 + 1e-7]
+    v = run(rows, thresholds={"dirt": float(p), "scratch": 0.7, "ec": 0.8})
+    assert v.accept
+
+
+def test_below_threshold_defect_slice_counts_as_good():
+    """A slice predicted dirt below the dirt threshold does not reject; it is reported as below threshold."""
+    rows = good8()
+    rows[2] = [0.3, 0.5, 0.1, 0.1]  # predicted dirt, 0.5 < 0.6
+    v = run(rows)
+    assert v.accept
+    assert v.extra["below_threshold"] == {"dirt": [2]}
+    assert "below threshold" in v.reason and "counted good" in v.reason
+    assert v.score_dirt == pytest.approx(0.5)
+
+
+def test_high_defect_probability_on_a_slice_predicted_otherwise_does_not_reject():
+    """Only the predicted class counts: ec at 0.45 on a slice whose argmax is scratch (0.55 < 0.7) rejects nothing."""
+    rows = good8()
+    rows[1] = [0.0, 0.0, 0.55, 0.45]
+    v = run(rows, thresholds={"dirt": 0.6, "scratch": 0.7, "ec": 0.4})
+    assert v.accept and v.score_ec == pytest.approx(0.45)
+
+
+def test_several_defect_classes_reject_at_once():
+    """Dirt on one slice, scratch on two and ec on another set all three reject bits."""
+    rows = good8()
+    rows[0], rows[4], rows[6], rows[7] = row("dirt", 0.9), row("scratch", 0.75), row("scratch", 0.99), row("ec", 0.8)
+    v = run(rows)
+    assert v.reject_dirt and v.reject_scratch and v.reject_ec and not v.reject_unknown
+    assert v.defects == ("dirt", "scratch", "ec")
+    assert v.extra["rejecting"] == {"dirt": [0], "scratch": [4, 6], "ec": [7]}
+    assert v.score_scratch == pytest.approx(0.99)
+
+
+def test_areas_sum_masks_of_slices_predicted_dirt_or_scratch():
+    """DirtAreaPx/ScratchAreaPx sum the mask pixels of slices predicted dirt/scratch (below threshold too)."""
+    rows = good8()
+    rows[0], rows[1], rows[2], rows[3] = row("dirt", 0.9), row("dirt", 0.55), row("scratch", 0.8), row("ec", 0.9)
+    masks = np.zeros((8, S, S), bool)
+    masks[0, :2, :5] = True   # 10 px dirt (rejecting slice)
+    masks[1, :1, :3] = True   # 3 px dirt (below threshold, still predicted dirt)
+    masks[2, :4, :4] = True   # 16 px scratch
+    masks[3, :, :] = True     # ec is not segmented; ignored
+    masks[4, :, :] = True     # a good slice's mask is ignored
+    v = run(rows, masks=masks)
+    assert v.dirt_area_px == 13 and v.scratch_area_px == 16
+    assert run(rows, masks=None).dirt_area_px == 0
+    no_seg = run(rows, masks=masks, seg=["scratch"])
+    assert no_seg.dirt_area_px == 0 and no_seg.scratch_area_px == 16
+
+
+def test_unknown_class_maps_to_reject_unknown():
+    """A class outside good/dirt/scratch/ec, predicted at or above its threshold, sets RejectUnknown."""
+    classes = CLASSES + ("rust",)
+    rows = [row("good", 0.9, classes) for _ in range(8)]
+    rows[3] = row("rust", 0.9, classes)
+    v = run(rows, thresholds={**TH, "rust": 0.5}, classes=classes, seg=["dirt", "scratch"])
+    assert v.reject_unknown and v.defects == ("unknown",) and "rust" in v.reason
+    rows[3] = row("rust", 0.4, classes)
+    assert run(rows, thresholds={**TH, "rust": 0.5}, classes=classes, seg=["dirt", "scratch"]).accept
+
+
+def test_nan_probability_is_not_inspected():
+    """A NaN anywhere in the probabilities makes the part NotInspected with the slice named."""
+    rows = good8()
+    rows[4] = [math.nan, 0.1, 0.1, 0.1]
+    v = run(rows)
+    assert v.not_inspected and not v.accept and "slice(s) [4]" in v.reason
+
+
+def test_seven_slices_is_not_inspected():
+    """Seven slices of a part expected to have eight is NotInspected, even if all are good."""
+    v = run(good8()[:7])
+    assert v.not_inspected and v.reason == "7 of 8 slices inspected"
+    assert run(good8() + good8()[:1]).reason == "9 of 8 slices inspected"
+
+
+@pytest.mark.parametrize("rows, reason", [
+    ([[0.5, 0.5, 0.5, 0.5]] * 8, "sum to 1"),
+    ([[1.5, -0.5, 0.0, 0.0]] * 8, "outside [0, 1]"),
+    ([[0.5, 0.5, 0.0]] * 8, "3 classes, model has 4"),
+])
+def test_inconsistent_probabilities_are_not_inspected(rows, reason):
+    """Probabilities that are no softmax, or of the wrong width, give NotInspected with the reason."""
+    v = run(rows)
+    assert v.not_inspected and reason in v.reason
+
+
+def test_bad_masks_segmented_or_thresholds_are_not_inspected():
+    """Masks of the wrong slice count, segmented flags of the wrong length or a missing threshold never accept."""
+    assert "masks" in run(good8(), masks=np.zeros((7, S, S), bool)).reason
+    assert run(good8(), seg=np.array([True, False])).not_inspected
+    v = run(good8(), thresholds={"dirt": 0.6, "scratch": 0.7})
+    assert v.not_inspected and "'ec'" in v.reason
+    assert run(good8(), thresholds={**TH, "ec": math.nan}).not_inspected
+
+
+def test_validate_thresholds():
+    """Thresholds must cover each defect class with a probability in (0, 1], and name only model classes."""
+    assert validate_thresholds({"dirt": 0.5, "scratch": 1, "ec": 0.01}, CLASSES) == {"dirt": 0.5, "scratch": 1.0,
+                                                                                     "ec": 0.01}
+    with pytest.raises(ConfigError, match="no threshold for the model's class\\(es\\) ec"):
+        validate_thresholds({"dirt": 0.5, "scratch": 0.5}, CLASSES)
+    with pytest.raises(ConfigError, match="thresholds.scrach: the model has no class"):
+        validate_thresholds({"dirt": 0.5, "scrach": 0.5, "ec": 0.5}, CLASSES)
+    with pytest.raises(ConfigError, match=r"thresholds.ec = 1.5: must be a probability in \(0, 1\]"):
+        validate_thresholds({"dirt": 0.5, "scratch": 0.5, "ec": 1.5}, CLASSES)
+    with pytest.raises(ConfigError, match=r"thresholds.ec = 0: must be a probability"):
+        validate_thresholds({"dirt": 0.5, "scratch": 0.5, "ec": 0}, CLASSES)
+    with pytest.raises(ConfigError, match="'good' takes no threshold"):
+        validate_thresholds({"good": 0.5, "dirt": 0.5, "scratch": 0.5, "ec": 0.5}, CLASSES)
+    with pytest.raises(ConfigError, match="must be a probability"):
+        validate_thresholds({"dirt": True, "scratch": 0.5, "ec": 0.5}, CLASSES)
+
+
+prob_value = st.one_of(st.floats(0, 1, width=32), st.just(math.nan), st.just(math.inf), st.just(-0.1))
+
+
+@st.composite
+def predictions(draw):
+    n = draw(st.integers(0, 10))
+    raw = draw(st.lists(st.lists(prob_value, min_size=4, max_size=4), min_size=n, max_size=n))
+    normalise = draw(st.booleans())
+    probs = np.asarray(raw, dtype=np.float32).reshape(n, 4)
+    if normalise:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            probs = probs / probs.sum(axis=1, keepdims=True)
+    return probs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(probs=predictions(), th=st.floats(0, 1, exclude_min=True), expected=st.sampled_from([8, 8, 8, 4]))
+def test_never_accept_unless_fully_and_consistently_inspected(probs, th, expected):
+    """Whatever the probabilities, Accept implies: exactly the expected slices, all finite, and none rejecting."""
+    thresholds = {"dirt": th, "scratch": th, "ec": th}
+    p = Prediction(logits=np.zeros_like(probs), probs=probs, saliency=np.zeros((len(probs), S, S), np.float32),
+                   classes=CLASSES)
+    v = decide(1, 1, p, None, thresholds, SEG, 0.0, n_expected_slices=expected)
+    if len(probs) != expected or not np.isfinite(probs).all():
+        assert v.not_inspected and not v.accept
+    if v.accept:
+        assert len(probs) == expected and np.isfinite(probs).all()
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+        pred = probs.argmax(axis=1)
+        for i, c in enumerate(pred):
+            assert c == 0 or probs[i, c] < th
+    if v.label == "reject":
+        pred = probs.argmax(axis=1)
+        assert any(c != 0 and probs[i, c] >= th for i, c in enumerate(pred))
