@@ -1,0 +1,800 @@
+"""The camera: a Basler through pypylon (or pylon's camera emulator), grabbing on its own thread.
+
+    cam = Camera(settings.camera, on_event=handle, metrics=metrics).start()
+    cam.trigger(part_id=1234)          # camera.trigger = "software": one frame per call
+    ...                                # handle(Frame | GrabFailure) runs on the grab thread
+    cam.close()
+
+Design:
+
+* One grab thread per Camera calls RetrieveResult in short slices (POLL_MS) and hands each result
+  on at once, so grabbing never waits for inference. Events go to ``on_event`` (called on the grab
+  thread; it must not block: put the event on the pipeline's own bounded queue) or, without a
+  callback, to an internal bounded queue read with get(); when that queue is full the oldest event
+  is dropped and counted (``dropped``, valve_inspect_frames_dropped_total).
+* Events: a ``Frame`` (service.records) for each good buffer; a ``GrabFailure`` when a buffer
+  failed (GrabFailed: pylon's error code and description), an expected frame did not arrive
+  (GrabTimeout) or the camera was lost (CameraRemoved / CameraError). A failure carries the
+  ``part_id`` it was for, when known, so the application reports that part NotInspected.
+* ``Frame.frame_id`` is the buffer's BlockID as the device numbers it (GigE: 1..65535 then wraps;
+  USB and the emulator start at 0; it restarts after a reconnect). Where the transport has no
+  BlockID (pylon reports 2**64-1) it is our own count of buffers since start().
+* ``Frame.part_id``: with the software trigger, trigger(part_id) queues the PartId and the next
+  buffer (good or failed) takes it, first in, first out; a trigger whose frame has not arrived
+  after ``grab_timeout_ms`` becomes a GrabTimeout failure for that part. With the hardware trigger
+  and free-run, part_id is None: the application pairs frames with PartIds.
+* Timeouts: software trigger, a triggered frame missing after grab_timeout_ms; free-run, no frame
+  for grab_timeout_ms; hardware trigger, none (an idle line is normal). Three timeouts in a row
+  are treated as a lost camera.
+* Lost camera: device removal (IsCameraDeviceRemoved, e.g. a cable pulled or a GigE heartbeat
+  timeout) or an exception from pylon while grabbing. The device is destroyed, every pending
+  trigger becomes a failure, and the grab thread re-creates it (re-enumerates, opens, re-applies
+  the configuration) after reconnect_min_s, doubling up to reconnect_max_s, until it is back.
+  A configuration the camera rejects is a ConfigError: fatal at start(), retried (and logged)
+  when it happens during a reconnect (e.g. a replaced camera of another model).
+* Configuration order: ``pfs_file`` (pylon.FeaturePersistence.Load), then Width/Height/
+  PixelFormat Mono8, then the emulator's image source, then AcquisitionMode Continuous and the
+  trigger, then ``features`` in
+  file order (by node type; a string value goes through the node's FromString). A node name
+  that is not found exactly is matched case-insensitively (environment variable keys arrive
+  lower-case).
+
+pypylon is imported lazily, inside PylonDevice, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import difflib
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from service.errors import CameraError, CameraRemoved, ConfigError, GrabFailed, GrabTimeout
+from service.logs import get_logger
+from service.records import Frame
+
+if TYPE_CHECKING:
+    from service.config import CameraSettings
+    from service.metrics import Metrics
+
+log = get_logger(__name__)
+
+EMULATOR_CLASS = "BaslerCamEmu"
+#: RetrieveResult slice: how quickly the grab thread notices close(), removal and timeouts.
+POLL_MS = 100
+#: Consecutive grab timeouts after which the camera is re-created.
+TIMEOUTS_BEFORE_RECONNECT = 3
+_NO_BLOCK_ID = 2**64 - 1
+
+#: Cameras with a running grab thread, closed at interpreter exit: a daemon thread still inside
+#: pylon's RetrieveResult when Python finalises aborts the process ("exception not rethrown").
+_LIVE: weakref.WeakSet[Camera] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_live_cameras() -> None:
+    for cam in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cam.close()
+
+
+def _register_atexit() -> None:
+    # Registered after pypylon's import (atexit runs last-in first-out): cameras close before pylon ends.
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_close_live_cameras)
+        _atexit_registered = True
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class GrabFailure:
+    """A grab that gave no usable image; the part it was for (if known) cannot be inspected.
+
+    Args:
+        error: GrabFailed (failed buffer), GrabTimeout (frame missing), CameraRemoved / CameraError
+            (the camera was lost); str(error) is the reason.
+        arrival: time.monotonic() when the failure was noticed.
+        frame_id: the failed buffer's frame id (failed buffers only).
+        part_id: the PartId given to trigger(), when known.
+        error_code: pylon's error code of a failed buffer (0 otherwise).
+    """
+
+    error: CameraError
+    arrival: float
+    frame_id: int | None = None
+    part_id: int | None = None
+    error_code: int = 0
+
+    @property
+    def kind(self) -> str:
+        """failed_buffer | timeout | removed | error."""
+        if isinstance(self.error, GrabFailed):
+            return "failed_buffer"
+        if isinstance(self.error, GrabTimeout):
+            return "timeout"
+        if isinstance(self.error, CameraRemoved):
+            return "removed"
+        return "error"
+
+    @property
+    def reason(self) -> str:
+        return str(self.error)
+
+
+CameraEvent = Frame | GrabFailure
+
+
+@dataclass(frozen=True)
+class RawGrab:
+    """One retrieved buffer, copied out of pylon's buffer pool (the device layer's result)."""
+
+    ok: bool
+    image: np.ndarray | None
+    block_id: int
+    timestamp: int = 0
+    error_code: int = 0
+    description: str = ""
+
+
+class Device(Protocol):
+    """What Camera needs from an opened, configured, grabbing device (PylonDevice, or a test double)."""
+
+    info: dict[str, str]
+
+    def retrieve(self, timeout_ms: int) -> RawGrab | None: ...  # None: nothing within timeout_ms
+    def trigger(self, timeout_ms: int) -> None: ...
+    def is_removed(self) -> bool: ...
+    def get_feature(self, name: str) -> Any: ...
+    def set_feature(self, name: str, value: Any) -> None: ...
+    def execute(self, name: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def backoff_delays(min_s: float, max_s: float) -> Iterator[float]:
+    """min_s, 2*min_s, 4*min_s, ... capped at max_s, forever."""
+    delay = min_s
+    while True:
+        yield delay
+        delay = min(delay * 2.0, max_s)
+
+
+# ------------------------------------------------------------------------------------- pylon device
+
+
+def _short(exc: BaseException) -> str:
+    """GenICam messages end in ': XxxException thrown in node ... (file ..., line ...)'; keep the reason."""
+    text = str(exc).strip()
+    head = text.split(" : ", 1)[0].strip()
+    return head or text
+
+
+class PylonDevice:
+    """An InstantCamera opened, configured from CameraSettings and grabbing (GrabStrategy_OneByOne).
+
+    Raises (from the constructor):
+        CameraError: no matching camera, or it cannot be opened / started.
+        ConfigError: the camera rejects the configuration (names the key and the fix).
+    """
+
+    def __init__(self, settings: CameraSettings) -> None:
+        if settings.source == "emulator" and not os.environ.get("PYLON_CAMEMU"):
+            os.environ["PYLON_CAMEMU"] = "1"  # before the transport layer enumerates
+        from pypylon import genicam, pylon
+
+        self._pylon, self._genicam = pylon, genicam
+        self.settings = settings
+        self._names: dict[str, str] | None = None
+        tl = pylon.TlFactory.GetInstance()
+        dev_info = self._find(tl)
+        self.info = {"model": dev_info.GetModelName(), "serial": dev_info.GetSerialNumber(),
+                     "device_class": dev_info.GetDeviceClass()}
+        try:
+            self.cam = pylon.InstantCamera(tl.CreateDevice(dev_info))
+            # No default configuration: pylon's AcquireContinuousConfiguration would overwrite the pfs file.
+            self.cam.RegisterConfiguration(pylon.ConfigurationEventHandler(), pylon.RegistrationMode_ReplaceAll,
+                                           pylon.Cleanup_Delete)
+            self.cam.Open()
+        except genicam.GenericException as exc:
+            raise CameraError(f"cannot open camera {self.info['model']} ({self.info['serial']}): {_short(exc)}; "
+                              "is another program (pylon Viewer) using it?") from None
+        try:
+            self._configure()
+            self.cam.StartGrabbing(pylon.GrabStrategy_OneByOne, pylon.GrabLoop_ProvidedByUser)
+        except genicam.GenericException as exc:
+            self.close()
+            raise CameraError(f"cannot start grabbing on {self.info['model']} ({self.info['serial']}): "
+                              f"{_short(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _find(self, tl: Any) -> Any:
+        s = self.settings
+        devices = list(tl.EnumerateDevices())
+        emulator = s.source == "emulator"
+        found = [d for d in devices if (d.GetDeviceClass() == EMULATOR_CLASS) == emulator]
+        if s.serial:
+            found = [d for d in found if d.GetSerialNumber() == s.serial]
+        if found:
+            return found[0]
+        seen = ", ".join(f"{d.GetModelName()} ({d.GetSerialNumber()})" for d in devices) or "none"
+        what = "camera emulator" if emulator else "Basler camera"
+        which = f" with serial {s.serial!r}" if s.serial else ""
+        fix = (f"the emulator needs PYLON_CAMEMU >= 1 (it is {os.environ.get('PYLON_CAMEMU')!r})" if emulator
+               else "check power and cable, the network adapter's IP settings (pylon IP Configurator) and "
+                    "camera.serial")
+        raise CameraError(f"no {what}{which} found (cameras seen: {seen}); {fix}")
+
+    # ---------------------------------------------------------------------------------- features
+
+    def _lookup(self, name: str, key: str) -> Any:
+        nm = self.cam.GetNodeMap()
+        node = nm.GetNode(name)
+        if node is not None and node.IsValid():
+            return node
+        if self._names is None:
+            self._names = {}
+            for n in nm.GetNodes():
+                real = n.GetNode().GetName()
+                self._names.setdefault(real.lower(), real)
+        real = self._names.get(name.lower())
+        if real is not None:
+            return nm.GetNode(real)
+        close = difflib.get_close_matches(name, list(self._names.values()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{key}: the camera ({self.info['model']}) has no feature named {name!r}{hint} "
+                          "(check the name in pylon Viewer's feature tree, or remove it)")
+
+    def _set(self, name: str, value: Any, key: str) -> None:
+        genicam = self._genicam
+        node = self._lookup(name, key)
+        iface = node.GetNode().GetPrincipalInterfaceType()
+        if not genicam.IsWritable(node):
+            raise ConfigError(f"{key}: the camera's {name} is not writable now (read-only, or locked by another "
+                              "feature such as an Auto mode or a selector); remove it or unlock it first")
+        kinds = {genicam.intfIInteger: "an integer", genicam.intfIFloat: "a number", genicam.intfIBoolean:
+                 "true/false", genicam.intfIEnumeration: "one of " + ", ".join(self._symbolics(node)),
+                 genicam.intfIString: "a string", genicam.intfICommand: "true (executes the command)"}
+        wrong = ConfigError(f"{key} = {value!r}: {name} takes {kinds.get(iface, 'no value')}")
+        try:
+            if iface == genicam.intfICommand:
+                if value is not True and value is not False:
+                    raise wrong
+                if value:
+                    node.Execute()
+            elif isinstance(value, str):
+                node.FromString(value)
+            elif iface == genicam.intfIInteger:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise wrong
+                node.SetValue(int(value))
+            elif iface == genicam.intfIFloat:
+                if isinstance(value, bool):
+                    raise wrong
+                node.SetValue(float(value))
+            elif iface == genicam.intfIBoolean:
+                if not isinstance(value, bool):
+                    raise wrong
+                node.SetValue(value)
+            else:
+                raise wrong
+        except genicam.GenericException as exc:
+            raise ConfigError(f"{key} = {value!r}: the camera rejected it: {_short(exc)}{self._range(node, iface)}") \
+                from None
+
+    def _symbolics(self, node: Any) -> list[str]:
+        try:
+            return list(node.GetSymbolics())
+        except Exception:
+            return []
+
+    def _range(self, node: Any, iface: Any) -> str:
+        g = self._genicam
+        try:
+            if iface == g.intfIInteger:
+                return f" (allowed {node.GetMin()}..{node.GetMax()}, step {node.GetInc()})"
+            if iface == g.intfIFloat:
+                return f" (allowed {node.GetMin()}..{node.GetMax()})"
+            if iface == g.intfIEnumeration:
+                return f" (one of {', '.join(self._symbolics(node))})"
+        except Exception:
+            pass
+        return ""
+
+    def _has(self, name: str) -> bool:
+        node = self.cam.GetNodeMap().GetNode(name)
+        return node is not None and node.IsValid() and self._genicam.IsAvailable(node)
+
+    def _configure(self) -> None:
+        s, pylon, genicam = self.settings, self._pylon, self._genicam
+        if s.pfs_file:
+            try:
+                pylon.FeaturePersistence.Load(s.pfs_file, self.cam.GetNodeMap(), True)
+            except genicam.GenericException as exc:
+                raise ConfigError(f"camera.pfs_file: {s.pfs_file} cannot be loaded into {self.info['model']}: "
+                                  f"{_short(exc)} (save it from this camera model in pylon Viewer)") from None
+        self._geometry()
+        if s.source == "emulator":
+            if s.images:
+                self._set("TestImageSelector", "Off", "camera.images")
+                self._set("ImageFileMode", "On", "camera.images")
+                self._set("ImageFilename", os.path.abspath(s.images), "camera.images")
+            else:
+                self._set("ImageFileMode", "Off", "camera.images")
+                log.info("camera_emulator_test_pattern", hint="camera.images is empty: the emulator's test image")
+        if self._has("AcquisitionMode"):  # a camera's power-on default may be SingleFrame
+            self._set("AcquisitionMode", "Continuous", "camera (AcquisitionMode Continuous)")
+        self._trigger()
+        for name, value in s.features.items():
+            self._set(name, value, f"camera.features.{name}")
+
+    def _geometry(self) -> None:
+        s = self.settings
+        pf = self.cam.GetNodeMap().GetNode("PixelFormat")
+        if "Mono8" not in self._symbolics(pf):
+            raise ConfigError(f"camera.source: {self.info['model']} has no Mono8 pixel format; valve-inspect needs "
+                              "a monochrome camera")
+        if pf.ToString() != "Mono8":
+            self._set("PixelFormat", "Mono8", "camera (PixelFormat Mono8)")
+        for key, name, offset in (("camera.width", "Width", "OffsetX"), ("camera.height", "Height", "OffsetY")):
+            value = getattr(s, key.split(".")[1])
+            node = self._lookup(name, key)
+            if value > node.GetMax() and self._has(offset) and self._genicam.IsWritable(
+                    self.cam.GetNodeMap().GetNode(offset)):
+                self.cam.GetNodeMap().GetNode(offset).SetValue(0)  # the maximum shrinks with the offset
+            if not node.GetMin() <= value <= node.GetMax() or (value - node.GetMin()) % node.GetInc():
+                raise ConfigError(f"{key} = {value}: {self.info['model']} allows {node.GetMin()}..{node.GetMax()} "
+                                  f"in steps of {node.GetInc()}")
+            if node.GetValue() != value:
+                self._set(name, value, key)
+
+    def _trigger(self) -> None:
+        mode = self.settings.trigger
+        key = f"camera.trigger = {mode!r}"
+        selectors = self._symbolics(self.cam.GetNodeMap().GetNode("TriggerSelector"))
+        if "FrameStart" not in selectors:
+            raise ConfigError(f"{key}: the camera has no FrameStart trigger (TriggerSelector: {', '.join(selectors)})")
+        for other in ("AcquisitionStart", "FrameBurstStart"):  # only the frame trigger may be active
+            if other in selectors:
+                self._set("TriggerSelector", other, key)
+                self._set("TriggerMode", "Off", key)
+        self._set("TriggerSelector", "FrameStart", key)
+        if mode == "free-run":
+            self._set("TriggerMode", "Off", key)
+            return
+        self._set("TriggerMode", "On", key)
+        if mode == "software":
+            self._set("TriggerSource", "Software", key)
+        else:
+            self._set("TriggerSource", "Line1", key)
+            self._set("TriggerActivation", "RisingEdge", key)
+
+    # ------------------------------------------------------------------------------------ grabbing
+
+    def retrieve(self, timeout_ms: int) -> RawGrab | None:
+        res = self.cam.RetrieveResult(int(timeout_ms), self._pylon.TimeoutHandling_Return)
+        if res is None or not res.IsValid():
+            return None
+        try:
+            block_id = int(res.GetBlockID())
+            if res.GrabSucceeded():
+                image = res.GetArray()  # a copy: the buffer goes back to pylon below
+                if image.ndim != 2 or image.dtype != np.uint8:
+                    return RawGrab(False, None, block_id, int(res.GetTimeStamp()), 0,
+                                   f"not a Mono8 image: shape {image.shape}, dtype {image.dtype}")
+                return RawGrab(True, image, block_id, int(res.GetTimeStamp()))
+            return RawGrab(False, None, block_id, int(res.GetTimeStamp()), int(res.GetErrorCode()),
+                           str(res.GetErrorDescription()).strip())
+        finally:
+            res.Release()
+
+    def trigger(self, timeout_ms: int) -> None:
+        pylon = self._pylon
+        try:
+            if not self.cam.WaitForFrameTriggerReady(int(timeout_ms), pylon.TimeoutHandling_Return):
+                raise GrabTimeout(f"camera not ready for a trigger within {timeout_ms} ms (exposure or readout "
+                                  "of the previous frame still running: parts come faster than the camera)")
+            self.cam.ExecuteSoftwareTrigger()
+        except self._genicam.GenericException as exc:
+            raise CameraError(f"software trigger failed: {_short(exc)}") from None
+
+    def is_removed(self) -> bool:
+        return bool(self.cam.IsCameraDeviceRemoved())
+
+    def get_feature(self, name: str) -> Any:
+        node = self._lookup(name, name)
+        return node.GetValue() if hasattr(node, "GetValue") else node.ToString()
+
+    def set_feature(self, name: str, value: Any) -> None:
+        self._set(name, value, name)
+
+    def execute(self, name: str) -> None:
+        self._set(name, True, name)
+
+    def close(self) -> None:
+        cam = getattr(self, "cam", None)
+        if cam is None:
+            return
+        self.cam = None
+        for step in ("StopGrabbing", "Close", "DestroyDevice"):
+            try:
+                getattr(cam, step)()
+            except Exception as exc:  # a removed device throws here; nothing left to do about it
+                log.debug("camera_close_step_failed", step=step, error=_short(exc))
+
+
+# ------------------------------------------------------------------------------------------- Camera
+
+
+class _Pending:
+    """One software trigger waiting for its buffer (compared by identity)."""
+
+    __slots__ = ("part_id", "t")
+
+    def __init__(self, part_id: int | None, t: float) -> None:
+        self.part_id, self.t = part_id, t
+
+
+class Camera:
+    """The daemon's camera: configure, grab on a thread, deliver events, recover from loss.
+
+    Args:
+        settings: the [camera] section (service.config.CameraSettings).
+        on_event: called on the grab thread with each Frame / GrabFailure; must return quickly.
+            None: events go to a bounded queue read with get().
+        queue_size: the internal queue's size (without on_event).
+        metrics: service.metrics.Metrics to update (camera_connected, failed buffers, timeouts,
+            reconnects, frames dropped, the "grab" stage = software trigger -> buffer arrived).
+        device_factory: settings -> Device; default PylonDevice (tests pass a double).
+        poll_ms: RetrieveResult slice.
+    """
+
+    def __init__(self, settings: CameraSettings, *, on_event: Callable[[CameraEvent], None] | None = None,
+                 queue_size: int = 8, metrics: Metrics | None = None,
+                 device_factory: Callable[[CameraSettings], Device] | None = None, poll_ms: int = POLL_MS) -> None:
+        self.settings = settings
+        self._on_event = on_event
+        self._queue: queue.Queue[CameraEvent] = queue.Queue(maxsize=max(1, queue_size))
+        self._metrics = metrics
+        self._factory: Callable[[CameraSettings], Device] = device_factory or PylonDevice
+        self._poll_ms = poll_ms
+        self._lock = threading.RLock()  # the device reference: swaps, trigger(), feature access, close
+        self._pending_lock = threading.Lock()
+        self._connect_lock = threading.Lock()  # one connection attempt at a time
+        self._pending: deque[_Pending] = deque()
+        self._device: Device | None = None
+        self._info: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ever_connected = False
+        self._own_count = 0
+        self._last_frame_t: float | None = None
+        self._connected_t = 0.0
+        self._timeouts_in_row = 0
+        self._stats = {"frames": 0, "failed_buffers": 0, "timeouts": 0, "dropped": 0, "triggers": 0,
+                       "disconnects": 0, "reconnect_attempts": 0, "reconnects": 0, "callback_errors": 0}
+        self._last_frame_id: int | None = None
+        self._last_error = ""
+        self._set_connected_metric(False)
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def connected(self) -> bool:
+        return self._device is not None
+
+    def open(self) -> Camera:
+        """Connect now (enumerate, open, configure, start grabbing), without the grab thread.
+
+        Raises:
+            ConfigError: the camera rejects the configuration.
+            CameraError: no camera, or it cannot be opened.
+        """
+        if self._closed:
+            raise RuntimeError("Camera is closed; create a new one")
+        self._connect()
+        return self
+
+    def start(self, require_camera: bool = False) -> Camera:
+        """Connect and start the grab thread.
+
+        A ConfigError is raised (fatal). A CameraError (camera absent at start) is raised only with
+        ``require_camera``; otherwise it is logged and the grab thread keeps retrying with back-off
+        (``connected`` stays False, triggers raise CameraRemoved meanwhile).
+        """
+        if self._closed:
+            raise RuntimeError("Camera is closed; create a new one")
+        if self._thread is not None:
+            return self
+        try:
+            self.open()
+        except CameraError as exc:
+            if require_camera:
+                raise
+            self._last_error = str(exc)
+            log.warning("camera_unavailable_at_start", error=str(exc), retry_in_s=self.settings.reconnect_min_s)
+        self._thread = threading.Thread(target=self._run, name="camera-grab", daemon=True)
+        _LIVE.add(self)
+        _register_atexit()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the grab thread and release the camera. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        _LIVE.discard(self)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self._poll_ms / 1000.0 + 10.0)
+            if thread.is_alive():
+                log.error("camera_grab_thread_did_not_stop")
+        with self._lock:
+            dev, self._device = self._device, None
+            if dev is not None:
+                dev.close()
+        self._set_connected_metric(False)
+        log.info("camera_closed", **self.stats())
+
+    def __enter__(self) -> Camera:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------------------- use
+
+    def trigger(self, part_id: int | None = None, timeout_s: float | None = None) -> None:
+        """Software trigger: wait until the camera is ready (WaitForFrameTriggerReady), then fire.
+
+        The resulting Frame (or GrabFailure) carries ``part_id``.
+
+        Raises:
+            CameraRemoved: the camera is not connected (reconnecting).
+            GrabTimeout: not ready for a trigger within timeout_s (default grab_timeout_ms).
+            CameraError: pylon refused the trigger.
+            RuntimeError: camera.trigger is not "software".
+        """
+        if self.settings.trigger != "software":
+            raise RuntimeError(f"trigger() needs camera.trigger = 'software' (it is {self.settings.trigger!r})")
+        timeout_ms = int(1000 * timeout_s) if timeout_s is not None else self.settings.grab_timeout_ms
+        with self._lock:
+            dev = self._device
+            if dev is None:
+                raise CameraRemoved(f"camera not connected (reconnecting): part {part_id} cannot be grabbed")
+            entry = _Pending(part_id, time.monotonic())
+            with self._pending_lock:
+                self._pending.append(entry)
+            try:
+                dev.trigger(timeout_ms)
+            except Exception as exc:
+                with self._pending_lock, contextlib.suppress(ValueError):
+                    self._pending.remove(entry)
+                if isinstance(exc, CameraError):
+                    raise
+                raise CameraError(f"software trigger failed: {exc}") from exc
+            self._stats["triggers"] += 1
+
+    def get(self, timeout: float | None = None) -> CameraEvent | None:
+        """The next event from the internal queue, or None after ``timeout`` seconds."""
+        if self._on_event is not None:
+            raise RuntimeError("this Camera delivers events to on_event; get() has nothing")
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def get_feature(self, name: str) -> Any:
+        """A camera node's current value (e.g. "ExposureTime")."""
+        return self._with_device(lambda d: d.get_feature(name))
+
+    def set_feature(self, name: str, value: Any) -> None:
+        """Set a camera node now (not kept across a reconnect: put it in camera.features for that)."""
+        self._with_device(lambda d: d.set_feature(name, value))
+
+    def execute(self, name: str) -> None:
+        """Execute a command node (e.g. the emulator's "ForceFailedBuffer")."""
+        self._with_device(lambda d: d.execute(name))
+
+    def _with_device(self, fn: Callable[[Device], Any]) -> Any:
+        with self._lock:
+            if self._device is None:
+                raise CameraRemoved("camera not connected")
+            return fn(self._device)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction, plus the current state (for logs, the bench and tests)."""
+        with self._pending_lock:
+            pending = len(self._pending)
+        return {"connected": self.connected, "device": dict(self._info), **self._stats,
+                "pending_triggers": pending, "queue_depth": self._queue.qsize(),
+                "last_frame_id": self._last_frame_id, "last_error": self._last_error}
+
+    # ------------------------------------------------------------------------------- grab thread
+
+    def _connect(self) -> None:
+        # Not under self._lock: enumerating and opening take a while, and trigger() must fail fast meanwhile.
+        with self._connect_lock:
+            if self._device is not None:
+                return
+            dev = self._factory(self.settings)
+            with self._lock:
+                if self._stop.is_set():  # close() came while we were opening
+                    dev.close()
+                    return
+                self._device = dev
+        self._info = dict(getattr(dev, "info", {}))
+        self._connected_t = time.monotonic()
+        self._last_frame_t = None
+        self._timeouts_in_row = 0
+        self._set_connected_metric(True)
+        if self._ever_connected:
+            self._stats["reconnects"] += 1
+            if self._metrics is not None:
+                self._metrics.camera_reconnects.inc()
+            log.info("camera_reconnected", **self._info, reconnects=self._stats["reconnects"])
+        else:
+            log.info("camera_connected", **self._info, trigger=self.settings.trigger,
+                     width=self.settings.width, height=self.settings.height)
+        self._ever_connected = True
+
+    def _run(self) -> None:
+        delays: Iterator[float] | None = None
+        while not self._stop.is_set():
+            dev = self._device
+            if dev is None:
+                if delays is None:
+                    delays = backoff_delays(self.settings.reconnect_min_s, self.settings.reconnect_max_s)
+                if self._stop.wait(next(delays)):
+                    break
+                self._stats["reconnect_attempts"] += 1
+                try:
+                    self._connect()
+                    delays = None
+                except (CameraError, ConfigError) as exc:
+                    self._last_error = str(exc)
+                    log.warning("camera_reconnect_failed", error=str(exc), attempts=self._stats["reconnect_attempts"])
+                except Exception as exc:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("camera_reconnect_failed", attempts=self._stats["reconnect_attempts"])
+                continue
+            try:
+                grab = dev.retrieve(self._poll_ms)
+            except Exception as exc:
+                removed = self._safe_removed(dev)
+                self._lose(dev, f"grab failed: {exc}", removed)
+                continue
+            now = time.monotonic()
+            if grab is None:
+                self._idle(dev, now)
+            else:
+                self._deliver(grab, now)
+
+    def _safe_removed(self, dev: Device) -> bool:
+        try:
+            return dev.is_removed()
+        except Exception:
+            return False
+
+    def _idle(self, dev: Device, now: float) -> None:
+        if self._safe_removed(dev):
+            self._lose(dev, "the camera was removed (disconnected, powered off or GigE heartbeat lost)", True)
+            return
+        limit = self.settings.grab_timeout_ms / 1000.0
+        missing: list[int | None] = []
+        if self.settings.trigger == "software":
+            with self._pending_lock:
+                while self._pending and now - self._pending[0].t > limit:
+                    missing.append(self._pending.popleft().part_id)
+        elif self.settings.trigger == "free-run":
+            since = self._last_frame_t if self._last_frame_t is not None else self._connected_t
+            if now - since > limit:
+                missing.append(None)
+                self._last_frame_t = now  # one timeout per period without frames
+        if not missing:
+            return
+        for part_id in missing:
+            self._stats["timeouts"] += 1
+            self._timeouts_in_row += 1
+            if self._metrics is not None:
+                self._metrics.camera_grab_timeouts.inc()
+            what = "after the software trigger" if self.settings.trigger == "software" else "in free-run"
+            err = GrabTimeout(f"no frame within {self.settings.grab_timeout_ms} ms {what}")
+            log.warning("camera_grab_timeout", part_id=part_id, timeout_ms=self.settings.grab_timeout_ms,
+                        in_a_row=self._timeouts_in_row)
+            self._emit(GrabFailure(error=err, arrival=now, part_id=part_id))
+        if self._timeouts_in_row >= TIMEOUTS_BEFORE_RECONNECT:
+            self._lose(dev, f"{self._timeouts_in_row} grab timeouts in a row", False)
+
+    def _deliver(self, grab: RawGrab, now: float) -> None:
+        self._timeouts_in_row = 0
+        self._last_frame_t = now
+        entry: _Pending | None = None
+        if self.settings.trigger == "software":
+            with self._pending_lock:
+                entry = self._pending.popleft() if self._pending else None
+        part_id = entry.part_id if entry is not None else None
+        frame_id = grab.block_id if grab.block_id != _NO_BLOCK_ID else self._own_count
+        self._own_count += 1
+        self._last_frame_id = frame_id
+        if grab.ok and grab.image is not None:
+            self._stats["frames"] += 1
+            if entry is not None and self._metrics is not None:
+                self._metrics.observe_stage("grab", now - entry.t)
+            self._emit(Frame(image=grab.image, frame_id=frame_id, arrival=now, camera_timestamp=grab.timestamp,
+                             part_id=part_id))
+            return
+        self._stats["failed_buffers"] += 1
+        if self._metrics is not None:
+            self._metrics.camera_failed_buffers.inc()
+        desc = grab.description or "no description"
+        err = GrabFailed(f"failed buffer (frame {frame_id}): {desc} (error code 0x{grab.error_code & 0xFFFFFFFF:08X})")
+        log.warning("camera_failed_buffer", frame_id=frame_id, part_id=part_id,
+                    error_code=f"0x{grab.error_code & 0xFFFFFFFF:08X}", description=desc,
+                    failed_buffers=self._stats["failed_buffers"])
+        self._emit(GrabFailure(error=err, arrival=now, frame_id=frame_id, part_id=part_id,
+                               error_code=grab.error_code))
+
+    def _lose(self, dev: Device, reason: str, removed: bool) -> None:
+        with self._lock:
+            if self._device is dev:
+                self._device = None
+            try:
+                dev.close()
+            except Exception as exc:
+                log.debug("camera_close_failed", error=str(exc))
+        self._set_connected_metric(False)
+        self._stats["disconnects"] += 1
+        self._last_error = reason
+        log.error("camera_lost", reason=reason, removed=removed, retry_in_s=self.settings.reconnect_min_s,
+                  disconnects=self._stats["disconnects"])
+        with self._pending_lock:
+            lost = [p.part_id for p in self._pending]
+            self._pending.clear()
+        cls = CameraRemoved if removed else CameraError
+        now = time.monotonic()
+        for part_id in lost or [None]:
+            self._emit(GrabFailure(error=cls(f"camera lost: {reason}"), arrival=now, part_id=part_id))
+
+    def _emit(self, event: CameraEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                self._stats["callback_errors"] += 1
+                log.exception("camera_event_callback_failed")
+            return
+        while True:
+            try:
+                self._queue.put_nowait(event)
+                return
+            except queue.Full:
+                try:
+                    old = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self._stats["dropped"] += 1
+                if self._metrics is not None:
+                    self._metrics.frames_dropped.inc()
+                log.warning("camera_queue_full_dropped_oldest", frame_id=getattr(old, "frame_id", None),
+                            part_id=getattr(old, "part_id", None), dropped=self._stats["dropped"])
+
+    def _set_connected_metric(self, connected: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.set_camera_connected(connected)
