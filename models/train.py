@@ -1,0 +1,539 @@
+"""``valve-model train``: train IRA-CNN on a dataset, with checkpoints, a log and exact resume.
+
+The paper's recipe by default: cross-entropy, Adam (lr 1e-3, betas 0.9/0.999), batch 32,
+100 epochs. Training augmentation (``models.data.Augment``): random horizontal and vertical flips
+and a small brightness/contrast jitter. A stratified, seeded share of the data
+(``--val-fraction``, 0.1) is held out for validation (grouped: see ``models.data`` for groups).
+
+The run directory::
+
+    config.json         {"model": ModelConfig, "train": hyperparameters, versions, command line,
+                         "data": format, path, classes, counts per class for train/val, split seed}
+    split.json          the relative paths of the training and validation images
+    log.jsonl           one JSON object per epoch: epoch, train_loss, train_acc, val_loss,
+                        val_acc, lr, seconds (val_* null without a validation set)
+    last.safetensors    the weights after the latest epoch
+    model.safetensors   the weights with the best validation accuracy (ties: lower validation
+                        loss, then the earlier epoch); the last epoch's without a validation set
+    train_state.pt      optimizer state, epoch, best metric, RNG states (torch.load weights_only)
+    curves.png          loss and accuracy per epoch
+
+Determinism (CPU): the model is initialised after seeding python, numpy and torch; the shuffling
+of epoch e uses a generator seeded from (seed, e) and the augmentation of image i in epoch e a
+generator seeded from (seed, e, i); dropout draws from torch's global RNG, whose state is
+checkpointed. ``--resume`` therefore continues exactly: N epochs, or k epochs and a resume to N,
+give the same weights (same thread count and torch build).
+
+A non-empty run directory is refused unless ``--resume`` (continue it; options left out come
+from its config.json, ``--epochs`` may be raised, the other hyperparameters must not change, and
+config.json gets a "resumed" entry) or ``--force`` (start over: removes only the files listed
+above, after the data has been read successfully).
+
+Python API: ``train(TrainConfig(data=..., out=..., epochs=...)) -> RunResult``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.attention import ATTENTION_KINDS
+from models.checkpoint import (
+    LAST_NAME,
+    WEIGHTS_NAME,
+    load_train_state,
+    read_metadata,
+    save_train_state,
+    save_weights,
+)
+from models.data import FORMATS, Augment, DataError, ImageDataset, SampleSet, load_samples, split_samples
+from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
+
+PROG = "valve-model train"
+STATE_NAME = "train_state.pt"
+LOG_NAME = "log.jsonl"
+CONFIG_NAME = "config.json"
+SPLIT_NAME = "split.json"
+CURVES_NAME = "curves.png"
+#: what a run writes; ``--force`` removes exactly these (and their .tmp leftovers), nothing else
+RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
+STATE_FORMAT = 1
+
+
+class TrainError(ValueError):
+    """A user error about the run: its directory, resume, options or the device."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs. Defaults are the paper's recipe with the compact preset.
+
+    ``width``, ``head_width`` and ``input_size`` override the preset when set. ``threads`` sets
+    torch's intra-op threads for the duration of the call. ``progress`` None: a tqdm bar when
+    stderr is a terminal, else one line per epoch.
+    """
+
+    data: str | Path
+    out: str | Path
+    format: str = "folders"
+    preset: str = "compact"
+    attention: str = "iam"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    val_fraction: float = 0.1
+    seed: int = 0
+    width: float | None = None
+    head_width: int | None = None
+    input_size: int | None = None
+    augment: bool = True
+    threads: int | None = None
+    workers: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    force: bool = False
+    progress: bool | None = None
+    command: list[str] | None = None
+
+    #: options a resumed run must share with the run it continues
+    LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
+                                         "val_fraction", "seed", "width", "head_width", "input_size",
+                                         "augment")
+
+
+@dataclass
+class RunResult:
+    """What ``train`` produced."""
+
+    run_dir: Path
+    weights: Path
+    model_config: ModelConfig
+    history: list[dict]
+    epochs: int
+    best_epoch: int | None
+    best_val_acc: float | None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _validate(config: TrainConfig) -> None:
+    if config.epochs < 1:
+        raise TrainError(f"--epochs must be at least 1, not {config.epochs}")
+    if config.batch_size < 1:
+        raise TrainError(f"--batch-size must be at least 1, not {config.batch_size}")
+    if not config.lr > 0:
+        raise TrainError(f"--lr must be positive, not {config.lr}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise TrainError(f"--val-fraction must be in [0, 1), not {config.val_fraction}")
+    if config.seed < 0:
+        raise TrainError(f"--seed must be 0 or more, not {config.seed}")
+    if config.workers < 0:
+        raise TrainError(f"--workers must be 0 or more, not {config.workers}")
+    if config.threads is not None and config.threads < 1:
+        raise TrainError(f"--threads must be at least 1, not {config.threads}")
+    if config.format not in FORMATS:
+        raise TrainError(f"unknown --format {config.format!r}: choose one of {', '.join(sorted(FORMATS))}")
+    if config.resume and config.force:
+        raise TrainError("--resume and --force contradict each other: --resume continues the run, "
+                         "--force starts it over")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {name}, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}): use --device cpu")
+        return torch.device(name)
+    raise TrainError(f"unknown --device {name!r}: use cpu or cuda")
+
+
+def model_config_for(config: TrainConfig, classes: tuple[str, ...]) -> ModelConfig:
+    overrides = {k: v for k, v in (("width", config.width), ("head_width", config.head_width),
+                                   ("input_size", config.input_size)) if v is not None}
+    try:
+        return preset_config(config.preset, config.attention, classes=classes, **overrides)
+    except ValueError as exc:
+        raise TrainError(f"invalid model options: {exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch, independent of every other epoch."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def rng_state() -> dict:
+    keys = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys[1].astype(np.int64)), "pos": int(keys[2]),
+                  "has_gauss": int(keys[3]), "cached_gaussian": float(keys[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_run_dir(out: Path, config: TrainConfig) -> dict | None:
+    """Check the run directory (no changes yet); return the saved config.json on resume, else None."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: give a directory for the run")
+    if config.resume:
+        if not (out / STATE_NAME).is_file() or not (out / CONFIG_NAME).is_file():
+            raise TrainError(f"nothing to resume in {out}: it holds no {STATE_NAME} and {CONFIG_NAME}; "
+                             "start a new run without --resume")
+        try:
+            return json.loads((out / CONFIG_NAME).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrainError(f"cannot read {out / CONFIG_NAME} ({exc}): the run cannot be resumed") from None
+    if out.exists() and any(out.iterdir()) and not config.force:
+        raise TrainError(f"run directory {out} is not empty: pass --resume to continue that run, "
+                         "--force to overwrite it, or choose a new --out")
+    return None
+
+
+def clean_run_dir(out: Path, config: TrainConfig) -> None:
+    """Create the run directory; with --force remove the files of an earlier run (only those)."""
+    if config.force and not config.resume and out.is_dir():
+        for name in RUN_FILES:
+            for p in (out / name, out / (name + ".tmp")):
+                if p.is_file():
+                    p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume_options(config: TrainConfig, saved: dict) -> None:
+    train = saved.get("train", {})
+    stored = {**train, "format": saved.get("data", {}).get("format")}
+    diffs = []
+    for name in TrainConfig.LOCKED:
+        mine, theirs = _jsonable(getattr(config, name)), _jsonable(stored.get(name))
+        if mine != theirs:
+            diffs.append(f"{name} {mine!r} (the run used {theirs!r})")
+    if diffs:
+        raise TrainError("--resume continues the saved configuration, but these options differ: "
+                         + "; ".join(diffs) + ". Drop those options, or start a new run")
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None, bar: tqdm | None = None) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    training = optimizer is not None
+    model.train(training)
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.set_grad_enabled(training):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if training:
+                if not torch.isfinite(loss):
+                    raise TrainError(f"the training loss became {loss.item()}: lower --lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            k = int(y.numel())
+            loss_sum += float(loss.item()) * k
+            correct += int((logits.argmax(dim=1) == y).sum().item())
+            n += k
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train (or resume) a run; see the module docstring. Raises DataError/TrainError on user errors."""
+    _validate(config)
+    device = resolve_device(config.device)
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, Path(config.out), device)
+    finally:
+        if config.threads:
+            torch.set_num_threads(previous_threads)
+
+
+def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
+    data: SampleSet = load_samples(config.data, config.format)
+    saved = check_run_dir(out, config)
+    if saved is not None:
+        check_resume_options(config, saved)
+    train_s, val_s = split_samples(data, config.val_fraction, config.seed)
+    if not train_s:
+        raise DataError(f"no training images in {data.root}")
+    split = {"seed": config.seed, "val_fraction": config.val_fraction,
+             "train": [data.relpath(s) for s in train_s], "val": [data.relpath(s) for s in val_s]}
+    counts = {"train": data.counts(train_s), "val": data.counts(val_s)}
+
+    if saved is not None:
+        mcfg = ModelConfig.from_dict(saved["model"])
+        if tuple(mcfg.classes) != data.classes:
+            raise DataError(f"the data at {data.root} has classes {', '.join(data.classes)}, but the run "
+                            f"was trained on {', '.join(mcfg.classes)}: resume with the run's data")
+        old_split = json.loads((out / SPLIT_NAME).read_text()) if (out / SPLIT_NAME).is_file() else None
+        if old_split is not None and (old_split["train"], old_split["val"]) != (split["train"], split["val"]):
+            raise DataError(f"the data at {data.root} differs from the run's ({out / SPLIT_NAME} lists other "
+                            "images): resume with the run's data unchanged, or start a new run")
+    else:
+        mcfg = model_config_for(config, data.classes)
+
+    augment = Augment() if config.augment else None
+    # decoding every image now reports an unreadable file before anything in --out changes
+    train_ds = ImageDataset(train_s, mcfg.input_size, augment, seed=config.seed)
+    val_ds = ImageDataset(val_s, mcfg.input_size) if val_s else None
+    clean_run_dir(out, config)
+
+    seed_everything(config.seed)
+    model = build_model(mcfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
+    loss_fn = nn.CrossEntropyLoss()
+
+    start_epoch = 1
+    best: dict = {"epoch": None, "val_acc": None, "val_loss": None}
+    history: list[dict] = []
+    log_path = out / LOG_NAME
+    if saved is not None:
+        state = load_train_state(out / STATE_NAME)
+        done = int(state["epoch"])
+        last_meta = read_metadata(out / LAST_NAME) if (out / LAST_NAME).is_file() else {}
+        if last_meta.get("epoch") != str(done):
+            raise TrainError(f"{out / LAST_NAME} (epoch {last_meta.get('epoch')}) does not match {STATE_NAME} "
+                             f"(epoch {done}); the run was interrupted while saving. Start a new run, "
+                             "or copy a consistent pair back")
+        model.load_state_dict(load_file(str(out / LAST_NAME), device=str(device)), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        best = dict(state["best"])
+        start_epoch = done + 1
+        history = [h for h in read_log(log_path) if h["epoch"] <= done]  # drop lines past the checkpoint
+        log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        saved["train"]["epochs"] = config.epochs
+        saved.setdefault("resumed", []).append(
+            {"from_epoch": done, "epochs": config.epochs, "device": str(device), "threads": torch.get_num_threads(),
+             "workers": config.workers, "command": config.command})
+        write_json(out / CONFIG_NAME, saved)
+    else:
+        run_config = {
+            "model": mcfg.to_dict(),
+            "train": {
+                "preset": config.preset, "attention": config.attention, "width": config.width,
+                "head_width": config.head_width, "input_size": config.input_size,
+                "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": "adam",
+                "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
+                "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
+                "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
+                "best_metric": "val_acc (ties: lower val_loss, then earlier epoch)",
+                "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
+                "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
+                "python": platform.python_version(), "command": config.command,
+            },
+            "data": {"format": config.format, "path": str(Path(config.data).resolve()),
+                     "classes": list(data.classes), "counts": counts, "split_seed": config.seed,
+                     "val_fraction": config.val_fraction, "grouped_split": True},
+        }
+        write_json(out / CONFIG_NAME, run_config)
+        write_json(out / SPLIT_NAME, split)
+        log_path.write_text("")
+
+    show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
+    pin = device.type == "cuda"
+    say = tqdm.write if show_bar else (lambda s: print(s, file=sys.stderr, flush=True))
+    if start_epoch == 1:
+        say(f"training {mcfg.preset}/{mcfg.attention} ({count_parameters(model):,} parameters) on "
+            f"{len(train_s)} images, validating on {len(val_s)}; classes {', '.join(data.classes)}; {device}")
+    elif start_epoch <= config.epochs:
+        say(f"resuming {out} at epoch {start_epoch} of {config.epochs}")
+    else:
+        say(f"{out} has already trained {start_epoch - 1} epochs (--epochs {config.epochs}): nothing to do")
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        t0 = time.perf_counter()
+        train_ds.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
+                            num_workers=config.workers, pin_memory=pin)
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr,
+                   leave=False, dynamic_ncols=True) if show_bar else None
+        try:
+            train_loss, train_acc = run_epoch(model, loader, loss_fn, device, optimizer, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        val_loss = val_acc = None
+        if val_ds is not None:
+            vloader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False,
+                                 num_workers=config.workers, pin_memory=pin)
+            val_loss, val_acc = run_epoch(model, vloader, loss_fn, device)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                  "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.perf_counter() - t0, 3)}
+
+        improved = val_acc is None or best["val_acc"] is None or val_acc > best["val_acc"] or (
+            val_acc == best["val_acc"] and val_loss < best["val_loss"])
+        save_weights(out / LAST_NAME, model, {"epoch": str(epoch)})
+        if improved:
+            best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+            save_weights(out / WEIGHTS_NAME, model,
+                         {"epoch": str(epoch), "val_acc": "" if val_acc is None else repr(val_acc)})
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        history.append(record)
+        # the commit point: a resume starts after the last epoch whose state was saved
+        save_train_state(out / STATE_NAME, {"format": STATE_FORMAT, "epoch": epoch,
+                                            "optimizer": optimizer.state_dict(), "best": best,
+                                            "rng": rng_state(), "model_config": mcfg.to_dict()})
+        say(f"epoch {epoch}/{config.epochs}  train_loss {_fmt(train_loss)}  train_acc {_fmt(train_acc, 3)}  "
+            f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  {record['seconds']:.1f}s"
+            + ("  *" if improved and val_acc is not None else ""))
+
+    if history:
+        from models.figures import plot_training_curves
+
+        plot_training_curves(history, out / CURVES_NAME)
+    done_epochs = history[-1]["epoch"] if history else start_epoch - 1
+    if best["epoch"] is not None and best["val_acc"] is not None:
+        say(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.3f}; weights {out / WEIGHTS_NAME}")
+    else:
+        say(f"weights {out / WEIGHTS_NAME}")
+    return RunResult(run_dir=out, weights=out / WEIGHTS_NAME, model_config=mcfg, history=history,
+                     epochs=done_epochs, best_epoch=best["epoch"], best_val_acc=best["val_acc"],
+                     counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(data="", out="")
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Train IRA-CNN (paper recipe: cross-entropy, Adam lr 1e-3, batch 32, 100 epochs).",
+        epilog="With --resume, options left out are taken from the run's config.json.")
+    p.add_argument("--data", help="dataset root (required unless --resume)")
+    p.add_argument("--format", choices=sorted(FORMATS), help=f"dataset format (default {d.format})")
+    p.add_argument("--preset", choices=PRESETS, help=f"model preset (default {d.preset})")
+    p.add_argument("--attention", choices=ATTENTION_KINDS, help=f"attention variant (default {d.attention})")
+    p.add_argument("--epochs", type=int, help=f"total epochs (default {d.epochs}); raise it to extend a run")
+    p.add_argument("--seed", type=int, help=f"seed for init, split, shuffling, augmentation (default {d.seed})")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--val-fraction", type=float, help=f"validation share per class (default {d.val_fraction})")
+    p.add_argument("--width", type=float, help="override the preset's channel width multiplier")
+    p.add_argument("--head-width", type=int, help="override the preset's hidden FC units")
+    p.add_argument("--input-size", type=int, help="override the input side S (multiple of 8; default 192)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="train without flips and brightness/contrast jitter")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--force", action="store_true", help="overwrite the run files in a non-empty --out")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
+    names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
+             "width", "head_width", "input_size", "augment")
+    # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.resume:
+        path = Path(args.out) / CONFIG_NAME
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise TrainError(f"nothing to resume in {args.out}: it holds no readable {CONFIG_NAME}; "
+                             "start a new run without --resume") from None
+        t = saved.get("train", {})
+        for n in TrainConfig.LOCKED + ("epochs",):
+            if n not in given and n in t:
+                given[n] = tuple(t[n]) if n == "betas" else t[n]
+        given.setdefault("format", saved.get("data", {}).get("format", "folders"))
+        given.setdefault("data", saved.get("data", {}).get("path"))
+    if not given.get("data"):
+        raise TrainError("--data is required: the dataset root folder")
+    return TrainConfig(out=args.out, threads=args.threads, workers=args.workers, device=args.device,
+                       resume=args.resume, force=args.force, command=["valve-model", "train", *argv], **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(config_from_args(args, argv))
+    except (DataError, TrainError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with: valve-model train --out {args.out} --resume", file=sys.stderr)
+        return 130
+    if result.best_val_acc is not None and not math.isnan(result.best_val_acc):
+        print(json.dumps({"run": str(result.run_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,
+                          "best_val_acc": result.best_val_acc}))
+    else:
+        print(json.dumps({"run": str(result.run_dir), "epochs": result.epochs}))
+    return 0

@@ -1,0 +1,173 @@
+"""``valve-model train``: run directory, log, config, exact resume, user errors, and that it learns.
+
+The runs use the compact preset at 48x48 (``--input-size 48``) on the synthetic dataset of
+tests/models/helpers.py so that the whole module takes seconds on one CPU thread.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.checkpoint import load, load_train_state, read_metadata
+from models.cli import main as cli_main
+from models.train import TrainConfig, TrainError, train
+from tests.models.helpers import make_folders_dataset
+
+FAST = ["--preset", "compact", "--input-size", "48", "--threads", "1", "--batch-size", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folders_dataset(tmp_path_factory.mktemp("data"), n_per_class=12, size=48)
+
+
+def run_train(data, out, *extra):
+    return cli_main(["train", "--data", str(data), "--out", str(out), *FAST, *extra])
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def same_tensors(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_train_writes_run_directory_log_and_config(data, tmp_path, capsys):
+    """Two epochs write weights, train state, one log line per epoch and the full config."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "2", "--seed", "3") == 0
+    names = {p.name for p in run.iterdir()}
+    assert {"model.safetensors", "last.safetensors", "train_state.pt", "log.jsonl", "config.json",
+            "split.json", "curves.png"} <= names
+    log = read_log(run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        assert set(r) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+        assert r["lr"] == 1e-3 and 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0
+    cfg = json.loads((run / "config.json").read_text())
+    assert set(cfg) == {"model", "train", "data"}
+    assert cfg["model"]["classes"] == ["good", "dirt", "scratch", "ec"] and cfg["model"]["input_size"] == 48
+    t = cfg["train"]
+    assert (t["optimizer"], t["loss"], t["lr"], t["betas"], t["seed"], t["epochs"]) == (
+        "adam", "cross_entropy", 1e-3, [0.9, 0.999], 3, 2)
+    assert t["torch"] == torch.__version__ and t["command"][:2] == ["valve-model", "train"]
+    assert cfg["data"]["format"] == "folders" and cfg["data"]["split_seed"] == 3
+    assert cfg["data"]["counts"]["val"] == {"good": 1, "dirt": 1, "scratch": 1, "ec": 1}
+    assert cfg["data"]["counts"]["train"] == {"good": 11, "dirt": 11, "scratch": 11, "ec": 11}
+    state = load_train_state(run / "train_state.pt")
+    assert state["epoch"] == 2 and "optimizer" in state and "rng" in state
+    model = load(run)
+    assert model.config.input_size == 48 and not model.training
+    assert read_metadata(run / "last.safetensors")["epoch"] == "2"
+    err = capsys.readouterr().err  # not a TTY: one plain line per epoch, no progress bar
+    assert "epoch 1/2" in err and "epoch 2/2" in err and "\r" not in err
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(data, tmp_path):
+    """1 epoch + --resume to 3 gives bit-identical weights and log to 3 epochs in one go."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run_train(data, full, "--epochs", "3") == 0
+    assert run_train(data, split, "--epochs", "1") == 0
+    # --resume needs no other option: the saved configuration is used
+    assert cli_main(["train", "--out", str(split), "--resume", "--epochs", "3", "--threads", "1"]) == 0
+    assert [r["epoch"] for r in read_log(split)] == [1, 2, 3]
+    for name in ("last.safetensors", "model.safetensors"):
+        assert same_tensors(full / name, split / name), name
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(full)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(split)]
+    cfg = json.loads((split / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 3 and cfg["resumed"][0]["from_epoch"] == 1
+
+
+def test_worker_processes_do_not_change_the_result(data, tmp_path):
+    """Augmentation and shuffling are seeded per epoch and image, so --workers 2 trains the same weights."""
+    assert run_train(data, tmp_path / "w0", "--epochs", "1") == 0
+    assert run_train(data, tmp_path / "w2", "--epochs", "1", "--workers", "2") == 0
+    assert same_tensors(tmp_path / "w0" / "last.safetensors", tmp_path / "w2" / "last.safetensors")
+
+
+def test_no_validation_set_keeps_the_last_weights(data, tmp_path):
+    """With --val-fraction 0 model.safetensors is the last epoch's weights and val_* are null."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1", "--val-fraction", "0", "--no-augment") == 0
+    assert same_tensors(run / "model.safetensors", run / "last.safetensors")
+    assert read_log(run)[0]["val_acc"] is None
+
+
+def test_refuses_non_empty_run_dir_without_resume_or_force(data, tmp_path, capsys):
+    """A non-empty --out is refused with a message naming --resume and --force; --force overwrites."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "something.txt").write_text("keep me")
+    assert run_train(data, run, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and "--force" in err and "Traceback" not in err
+    assert run_train(data, run, "--epochs", "1", "--force") == 0
+    assert (run / "something.txt").read_text() == "keep me"  # --force removes only run files
+    assert (run / "model.safetensors").is_file()
+
+
+def test_resume_with_a_different_option_is_refused(data, tmp_path, capsys):
+    """--resume with a changed locked option (here --lr) names the option and returns 2."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1") == 0
+    assert run_train(data, run, "--epochs", "2", "--resume", "--lr", "0.01") == 2
+    assert "lr 0.01 (the run used 0.001)" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_refused(tmp_path, capsys):
+    """--resume on a directory with no run explains there is nothing to resume."""
+    assert cli_main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_user_error(tmp_path, capsys):
+    """A --data path that does not exist returns 2 with a message, no traceback."""
+    assert run_train(tmp_path / "nope", tmp_path / "run", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_unreadable_image_is_named_and_the_old_run_is_kept(tmp_path, capsys):
+    """A corrupt image stops training before it starts, naming the file; --force has not deleted anything yet."""
+    data = make_folders_dataset(tmp_path / "d", n_per_class=3, size=48)
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1") == 0
+    (data / "dirt" / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    assert run_train(data, run, "--epochs", "1", "--force") == 2
+    assert "corrupt.png" in capsys.readouterr().err
+    assert (run / "model.safetensors").is_file() and (run / "train_state.pt").is_file()
+
+
+def test_invalid_model_options_are_user_errors(data, tmp_path, capsys):
+    """An input size that is not a multiple of 8 is reported, not raised."""
+    assert run_train(data, tmp_path / "run", "--epochs", "1", "--input-size", "50") == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_python_api_returns_run_result(data, tmp_path):
+    """train(TrainConfig) runs without the CLI and reports the run it wrote."""
+    res = train(TrainConfig(data=data, out=tmp_path / "api", epochs=1, input_size=48, batch_size=16, threads=1,
+                            progress=False))
+    assert res.weights.is_file() and res.epochs == 1 and len(res.history) == 1
+    assert res.model_config.classes == ("good", "dirt", "scratch", "ec")
+    with pytest.raises(TrainError, match="not empty"):
+        train(TrainConfig(data=data, out=tmp_path / "api", epochs=1, input_size=48, threads=1))
+
+
+def test_learns_an_easy_dataset_well_above_chance(tmp_path):
+    """On a separable 4-class synthetic set, 15 epochs reach > 0.6 validation accuracy (chance 0.25)."""
+    data = make_folders_dataset(tmp_path / "d", n_per_class=16, size=48, seed=11)
+    res = train(TrainConfig(data=data, out=tmp_path / "run", epochs=15, input_size=48, batch_size=8,
+                            val_fraction=0.25, seed=0, threads=1, progress=False))
+    assert res.best_val_acc is not None and res.best_val_acc > 0.6, res.history
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
