@@ -1,0 +1,208 @@
+"""``valve-model build-dataset``: camera frames -> the 'folders' dataset of 192x192 slices.
+
+    valve-model build-dataset --frames DIR --out OUT [--roi-threshold T] [--overwrite]
+
+DIR is either a synthetic dataset (``valve-inspect synth``: DIR/manifest.jsonl, DIR/frames/,
+DIR/masks/) or a plain folder of Mono8 frames (PNG/BMP/TIFF; no manifest: the slices are
+unlabelled). Every frame goes through ``service.roi.extract``, the very code the runtime runs,
+and its slices are written as
+
+    OUT/<slice label>/<frame stem>__s<k>.png        192x192 uint8, k = 0..7 in row-major order
+    OUT/<label>/<frame stem>__s<k>_mask.png         0/255, for slices labelled dirt or scratch
+    OUT/unlabelled/<frame stem>__s<k>.png           frames without a manifest entry
+
+The double underscore is models.data's group separator: all slices of one frame form one group and
+stay on one side of a train/validation split (slices of one part are strongly correlated).
+    OUT/slices.jsonl                                one row per slice: file, label, mask, frame, slice,
+                                                    defect_px, part, part_class, seed (split by part/seed!)
+    OUT/skipped.jsonl                               frames the ROI rejected: file, reason, message
+
+Slice labels of dirt and scratch parts are recomputed from the part's mask pushed through the
+geometry this run cut with (``service.sim.synth.slice_labels``), so they stay consistent with the
+slices even under another ``--roi-threshold``; the manifest's labels are used where there is no mask.
+``models.data`` (format ``folders``) reads this: ``*_mask.png`` are masks, never images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from service.errors import NoPartError
+from service.roi import RoiParams, extract
+from service.sim.synth import CLASSES, FRAMES_DIR, MANIFEST, SEGMENTED, read_manifest, slice_labels
+
+IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+UNLABELLED = "unlabelled"
+PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+
+
+class UsageError(Exception):
+    """A problem with the arguments or the folders: exit code 2 with this message."""
+
+
+def _list_frames(folder: Path) -> list[tuple[Path, dict | None]]:
+    """(frame path, manifest row or None) in part order."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            rows = read_manifest(manifest)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        out = []
+        for n, row in enumerate(rows, 1):
+            if "file" not in row:
+                raise UsageError(f"{manifest}:{n}: a row without 'file'")
+            out.append((folder / row["file"], row))
+        return out
+    for cand in (folder, folder / FRAMES_DIR):
+        files = sorted(p for p in cand.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return [(p, None) for p in files]
+    raise UsageError(f"no frames in {folder}: expected {MANIFEST} (valve-inspect synth) or image files "
+                     f"({', '.join(IMAGE_SUFFIXES)}) in it or in {folder / FRAMES_DIR}")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    existing = [p for p in out.glob("*/*.png")] + [p for p in (out / "skipped.jsonl", out / "slices.jsonl")
+                                                   if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{out} already holds a dataset ({len(existing)} files, e.g. {existing[0]}); pass "
+                         f"--overwrite to replace it or choose an empty folder")
+    for p in existing:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _labels_for(row: dict | None, folder: Path, batch, n: int) -> tuple[list[str], np.ndarray | None, str | None]:
+    """(labels, mask slices (n, S, S) bool or None, a note when the manifest's labels were replaced)."""
+    if row is None:
+        return [UNLABELLED] * n, None, None
+    cls = row.get("class")
+    given = row.get("slice_labels")
+    mask_file = row.get("mask")
+    if cls in SEGMENTED and mask_file:
+        mask_path = folder / mask_file
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise LookupError(f"mask {mask_path} is missing or unreadable")
+        if mask.shape != batch.frame_shape:
+            raise LookupError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, the frame "
+                              f"{batch.frame_shape[1]}x{batch.frame_shape[0]}")
+        mask_slices = batch.frame_to_slices(mask > 0)
+        labels, _ = slice_labels(cls, mask_slices, int(row.get("min_defect_px", 40)))
+        note = None if given is None or list(given) == labels else f"manifest {given} -> {labels}"
+        return labels, mask_slices, note
+    if given is not None:
+        if len(given) != n:
+            raise LookupError(f"the manifest has {len(given)} slice labels, the ROI cuts {n} slices")
+        return [str(x) for x in given], None, None
+    if cls in CLASSES and cls not in SEGMENTED:
+        return slice_labels(cls, None, 0)[0], None, None
+    raise LookupError(f"class {cls!r} without slice_labels or a mask: cannot label the slices")
+
+
+def build(frames: Path, out: Path, params: RoiParams, overwrite: bool = False, log=print) -> dict:
+    """Slice every frame of ``frames`` into ``out``; returns a summary dict (counts, skipped, relabelled)."""
+    if not frames.is_dir():
+        raise UsageError(f"--frames {frames} is not a folder")
+    items = _list_frames(frames)
+    _prepare_out(out, overwrite)
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    masks_written, relabelled, used = 0, [], 0
+    t0 = time.perf_counter()
+    with open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
+            open(out / "slices.jsonl", "w", encoding="utf-8") as index:
+        def skip(path: Path, reason: str, message: str) -> None:
+            reasons[reason] += 1
+            skipped.write(json.dumps({"file": str(path), "reason": reason, "message": message}) + "\n")
+
+        for path, row in items:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                skip(path, "unreadable", f"{path} is missing or not an image OpenCV can read")
+                continue
+            try:
+                batch = extract(image, params)
+            except NoPartError as exc:
+                skip(path, exc.reason, str(exc))
+                continue
+            except ValueError as exc:  # not Mono8
+                skip(path, "not_mono8", str(exc))
+                continue
+            n = len(batch)
+            try:
+                labels, mask_slices, note = _labels_for(row, frames, batch, n)
+            except LookupError as exc:
+                skip(path, "no_labels", str(exc))
+                continue
+            if note:
+                relabelled.append(f"{path.name}: {note}")
+            stem = path.stem
+            for k in range(n):
+                label = labels[k]
+                (out / label).mkdir(exist_ok=True)
+                name = f"{stem}__s{k}.png"  # "__": models.data groups a frame's slices (no leakage)
+                cv2.imwrite(str(out / label / name), batch.slices[k, 0], PNG_FLAGS)
+                mask_name = None
+                if mask_slices is not None and label in SEGMENTED:
+                    mask_name = f"{label}/{stem}__s{k}_mask.png"
+                    cv2.imwrite(str(out / mask_name), np.where(mask_slices[k], 255, 0).astype(np.uint8), PNG_FLAGS)
+                    masks_written += 1
+                counts[label] += 1
+                index.write(json.dumps({
+                    "file": f"{label}/{name}", "label": label, "mask": mask_name, "frame": str(path), "slice": k,
+                    "defect_px": None if mask_slices is None else int(mask_slices[k].sum()),
+                    "part": None if row is None else row.get("part"),
+                    "part_class": None if row is None else row.get("class"),
+                    "seed": None if row is None else row.get("seed")}) + "\n")
+            used += 1
+    dt = time.perf_counter() - t0
+    summary = {"frames": len(items), "used": used, "skipped": sum(reasons.values()), "skip_reasons": dict(reasons),
+               "slices": dict(counts), "masks": masks_written, "relabelled": relabelled, "seconds": dt}
+    order = [c for c in (*CLASSES, UNLABELLED) if c in counts] + sorted(set(counts) - {*CLASSES, UNLABELLED})
+    log(f"{used}/{len(items)} frames sliced into {out} ({dt:.1f} s)")
+    log("  slices: " + ("  ".join(f"{c}={counts[c]}" for c in order) or "none") + f"  (masks: {masks_written})")
+    if reasons:
+        log(f"  skipped {sum(reasons.values())} frames: " + ", ".join(f"{r}={n}" for r, n in reasons.items())
+            + f"  (details: {out / 'skipped.jsonl'})")
+    if relabelled:
+        log(f"  {len(relabelled)} frames' slice labels recomputed from their masks for this ROI "
+            f"(e.g. {relabelled[0]})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="valve-model build-dataset",
+        description="Slice camera frames through the runtime's ROI (service.roi) into the 'folders' dataset "
+                    "format: OUT/<label>/<frame>__s<k>.png (+ _mask.png for dirt/scratch).")
+    ap.add_argument("--frames", required=True, type=Path,
+                    help="a 'valve-inspect synth' folder (manifest.jsonl) or a folder of Mono8 frames")
+    ap.add_argument("--out", required=True, type=Path, help="output folder")
+    ap.add_argument("--roi-threshold", type=int, default=None,
+                    help=f"binarisation threshold of the ROI (default {RoiParams().threshold})")
+    ap.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    args = ap.parse_args(argv)
+    try:
+        params = RoiParams() if args.roi_threshold is None else RoiParams(threshold=args.roi_threshold)
+        summary = build(args.frames, args.out, params, args.overwrite)
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"valve-model build-dataset: {exc}", file=sys.stderr)
+        return 2
+    if summary["used"] == 0:
+        print(f"valve-model build-dataset: every frame was skipped; see {args.out / 'skipped.jsonl'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
