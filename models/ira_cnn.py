@@ -246,6 +246,8 @@ class IRACNN(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+        # The logit layer feeds a softmax, not a ReLU: small weights start the loss near ln K.
+        nn.init.normal_(self.classifier.fc3.weight, std=0.01)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw gray values 0..255 (any dtype) -> float, the model's first step."""

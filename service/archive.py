@@ -56,7 +56,7 @@ STEM_RE = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z_p-?\d+_f-?\d+_(?:" + "|".join(VERDI
 
 
 def _stem_time(ts: float) -> str:
-    t = _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+    t = _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
     return t.strftime("%Y%m%dT%H%M%S.") + f"{t.microsecond:06d}Z"
 
 
@@ -441,7 +441,7 @@ class RejectArchive:
             if overlay_png is not None:
                 names["overlay"] = stem + OVERLAY_SUFFIX
             sidecar = {
-                "time": _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(),
+                "time": _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).isoformat(),
                 "part_id": verdict.part_id, "frame_id": verdict.frame_id, "label": verdict.label,
                 "defects": list(verdict.defects), "reason": verdict.reason,
                 "verdict": dataclasses.asdict(verdict), "files": names,

@@ -148,24 +148,30 @@ class CameraSettings(_Section):
 
 
 class RoiSettings(_Section):
-    """[roi]: fixed-threshold binarisation, the valve's bounding box, the ROI and its slices."""
+    """[roi]: fixed-threshold binarisation, the valve's rotated bounding box, the ROI and its slices.
 
-    threshold: int = Field(60, ge=0, le=255)
+    Mirrors service.roi.RoiParams field by field (the daemon passes these straight through).
+    """
+
+    threshold: int = Field(40, ge=0, le=255)
     roi_width: int = Field(768, ge=1, le=4096)
     roi_height: int = Field(384, ge=1, le=4096)
     slice_size: int = Field(192, ge=8, le=4096)
-    min_area_frac: float = Field(0.5, gt=0, le=100)
-    max_area_frac: float = Field(2.0, gt=0, le=100)
-    border_margin: int = Field(4, ge=0, le=1024)
+    length_range: tuple[float, float] = (600.0, 960.0)
+    diameter_range: tuple[float, float] = (300.0, 480.0)
+    max_angle_deg: float = Field(15.0, ge=0, le=45)
+    min_fill: float = Field(0.85, ge=0, le=1)
+    min_region_area: int = Field(5000, ge=1)
+    border_margin: int = Field(2, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _cross(self) -> RoiSettings:
         for key, size in (("roi_width", self.roi_width), ("roi_height", self.roi_height)):
             if size % self.slice_size:
                 raise _field_error(key, f"{size} is not a multiple of slice_size ({self.slice_size})")
-        if self.min_area_frac >= self.max_area_frac:
-            raise _field_error("min_area_frac", f"must be < max_area_frac ({self.min_area_frac} >= "
-                                                f"{self.max_area_frac})")
+        for key, (lo, hi) in (("length_range", self.length_range), ("diameter_range", self.diameter_range)):
+            if not 0 < lo < hi:
+                raise _field_error(key, f"[{lo}, {hi}] must be two sizes in pixels with 0 < min < max")
         return self
 
 

@@ -19,8 +19,8 @@ Rules, for one part whose frame gave N slices (normally 8) with probabilities ``
 6. Reported for every inspected part (accept or reject):
    ScoreDirt / ScoreScratch / ScoreEC = the highest probability of that class over the slices
    (0 when the model has no such class); DirtAreaPx / ScratchAreaPx = mask pixels summed over the
-   slices *predicted* dirt / scratch (whether or not above the threshold, as the masks are computed
-   for every slice predicted a segmented class), 0 when ``masks`` is None or the class is not segmented.
+   slices that *reject* for dirt / scratch (a below-threshold slice counts as good, so its mask does
+   not count either: an accepted part reports 0), 0 when ``masks`` is None or the class is not segmented.
 
 Class names are matched exactly (lower case, as in model.json).
 """
@@ -173,10 +173,9 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         fields[fld] = float(probs[:, classes.index(name)].max()) if name in classes else 0.0
     for name, fld in AREA_FIELDS.items():
         area = 0
-        if masks is not None and name in classes and name in seg_names:
-            sel = predicted == classes.index(name)
-            if sel.any():
-                area = int(np.count_nonzero(masks[sel]))
+        if masks is not None and name in classes and name in seg_names and rejecting.get(name):
+            # only the slices that reject for this class: a below-threshold slice counts as good
+            area = int(np.count_nonzero(masks[rejecting[name]]))
         fields[fld] = area
 
     notes = []

@@ -180,7 +180,7 @@ def test_bad_environment_value_names_the_variable():
     ('[camera]\nsource = "pylon"\nimages = "."\n', "camera.images", "only used with source = 'emulator'"),
     ("[camera]\nfeatures = { Width = 100 }\n", "camera.features.Width", "set by the daemon from camera.width"),
     ("[roi]\nroi_width = 700\n", "roi.roi_width", "not a multiple of slice_size"),
-    ("[roi]\nmin_area_frac = 3.0\n", "roi.min_area_frac", "must be < max_area_frac"),
+    ("[roi]\nlength_range = [900, 600]\n", "roi.length_range", "0 < min < max"),
     ("[roi]\nthreshold = 256\n", "roi.threshold", "less than or equal to 255"),
     ("[camera]\nwidth = 700\n", "roi.roi_width", "does not fit in the camera frame"),
     ('[model]\nrequire_gpu = true\nproviders = ["CPUExecutionProvider"]\n', "model.require_gpu", "no GPU provider"),

@@ -106,18 +106,18 @@ def test_several_defect_classes_reject_at_once():
     assert v.score_scratch == pytest.approx(0.99)
 
 
-def test_areas_sum_masks_of_slices_predicted_dirt_or_scratch():
-    """DirtAreaPx/ScratchAreaPx sum the mask pixels of slices predicted dirt/scratch (below threshold too)."""
+def test_areas_sum_masks_of_slices_rejecting_for_dirt_or_scratch():
+    """DirtAreaPx/ScratchAreaPx sum the mask pixels of the slices that reject for dirt/scratch only."""
     rows = good8()
     rows[0], rows[1], rows[2], rows[3] = row("dirt", 0.9), row("dirt", 0.55), row("scratch", 0.8), row("ec", 0.9)
     masks = np.zeros((8, S, S), bool)
     masks[0, :2, :5] = True   # 10 px dirt (rejecting slice)
-    masks[1, :1, :3] = True   # 3 px dirt (below threshold, still predicted dirt)
+    masks[1, :1, :3] = True   # 3 px dirt (below threshold: counted good, its mask does not count)
     masks[2, :4, :4] = True   # 16 px scratch
     masks[3, :, :] = True     # ec is not segmented; ignored
     masks[4, :, :] = True     # a good slice's mask is ignored
     v = run(rows, masks=masks)
-    assert v.dirt_area_px == 13 and v.scratch_area_px == 16
+    assert v.dirt_area_px == 10 and v.scratch_area_px == 16
     assert run(rows, masks=None).dirt_area_px == 0
     no_seg = run(rows, masks=masks, seg=["scratch"])
     assert no_seg.dirt_area_px == 0 and no_seg.scratch_area_px == 16

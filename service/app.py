@@ -1,0 +1,586 @@
+"""The inspection daemon: wiring only.
+
+    PLC link (owner thread) --PartId--> control loop --software trigger--> camera (grab thread)
+    camera --Frame / GrabFailure--> PartBook + bounded frame queue --> inference worker
+    inference worker: ROI -> 8 slices -> ONNX (probs + Grad-CAM++) -> Otsu -> decide -> Verdict
+    Verdict -> PartBook (exactly once per PartId) -> PLC link, metrics, log, reject archive
+
+Rules this module enforces:
+- Every announced PartId gets exactly one result (PartBook.claim): the first of inspection,
+  camera failure, overflow, timeout or shutdown wins; a late inspection is counted and dropped.
+- Grabbing never waits for inference: the camera callback only enqueues (bounded). When the queue
+  is full the part is reported NotInspected at once (policy ``pipeline.overflow = not-inspected``)
+  and counted in ``valve_inspect_frames_dropped_total``.
+- A part that was not fully inspected is never Accept (service.decide and Verdict enforce it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import notify
+from service.config import Settings, load_config
+from service.errors import CameraError, FatalError, NoPartError, ValveInspectError
+from service.logs import configure_logging, get_logger
+from service.metrics import Metrics
+from service.records import Frame, Verdict
+
+log = get_logger("service.app")
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider", "DmlExecutionProvider")
+STOP_BUDGET_S = 8.0  # SIGTERM -> exit, inside systemd's 10 s
+
+
+# ------------------------------------------------------------------------------------ part book
+
+
+@dataclass
+class _Part:
+    part_id: int
+    announced: float
+    deadline: float
+    frame_id: int = 0
+    arrival: float | None = None
+
+
+class PartBook:
+    """Open parts by PartId; ``claim`` hands each one out exactly once.
+
+    A part's deadline is ``timeout_s`` after it was announced; once its frame arrived it gets
+    ``timeout_s`` more for the inspection. ``expired`` claims the overdue ones.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._open: OrderedDict[int, _Part] = OrderedDict()
+        self._lock = threading.Lock()
+        self.duplicates = 0
+        self.late = 0
+
+    def announce(self, part_id: int, at: float) -> bool:
+        with self._lock:
+            if part_id in self._open:
+                self.duplicates += 1
+                return False
+            self._open[part_id] = _Part(part_id, at, at + self.timeout_s)
+            return True
+
+    def frame_arrived(self, part_id: int, arrival: float, frame_id: int) -> bool:
+        with self._lock:
+            p = self._open.get(part_id)
+            if p is None or p.arrival is not None:
+                return False
+            p.arrival, p.frame_id = arrival, frame_id
+            p.deadline = max(p.deadline, arrival + self.timeout_s)
+            return True
+
+    def oldest_without_frame(self) -> int | None:
+        """Hardware trigger: the frame belongs to the oldest announced part still waiting for one."""
+        with self._lock:
+            for p in self._open.values():
+                if p.arrival is None:
+                    return p.part_id
+            return None
+
+    def claim(self, part_id: int) -> _Part | None:
+        with self._lock:
+            p = self._open.pop(part_id, None)
+            if p is None:
+                self.late += 1
+            return p
+
+    def expired(self, now: float) -> list[_Part]:
+        with self._lock:
+            out = [p for p in self._open.values() if p.deadline <= now]
+            for p in out:
+                del self._open[p.part_id]
+            return out
+
+    def drain(self) -> list[_Part]:
+        with self._lock:
+            out = list(self._open.values())
+            self._open.clear()
+            return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def roi_params_from(settings: Settings):
+    """Map the [roi] section onto service.roi.RoiParams (same field names)."""
+    from service.roi import RoiParams
+
+    names = {f.name for f in fields(RoiParams)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.roi.model_dump().items()
+              if k in names}
+    values["cols"] = settings.roi.roi_width // settings.roi.slice_size
+    values["rows"] = settings.roi.roi_height // settings.roi.slice_size
+    return RoiParams(**values)
+
+
+def plc_port(settings: Settings) -> int:
+    if settings.plc.port:
+        return settings.plc.port
+    return 1102 if settings.plc.mode == "simulated" else 102
+
+
+def plc_link_config(settings: Settings):
+    from service.plc import PlcLinkConfig
+
+    p = settings.plc
+    return PlcLinkConfig(host=p.host, rack=p.rack, slot=p.slot, port=plc_port(settings), db=p.db,
+                         poll_interval_s=p.poll_ms / 1000.0, plc_heartbeat_timeout_s=p.heartbeat_timeout_s,
+                         reconnect_min_s=p.reconnect_min_s, reconnect_max_s=p.reconnect_max_s,
+                         app_watchdog_s=max(2.0, p.heartbeat_timeout_s))
+
+
+# ------------------------------------------------------------------------------------ the daemon
+
+
+@dataclass
+class _Job:
+    frame: Frame
+    part_id: int | None
+
+
+@dataclass
+class DaemonStats:
+    started: float = field(default_factory=time.monotonic)
+    parts: int = 0
+    inspected: int = 0
+    overflow: int = 0
+    late_results: int = 0
+    verdicts: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "no_part": 0,
+                                                               "not_inspected": 0})
+
+
+class Daemon:
+    """The running line. ``start()`` builds and starts everything; ``stop()`` ends it cleanly.
+
+    Args:
+        settings: the validated configuration.
+        metrics: a Metrics (fresh registry in tests); default: a new one on the default registry.
+        plc_simulator: an already running PlcSimulator to use instead of starting one
+            (plc.mode = simulated only).
+    """
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, plc_simulator: Any = None,
+                 demo_manifest: list[str] | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stats = DaemonStats()
+        self._sim = plc_simulator
+        self._own_sim = False
+        self._demo_manifest = demo_manifest
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.pipeline.queue_size)
+        self.book = PartBook(settings.pipeline.part_timeout_s)
+        self._enabled = True
+        self._loop_beat = time.monotonic()
+        self._worker_beat = time.monotonic()
+        self._worker_busy_since: float | None = None
+        self.model = None
+        self.camera = None
+        self.plc = None
+        self.archive = None
+        self.http = None
+        self._pinger = None
+        self._threads: list[threading.Thread] = []
+        self.roi_params = roi_params_from(settings)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Daemon:
+        from service.camera import Camera
+        from service.infer import InferenceModel
+        from service.plc import PlcLink
+
+        s = self.settings
+        # 1. The model: a bad model file is fatal, before anything touches the line.
+        self.model = InferenceModel(s.model.path or None, providers=tuple(s.model.providers),
+                                    require_gpu=s.model.require_gpu, intra_op_threads=s.model.intra_op_threads)
+        from service.decide import validate_thresholds
+
+        self.thresholds = validate_thresholds(s.model.thresholds.model_dump(), self.model.classes)
+        gpu = self.model.provider in GPU_PROVIDERS
+        self.metrics.set_model_info(self.model.sha256, self.model.provider, self.model.preset)
+        log.info("model_loaded", provider=self.model.provider, sha256=self.model.sha256, preset=self.model.preset,
+                 classes=list(self.model.classes), gpu=gpu)
+
+        # 2. Metrics endpoint.
+        if s.metrics.enabled:
+            self.http = self.metrics.start_http(s.metrics.host, s.metrics.port)
+            log.info("metrics_serving", url=self.http.url)
+
+        # 3. Archive.
+        if s.archive.enabled:
+            from service.archive import RejectArchive
+            from service.config import state_dir
+
+            root = Path(s.archive.dir) if s.archive.dir else state_dir() / "archive"
+            self.archive = RejectArchive(root, s.archive.quota_mb * 2**20, labels=tuple(s.archive.save))
+
+        # 4. PLC: the in-process simulator first (demo), then our client link to it.
+        if s.plc.mode == "simulated" and self._sim is None:
+            from service.sim.plc_sim import PlcSimulator
+
+            self._sim = PlcSimulator(host=s.plc.host, port=plc_port(s), db=s.plc.db, rate=s.plc.sim_rate_hz,
+                                     watchdog_s=s.plc.sim_watchdog_s, manifest=self._demo_manifest)
+            self._sim.start()
+            self._own_sim = True
+            log.info("plc_simulator_started", port=self._sim.port, rate_hz=s.plc.sim_rate_hz)
+        self.plc = PlcLink(plc_link_config(s))
+        self.plc.set_status(ready=False, camera_ok=False, model_ok=True, gpu_active=gpu, fault=False)
+        self.plc.start()
+
+        # 5. Camera: grab thread delivers into on_event, which never blocks.
+        self.camera = Camera(s.camera, on_event=self._on_camera_event, metrics=self.metrics)
+        self.camera.start(require_camera=False)
+
+        # 6. Threads.
+        for name, target in (("inspect", self._worker), ("control", self._control)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._pinger = notify.WatchdogPinger(self.healthy).start()
+        notify.ready("inspecting")
+        log.info("daemon_started", camera=s.camera.source, trigger=s.camera.trigger, plc=s.plc.mode,
+                 plc_port=plc_port(s), queue_size=s.pipeline.queue_size)
+        return self
+
+    def stop(self, reason: str = "stop") -> None:
+        """Stop within STOP_BUDGET_S: no new parts, drain the queue, camera closed, last results written."""
+        if self._stopped.is_set():
+            return
+        t0 = time.monotonic()
+        notify.stopping()
+        log.info("daemon_stopping", reason=reason, open_parts=len(self.book), queued=self._jobs.qsize())
+        self._stop.set()
+        if self.camera is not None:
+            self.camera.close()
+        # Let the worker finish what is queued, bounded.
+        deadline = t0 + STOP_BUDGET_S / 2
+        while not self._jobs.empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
+        for t in self._threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        for p in self.book.drain():
+            self._finish_claimed(p, Verdict.make_not_inspected(p.part_id, "shutdown", frame_id=p.frame_id))
+        if self.plc is not None:
+            self.plc.set_status(ready=False)
+            self.plc.stop(timeout=max(0.5, t0 + STOP_BUDGET_S - 1.0 - time.monotonic()))
+        if self._pinger is not None:
+            self._pinger.stop()
+        if self.archive is not None:
+            self.archive.close(timeout=1.0)
+        if self._own_sim and self._sim is not None:
+            self._sim.stop()
+        if self.http is not None:
+            self.http.stop()
+        self._stopped.set()
+        log.info("daemon_stopped", seconds=round(time.monotonic() - t0, 3), **self.summary())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the control loop runs and the worker is not stuck."""
+        now = time.monotonic()
+        if now - self._loop_beat > 5.0:
+            return False
+        busy = self._worker_busy_since
+        return not (busy is not None and now - busy > 10.0)
+
+    def summary(self) -> dict[str, Any]:
+        out = {"parts": self.stats.parts, "inspected": self.stats.inspected, "overflow": self.stats.overflow,
+               "late_results": self.book.late, **{f"verdict_{k}": v for k, v in self.stats.verdicts.items()}}
+        if self._sim is not None:
+            sim = self._sim.stats()
+            out.update(sim_results=sim.get("results"), sim_accuracy=sim.get("accuracy"),
+                       sim_watchdog_rejects=sim.get("watchdog_rejects"), sim_scored=sim.get("scored"))
+        return out
+
+    # ------------------------------------------------------------------ control loop
+
+    def _control(self) -> None:
+        last_status = 0.0
+        while not self._stop.is_set():
+            self._loop_beat = now = time.monotonic()
+            self.plc.touch()
+            ev = self.plc.next_event(timeout=0.02)
+            if ev is not None:
+                self._on_plc_event(ev)
+            for p in self.book.expired(time.monotonic()):
+                reason = "timeout_no_frame" if p.arrival is None else "timeout_inspection"
+                self._finish_claimed(p, Verdict.make_not_inspected(p.part_id, reason, frame_id=p.frame_id))
+            if now - last_status >= 0.2:
+                last_status = now
+                cam_ok = bool(self.camera.connected)
+                self.metrics.set_plc_connected(self.plc.connected)
+                self.plc.set_status(ready=cam_ok and self._enabled and not self._stop.is_set(), camera_ok=cam_ok,
+                                    fault=not cam_ok)
+
+    def _on_plc_event(self, ev) -> None:
+        if ev.kind == "enable":
+            if ev.enable != self._enabled:
+                log.info("plc_enable", enable=ev.enable)
+            self._enabled = ev.enable
+            return
+        if ev.kind == "link":
+            log.info("plc_link", connected=ev.connected)
+            self.metrics.set_plc_connected(ev.connected)
+            return
+        if ev.kind != "part":
+            return
+        self._enabled = ev.enable
+        self.stats.parts += 1
+        if not self.book.announce(ev.part_id, ev.at):
+            log.warning("duplicate_part_id", part_id=ev.part_id)
+            return
+        if not ev.enable:
+            self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "inspection_disabled"))
+            return
+        if self.settings.camera.trigger == "software":
+            try:
+                self.camera.trigger(part_id=ev.part_id)
+            except (CameraError, RuntimeError) as exc:
+                log.warning("trigger_failed", part_id=ev.part_id, error=str(exc))
+                self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "trigger_failed"))
+
+    # ------------------------------------------------------------------ camera callback (grab thread)
+
+    def _on_camera_event(self, ev) -> None:
+        trigger = self.settings.camera.trigger
+        part_id = ev.part_id
+        if part_id is None and trigger == "hardware":
+            part_id = self.book.oldest_without_frame()
+        if not isinstance(ev, Frame):  # GrabFailure: that part cannot be inspected
+            log.warning("grab_failed", part_id=part_id, kind=ev.kind, reason=ev.reason, frame_id=ev.frame_id)
+            if part_id is not None:
+                self._finish(part_id, Verdict.make_not_inspected(part_id, f"camera_{ev.kind}",
+                                                                 frame_id=ev.frame_id or 0))
+            return
+        if part_id is not None and not self.book.frame_arrived(part_id, ev.arrival, ev.frame_id):
+            log.warning("frame_for_closed_part", part_id=part_id, frame_id=ev.frame_id)
+            return
+        if part_id is None and trigger != "free-run":
+            log.warning("frame_without_part", frame_id=ev.frame_id)
+            return
+        try:
+            self._jobs.put_nowait(_Job(ev, part_id))
+        except queue.Full:
+            self.stats.overflow += 1
+            self.metrics.frames_dropped.inc()
+            log.warning("inspection_overflow", part_id=part_id, frame_id=ev.frame_id,
+                        queue_size=self.settings.pipeline.queue_size)
+            if part_id is not None:
+                self._finish(part_id, Verdict.make_not_inspected(part_id, "overflow", frame_id=ev.frame_id))
+
+    # ------------------------------------------------------------------ inspection worker
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.1)
+            except queue.Empty:
+                self._worker_beat = time.monotonic()
+                if self._stop.is_set() and self._jobs.empty():
+                    return
+                continue
+            if job is None:
+                return
+            self._worker_busy_since = time.monotonic()
+            try:
+                verdict, extras = self.inspect(job.frame, job.part_id or 0)
+            except Exception as exc:  # never let one frame kill the loop
+                log.exception("inspection_error", part_id=job.part_id, error=str(exc))
+                verdict, extras = Verdict.make_not_inspected(job.part_id or 0, "inspection_error",
+                                                             frame_id=job.frame.frame_id), None
+            self._worker_busy_since = None
+            self._worker_beat = time.monotonic()
+            self.stats.inspected += 1
+            if job.part_id is None:  # free-run commissioning: no PartId to answer
+                self._report(verdict, job.frame, extras, arrival=job.frame.arrival)
+            else:
+                self._finish(job.part_id, verdict, frame=job.frame, extras=extras)
+
+    def inspect(self, frame: Frame, part_id: int) -> tuple[Verdict, dict | None]:
+        """One frame -> its Verdict (and what the archive needs). Pure pipeline, no side effects."""
+        from service.decide import decide
+        from service.roi import extract
+        from service.segment import masks_for
+
+        t0 = time.monotonic()
+        try:
+            batch = extract(frame.image, self.roi_params)
+        except NoPartError as exc:
+            self.metrics.observe_stage("roi", time.monotonic() - t0)
+            log.info("no_part", part_id=part_id, frame_id=frame.frame_id, reason=exc.reason, detail=str(exc))
+            ms = (time.monotonic() - frame.arrival) * 1000.0
+            return Verdict.make_no_part(part_id, exc.reason, frame_id=frame.frame_id, inspect_ms=ms), None
+        t1 = time.monotonic()
+        self.metrics.observe_stage("roi", t1 - t0)
+        pred = self.model.run(batch.slices)
+        t2 = time.monotonic()
+        self.metrics.observe_stage("infer", t2 - t1)
+        masks = masks_for(pred.saliency, pred.predicted, self.model.segmented)
+        t3 = time.monotonic()
+        self.metrics.observe_stage("segment", t3 - t2)
+        verdict = decide(part_id, frame.frame_id, pred, masks, self.thresholds, self.model.segmented,
+                         inspect_ms=(t3 - frame.arrival) * 1000.0)
+        timings = {"roi_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3}
+        return verdict, {"batch": batch, "pred": pred, "masks": masks, "timings": timings}
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(self, part_id: int, verdict: Verdict, frame: Frame | None = None, extras: dict | None = None) -> None:
+        p = self.book.claim(part_id)
+        if p is None:
+            self.stats.late_results += 1
+            log.warning("late_result_dropped", part_id=part_id, verdict=verdict.label, reason=verdict.reason)
+            return
+        self._finish_claimed(p, verdict, frame, extras)
+
+    def _finish_claimed(self, p: _Part, verdict: Verdict, frame: Frame | None = None,
+                        extras: dict | None = None) -> None:
+        arrival = frame.arrival if frame is not None else p.arrival
+        t0 = time.monotonic()
+        self.plc.publish(verdict, arrival=arrival)
+        self.metrics.observe_stage("plc", time.monotonic() - t0)
+        self._report(verdict, frame, extras, arrival=arrival if arrival is not None else p.announced)
+
+    def _report(self, verdict: Verdict, frame: Frame | None, extras: dict | None, arrival: float | None) -> None:
+        latency = time.monotonic() - arrival if arrival is not None else None
+        self.metrics.record_verdict(verdict, latency_s=latency)
+        self.stats.verdicts[verdict.label] = self.stats.verdicts.get(verdict.label, 0) + 1
+        timings = (extras or {}).get("timings", {})
+        log.info("part", part_id=verdict.part_id, frame_id=verdict.frame_id, verdict=verdict.label,
+                 defects=list(verdict.defects), reason=verdict.reason or None,
+                 scores={"dirt": round(verdict.score_dirt, 4), "scratch": round(verdict.score_scratch, 4),
+                         "ec": round(verdict.score_ec, 4)},
+                 area_px={"dirt": verdict.dirt_area_px, "scratch": verdict.scratch_area_px},
+                 inspect_ms=round(verdict.inspect_ms, 2),
+                 latency_ms=round(latency * 1000.0, 2) if latency is not None else None,
+                 **{k: round(v, 2) for k, v in timings.items()})
+        if self.archive is not None and frame is not None and self.archive.wants(verdict):
+            sal = mask = outlines = None
+            if extras is not None:
+                batch = extras["batch"]
+                sal = batch.slices_to_frame(extras["pred"].saliency.astype(np.float32))
+                mask = batch.slices_to_frame(extras["masks"].astype(np.uint8), interpolation="nearest") > 0
+                outlines = batch.slice_polygons()
+            self.archive.submit(frame.image, verdict, saliency=sal, mask=mask, outlines=outlines, copy=False)
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+def demo_frames(parts: int = 24, seed: int = 20261124) -> tuple[Path, list[str]]:
+    """Synthetic frames for the embedded demo, rendered once into the cache directory."""
+    import json
+
+    from service.sim.synth import write_dataset
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "valve-inspect" / "demo"
+    out = base / f"seed{seed}-n{parts}"
+    manifest = out / "manifest.jsonl"
+    if not manifest.is_file():
+        log.info("demo_rendering_frames", parts=parts, seed=seed, out=str(out))
+        t0 = time.monotonic()
+        tmp = base / f".tmp-{os.getpid()}"
+        write_dataset(tmp, parts=parts, seed=seed, overwrite=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.replace(out)
+        log.info("demo_frames_ready", seconds=round(time.monotonic() - t0, 1), out=str(out))
+    classes = [json.loads(line)["class"] for line in manifest.read_text().splitlines() if line.strip()]
+    return out / "frames", classes
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="valve-inspect run",
+                                description="Run the inspection daemon. Without --config: the embedded demo line "
+                                            "(pylon emulator replaying synthetic frames, in-process PLC simulator, "
+                                            "the shipped demo model, metrics on 127.0.0.1:9108).")
+    p.add_argument("--config", "-c", help="TOML config file (see deploy/config.example.toml)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until "
+                                                                 "SIGTERM/Ctrl-C)")
+    p.add_argument("--demo-parts", type=int, default=24, help="demo: synthetic frames to render and replay")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_config(args.config)
+    except FatalError as exc:
+        print(f"valve-inspect: {exc}", file=sys.stderr)
+        return exc.exit_code
+    configure_logging(settings.log.level, settings.log.format)
+    demo_manifest = None
+    if settings.camera.source == "emulator" and not settings.camera.images:
+        frames, classes = demo_frames(parts=args.demo_parts)
+        settings = settings.model_copy(update={"camera": settings.camera.model_copy(update={"images": str(frames)})})
+        demo_manifest = classes * 10_000  # the emulator replays the folder in a loop
+        log.info("demo_line", frames=str(frames), parts=len(classes))
+    daemon = Daemon(settings, demo_manifest=demo_manifest)
+
+    def on_signal(signum, _frame):
+        log.info("signal", signal=signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except FatalError as exc:
+        log.error("fatal", error=str(exc), kind=type(exc).__name__)
+        print(f"valve-inspect: {exc}", file=sys.stderr)
+        daemon.stop("fatal")
+        return exc.exit_code
+    except ValveInspectError as exc:
+        log.error("start_failed", error=str(exc))
+        daemon.stop("start_failed")
+        return 1
+    end = time.monotonic() + args.duration if args.duration else None
+    try:
+        while not daemon.wait(timeout=1.0):
+            if end is not None and time.monotonic() >= end:
+                break
+    finally:
+        daemon.stop("signal" if daemon._stop.is_set() else "duration")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
