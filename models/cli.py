@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("models.export:main", "export a run to ONNX with Grad-CAM++ inside the graph"),
     "build-dataset": ("models.build_dataset:main", "slice camera frames into the 'folders' dataset format"),
     "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
+    "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
 }
 
 
