@@ -195,6 +195,7 @@ class Daemon:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self.book = PartBook(settings.pipeline.part_timeout_s)
         self._enabled = True
+        self._plc_link_ups = 0
         self._loop_beat = time.monotonic()
         self._worker_beat = time.monotonic()
         self._worker_busy_since: float | None = None
@@ -353,6 +354,10 @@ class Daemon:
         if ev.kind == "link":
             log.info("plc_link", connected=ev.connected)
             self.metrics.set_plc_connected(ev.connected)
+            if ev.connected:  # every link-up after the first is a reconnect
+                if self._plc_link_ups:
+                    self.metrics.plc_reconnects.inc()
+                self._plc_link_ups += 1
             return
         if ev.kind != "part":
             return

@@ -1,0 +1,474 @@
+"""service.app: PartBook's exactly-once bookkeeping, and the Daemon's wiring with test doubles for the PLC
+link, the camera and the model (the real ROI, decide and metrics run). The daemon as a whole, with the real
+camera emulator and a real Snap7 server, is in test_daemon_e2e.py and test_daemon_faults.py.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from service.app import Daemon, PartBook, plc_link_config, roi_params_from
+from service.camera import GrabFailure
+from service.config import load_config
+from service.errors import CameraRemoved, GrabFailed, GrabTimeout
+from service.metrics import Metrics
+from service.plc import PlcEvent
+from service.records import Frame, Prediction, Verdict
+from service.sim.synth import render_part
+from tests.service.daemon_fixtures import write_toml
+
+pytestmark = pytest.mark.timeout(30)
+
+CLASSES = ("good", "dirt", "scratch", "ec")
+
+
+# ------------------------------------------------------------------------------------------- doubles
+
+
+class FakePlc:
+    """PlcLink's app-facing API, recording what the daemon does with it."""
+
+    def __init__(self) -> None:
+        self.published: list = []
+        self.status: dict[str, bool] = {}
+        self.events: queue.Queue = queue.Queue()
+        self.connected = True
+        self.stopped = False
+        self.touched = 0
+
+    def publish(self, verdict, arrival=None) -> bool:
+        self.published.append(verdict)
+        return True
+
+    def set_status(self, **bits) -> None:
+        self.status.update({k: v for k, v in bits.items() if v is not None})
+
+    def touch(self) -> None:
+        self.touched += 1
+
+    def next_event(self, timeout=None):
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        self.stopped = True
+        return True
+
+    def by_part(self) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for v in self.published:
+            out.setdefault(v.part_id, []).append(v)
+        return out
+
+
+class FakeCamera:
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.triggers: list[int | None] = []
+        self.connected = True
+        self.closed = False
+        self.fail = fail
+
+    def trigger(self, part_id=None, timeout_s=None) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.triggers.append(part_id)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeModel:
+    """Predicts ``slice_classes`` (one class name per slice; default all good) with p = 0.97."""
+
+    classes = CLASSES
+    segmented = np.array([False, True, True, False])
+
+    def __init__(self, slice_classes: list[str] | None = None, error: Exception | None = None) -> None:
+        self.slice_classes = slice_classes
+        self.error = error
+        self.calls = 0
+
+    def run(self, slices: np.ndarray) -> Prediction:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        n = slices.shape[0]
+        names = self.slice_classes or ["good"] * n
+        probs = np.full((n, len(CLASSES)), 0.01, dtype=np.float32)
+        for i, name in enumerate(names):
+            probs[i, CLASSES.index(name)] = 0.97
+        sal = np.zeros((n, 192, 192), dtype=np.float32)
+        sal[:, 60:100, 60:100] = 1.0  # a blob: Otsu gives a 40x40 mask
+        return Prediction(logits=np.log(probs), probs=probs, saliency=sal, classes=CLASSES)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def make_settings(tmp_path: Path, **sections: dict):
+    base = {"archive": {"enabled": False}, "metrics": {"enabled": False}}
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return load_config(write_toml(tmp_path / "cfg.toml", base), env={})
+
+
+def make_daemon(tmp_path: Path, model: FakeModel | None = None, cam: FakeCamera | None = None,
+                **sections: dict) -> Daemon:
+    d = Daemon(make_settings(tmp_path, **sections), metrics=Metrics(CollectorRegistry()))
+    d.plc = FakePlc()
+    d.camera = cam or FakeCamera()
+    d.model = model or FakeModel()
+    d.thresholds = {"dirt": 0.5, "scratch": 0.5, "ec": 0.5}
+    return d
+
+
+def part_event(part_id: int, enable: bool = True) -> PlcEvent:
+    return PlcEvent("part", time.monotonic(), part_id=part_id, enable=enable)
+
+
+def parts_metric(d: Daemon, verdict: str) -> float:
+    return d.metrics.value("valve_inspect_parts_total", {"verdict": verdict})
+
+
+def drain_worker(d: Daemon) -> None:
+    """Run the inspection worker over what is queued, then end it."""
+    t = threading.Thread(target=d._worker)
+    t.start()
+    d._jobs.put(None, timeout=10.0)
+    t.join(20.0)
+    assert not t.is_alive()
+
+
+@pytest.fixture(scope="module")
+def valve_image() -> np.ndarray:
+    image, _, _ = render_part(np.random.default_rng(5), "good")
+    return image
+
+
+def frame(image: np.ndarray, part_id: int | None, frame_id: int = 7) -> Frame:
+    return Frame(image=image, frame_id=frame_id, arrival=time.monotonic(), part_id=part_id)
+
+
+def dark() -> np.ndarray:
+    return np.full((2048, 2448), 9, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- PartBook
+
+
+def test_partbook_claims_each_part_exactly_once_and_counts_late_claims():
+    """claim() hands out an announced part once; a second claim (or one for an unknown part) is None and counted late."""
+    book = PartBook(timeout_s=2.0)
+    assert book.announce(5, at=100.0)
+    p = book.claim(5)
+    assert p is not None and p.part_id == 5 and p.announced == 100.0
+    assert book.claim(5) is None and book.claim(6) is None
+    assert book.late == 2 and len(book) == 0
+
+
+def test_partbook_refuses_a_duplicate_announcement():
+    """Announcing an open PartId again returns False, keeps the first announcement and counts the duplicate."""
+    book = PartBook(timeout_s=2.0)
+    assert book.announce(1, at=10.0)
+    assert not book.announce(1, at=11.0)
+    assert book.duplicates == 1 and len(book) == 1
+    assert book.claim(1).announced == 10.0
+
+
+def test_partbook_deadline_runs_from_announcement_then_extends_with_the_frame():
+    """A part expires timeout_s after its announcement unless its frame came, which gives timeout_s more from the frame."""
+    book = PartBook(timeout_s=2.0)
+    book.announce(1, at=0.0)
+    book.announce(2, at=0.0)
+    assert book.frame_arrived(2, arrival=1.5, frame_id=42)
+    assert book.expired(now=1.99) == []
+    first = book.expired(now=2.0)
+    assert [p.part_id for p in first] == [1] and first[0].arrival is None
+    assert book.expired(now=3.4) == []
+    second = book.expired(now=3.5)
+    assert [(p.part_id, p.frame_id, p.arrival) for p in second] == [(2, 42, 1.5)]
+    assert len(book) == 0
+
+
+def test_partbook_takes_one_frame_per_open_part_only():
+    """frame_arrived() is accepted once per open part; a second frame or a frame for an unknown part is refused."""
+    book = PartBook(timeout_s=2.0)
+    book.announce(1, at=0.0)
+    assert book.frame_arrived(1, arrival=0.1, frame_id=1)
+    assert not book.frame_arrived(1, arrival=0.2, frame_id=2)
+    assert not book.frame_arrived(9, arrival=0.2, frame_id=3)
+    assert book.claim(1).frame_id == 1
+
+
+def test_partbook_oldest_without_frame_pairs_frames_in_announcement_order():
+    """For the hardware trigger, frames go to the oldest announced part still without one."""
+    book = PartBook(timeout_s=2.0)
+    assert book.oldest_without_frame() is None
+    for pid in (7, 8, 9):
+        book.announce(pid, at=0.0)
+    assert book.oldest_without_frame() == 7
+    book.frame_arrived(7, 0.1, 1)
+    assert book.oldest_without_frame() == 8
+    book.claim(8)
+    assert book.oldest_without_frame() == 9
+
+
+def test_partbook_drain_returns_and_forgets_every_open_part():
+    """drain() hands out every open part in announcement order and leaves the book empty."""
+    book = PartBook(timeout_s=2.0)
+    for pid in (3, 1, 2):
+        book.announce(pid, at=0.0)
+    assert [p.part_id for p in book.drain()] == [3, 1, 2]
+    assert len(book) == 0 and book.drain() == []
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def test_roi_and_plc_link_config_follow_the_settings(tmp_path):
+    """roi_params_from maps [roi] onto RoiParams (grid from the sizes) and plc_link_config maps [plc] (ms -> s)."""
+    s = make_settings(tmp_path, roi={"roi_width": 768, "roi_height": 384, "slice_size": 192, "threshold": 55},
+                      plc={"mode": "client", "host": "10.0.0.5", "port": 1234, "poll_ms": 20,
+                           "heartbeat_timeout_s": 4.0})
+    roi = roi_params_from(s)
+    assert (roi.cols, roi.rows, roi.slice_size, roi.threshold) == (4, 2, 192, 55)
+    assert roi.length_range == (600.0, 960.0)
+    cfg = plc_link_config(s)
+    assert (cfg.host, cfg.port, cfg.db, cfg.poll_interval_s) == ("10.0.0.5", 1234, 100, 0.02)
+    assert cfg.plc_heartbeat_timeout_s == 4.0 and cfg.app_watchdog_s == 4.0
+
+
+# --------------------------------------------------------------------------------------- PLC events
+
+
+def test_part_event_is_booked_and_fires_the_software_trigger(tmp_path):
+    """A new PartId from the PLC opens the part and triggers the camera with that PartId; nothing is published yet."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(11))
+    assert d.camera.triggers == [11]
+    assert len(d.book) == 1 and d.plc.published == []
+    assert d.stats.parts == 1
+
+
+def test_duplicate_part_id_is_neither_triggered_nor_answered_twice(tmp_path):
+    """A PartId that is still open is ignored (logged), without a second trigger or result."""
+    d = make_daemon(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        d._on_plc_event(part_event(11))
+        d._on_plc_event(part_event(11))
+    assert d.camera.triggers == [11] and len(d.book) == 1
+    assert [e["part_id"] for e in logs if e["event"] == "duplicate_part_id"] == [11]
+
+
+def test_part_while_disabled_is_not_inspected_without_a_trigger(tmp_path):
+    """A part announced with Enable = 0 gets NotInspected at once and the camera is not triggered."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(3, enable=False))
+    assert d.camera.triggers == []
+    (v,) = d.plc.published
+    assert v.part_id == 3 and v.not_inspected and v.reason == "inspection_disabled"
+    assert len(d.book) == 0 and parts_metric(d, "not_inspected") == 1
+
+
+@pytest.mark.parametrize("error", [CameraRemoved("reconnecting"), GrabTimeout("not ready"), RuntimeError("x")])
+def test_failed_software_trigger_makes_the_part_not_inspected(tmp_path, error):
+    """When the trigger raises (camera gone, not ready, misconfigured), the part is NotInspected at once."""
+    d = make_daemon(tmp_path, cam=FakeCamera(fail=error))
+    d._on_plc_event(part_event(4))
+    (v,) = d.plc.published
+    assert v.not_inspected and v.reason == "trigger_failed" and len(d.book) == 0
+
+
+def test_link_events_set_the_connected_gauge_and_count_reconnects(tmp_path):
+    """Link up/down events drive valve_inspect_plc_connected; every link-up after the first counts a reconnect."""
+    d = make_daemon(tmp_path)
+    m = d.metrics
+    d._on_plc_event(PlcEvent("link", 0.0, connected=True))
+    assert m.value("valve_inspect_plc_connected") == 1 and m.value("valve_inspect_plc_reconnects_total") == 0
+    d._on_plc_event(PlcEvent("link", 1.0, connected=False))
+    assert m.value("valve_inspect_plc_connected") == 0
+    d._on_plc_event(PlcEvent("link", 2.0, connected=True))
+    d._on_plc_event(PlcEvent("link", 3.0, connected=False))
+    d._on_plc_event(PlcEvent("link", 4.0, connected=True))
+    assert m.value("valve_inspect_plc_connected") == 1 and m.value("valve_inspect_plc_reconnects_total") == 2
+
+
+def test_enable_event_is_followed(tmp_path):
+    """An Enable change from the PLC is taken over; the next part then follows it."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(PlcEvent("enable", 0.0, enable=False))
+    assert d._enabled is False
+    d._on_plc_event(PlcEvent("enable", 0.0, enable=True))
+    d._on_plc_event(part_event(1))
+    assert d.camera.triggers == [1]
+
+
+# ------------------------------------------------------------------------------------ camera events
+
+
+def test_grab_failure_makes_its_part_not_inspected_and_counts_it(tmp_path):
+    """A failed buffer for an open part publishes NotInspected (reason camera_failed_buffer, its frame id) and counts it."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(21))
+    d._on_camera_event(GrabFailure(error=GrabFailed("incomplete"), arrival=time.monotonic(), frame_id=5, part_id=21))
+    (v,) = d.plc.published
+    assert v.part_id == 21 and v.not_inspected and v.reason == "camera_failed_buffer" and v.frame_id == 5
+    assert not v.accept and parts_metric(d, "not_inspected") == 1 and len(d.book) == 0
+
+
+def test_frame_is_inspected_by_the_worker_and_its_verdict_published(tmp_path, valve_image):
+    """A frame for an open part is queued (never inspected on the grab thread); the worker publishes its verdict once."""
+    d = make_daemon(tmp_path, model=FakeModel(["dirt"] + ["good"] * 7))
+    d._on_plc_event(part_event(31))
+    d._on_camera_event(frame(valve_image, 31, frame_id=9))
+    assert d.model.calls == 0 and d._jobs.qsize() == 1
+    drain_worker(d)
+    (v,) = d.plc.published
+    assert v.part_id == 31 and v.frame_id == 9 and v.reject_dirt and not v.accept
+    assert v.dirt_area_px == 40 * 40 and v.score_dirt == pytest.approx(0.97)
+    assert d.stats.inspected == 1 and parts_metric(d, "reject") == 1
+    for stage in ("roi", "infer", "segment", "plc"):
+        assert d.metrics.value("valve_inspect_stage_seconds_count", {"stage": stage}) == 1
+
+
+def test_full_queue_reports_the_part_not_inspected_at_once(tmp_path, valve_image):
+    """With the queue full, a further frame's part is NotInspected (overflow) at once and counted as dropped."""
+    d = make_daemon(tmp_path, pipeline={"queue_size": 1})
+    for pid in (1, 2):
+        d._on_plc_event(part_event(pid))
+        d._on_camera_event(frame(valve_image, pid, frame_id=pid))
+    (v,) = d.plc.published
+    assert v.part_id == 2 and v.not_inspected and v.reason == "overflow"
+    assert d.metrics.value("valve_inspect_frames_dropped_total") == 1 and d.stats.overflow == 1
+    drain_worker(d)
+    assert [x.part_id for x in d.plc.published] == [2, 1] and d.plc.published[1].accept
+
+
+def test_frame_for_a_closed_or_unknown_part_is_dropped(tmp_path, valve_image):
+    """A frame whose part was already answered (or never announced) is not inspected and publishes nothing."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(1, enable=False))  # answered at once
+    with structlog.testing.capture_logs() as logs:
+        d._on_camera_event(frame(valve_image, 1))
+        d._on_camera_event(frame(valve_image, 99))
+    assert d._jobs.empty() and len(d.plc.published) == 1
+    assert [e["part_id"] for e in logs if e["event"] == "frame_for_closed_part"] == [1, 99]
+
+
+def test_late_inspection_after_a_timeout_is_dropped_not_published(tmp_path, valve_image):
+    """When a part timed out while its frame waited, the later inspection result is counted late, never published."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(41))
+    d._on_camera_event(frame(valve_image, 41))
+    (p,) = d.book.expired(time.monotonic() + 60.0)
+    d._finish_claimed(p, Verdict.make_not_inspected(41, "timeout_inspection"))
+    drain_worker(d)
+    assert [(v.part_id, v.label) for v in d.plc.published] == [(41, "not_inspected")]
+    assert d.stats.late_results == 1 and d.book.late == 1
+
+
+def test_hardware_trigger_frames_go_to_the_oldest_waiting_part(tmp_path, valve_image):
+    """With the hardware trigger, no software trigger is fired and frames pair with PartIds in announcement order."""
+    d = make_daemon(tmp_path, camera={"source": "pylon", "images": "", "trigger": "hardware"})
+    for pid in (51, 52):
+        d._on_plc_event(part_event(pid))
+    assert d.camera.triggers == []
+    d._on_camera_event(frame(valve_image, None, frame_id=1))
+    d._on_camera_event(GrabFailure(error=GrabFailed("x"), arrival=time.monotonic(), frame_id=2))
+    assert [(v.part_id, v.reason) for v in d.plc.published] == [(52, "camera_failed_buffer")]
+    drain_worker(d)
+    assert [(v.part_id, v.frame_id) for v in d.plc.published][1] == (51, 1)
+
+
+def test_free_run_frames_are_inspected_and_counted_without_a_plc_result(tmp_path, valve_image):
+    """In free-run (commissioning) a frame without a PartId is inspected and counted, and nothing goes to the PLC."""
+    d = make_daemon(tmp_path, camera={"trigger": "free-run"})
+    d._on_camera_event(frame(valve_image, None))
+    drain_worker(d)
+    assert d.plc.published == [] and d.stats.inspected == 1 and parts_metric(d, "accept") == 1
+
+
+# -------------------------------------------------------------------------------------------- inspect
+
+
+def test_dark_frame_is_no_part_without_running_the_model(tmp_path):
+    """A frame without a valve gives NoPart (reason no_valve) and the model is never run."""
+    d = make_daemon(tmp_path, model=FakeModel(error=AssertionError("the model must not run")))
+    v, extras = d.inspect(frame(dark(), 5), 5)
+    assert v.no_part and v.reason == "no_valve" and extras is None and d.model.calls == 0
+
+
+def test_model_error_makes_the_part_not_inspected_and_the_worker_goes_on(tmp_path, valve_image):
+    """An exception in inference makes that part NotInspected (inspection_error); the worker takes the next frame."""
+    d = make_daemon(tmp_path, model=FakeModel(error=RuntimeError("onnxruntime failed")))
+    for pid in (61, 62):
+        d._on_plc_event(part_event(pid))
+        d._on_camera_event(frame(valve_image, pid))
+    drain_worker(d)
+    assert [(v.part_id, v.reason) for v in d.plc.published] == [(61, "inspection_error"), (62, "inspection_error")]
+    assert not any(v.accept for v in d.plc.published)
+
+
+# ------------------------------------------------------------------------------------------ control loop
+
+
+def test_control_loop_times_out_a_part_whose_frame_never_comes_and_sets_ready(tmp_path):
+    """The control loop takes PLC events, answers a part without a frame NotInspected after part_timeout_s,
+    and keeps Ready = camera connected and enabled."""
+    d = make_daemon(tmp_path, pipeline={"part_timeout_s": 0.2})
+    t = threading.Thread(target=d._control, daemon=True)
+    t.start()
+    try:
+        d.plc.events.put(part_event(71))
+        end = time.monotonic() + 5.0
+        while not d.plc.published and time.monotonic() < end:
+            time.sleep(0.01)
+        (v,) = d.plc.published
+        assert v.part_id == 71 and v.reason == "timeout_no_frame"
+        assert d.camera.triggers == [71]
+        assert d.plc.status.get("ready") is True and d.plc.status.get("camera_ok") is True
+        d.camera.connected = False
+        end = time.monotonic() + 2.0
+        while d.plc.status.get("ready") and time.monotonic() < end:
+            time.sleep(0.01)
+        assert d.plc.status["ready"] is False and d.plc.status["fault"] is True
+    finally:
+        d.request_stop()
+        t.join(2.0)
+    assert not t.is_alive() and d.plc.touched > 0
+
+
+def test_healthy_is_false_when_the_control_loop_stalls_or_the_worker_hangs(tmp_path):
+    """healthy() (the systemd watchdog's check) fails when the loop has not run for 5 s or one frame takes over 10 s."""
+    d = make_daemon(tmp_path)
+    assert d.healthy()
+    d._loop_beat = time.monotonic() - 6.0
+    assert not d.healthy()
+    d._loop_beat = time.monotonic()
+    d._worker_busy_since = time.monotonic() - 11.0
+    assert not d.healthy()
+
+
+def test_stop_answers_open_parts_not_inspected_and_clears_ready(tmp_path):
+    """stop() closes the camera, answers every open part NotInspected (shutdown), clears Ready and stops the link; twice is harmless."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(81))
+    d._on_plc_event(part_event(82))
+    d.plc.set_status(ready=True)
+    d.stop("test")
+    assert d.camera.closed and d.plc.stopped
+    assert [(v.part_id, v.reason) for v in d.plc.published] == [(81, "shutdown"), (82, "shutdown")]
+    assert d.plc.status["ready"] is False
+    assert d.summary()["verdict_not_inspected"] == 2
+    d.stop("again")
+    assert len(d.plc.published) == 2
