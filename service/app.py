@@ -286,6 +286,10 @@ class Daemon:
             self._jobs.put_nowait(None)
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.plc is not None:  # PartIds the link announced that the stopped control loop never took
+            while (ev := self.plc.next_event(timeout=0)) is not None:
+                if ev.kind == "part" and self.book.announce(ev.part_id, ev.at):
+                    self.stats.parts += 1
         for p in self.book.drain():
             self._finish_claimed(p, Verdict.make_not_inspected(p.part_id, "shutdown", frame_id=p.frame_id))
         if self.plc is not None:

@@ -472,3 +472,16 @@ def test_stop_answers_open_parts_not_inspected_and_clears_ready(tmp_path):
     assert d.summary()["verdict_not_inspected"] == 2
     d.stop("again")
     assert len(d.plc.published) == 2
+
+
+def test_stop_also_answers_parts_the_link_announced_after_the_control_loop_ended(tmp_path):
+    """PartIds still waiting in the link's event queue at stop() get their NotInspected (shutdown) result too."""
+    d = make_daemon(tmp_path)
+    d._on_plc_event(part_event(91))
+    d.plc.events.put(PlcEvent("enable", 0.0, enable=True))
+    d.plc.events.put(part_event(92))
+    d.plc.events.put(part_event(91))  # already open: still one result
+    d.stop("test")
+    assert [(v.part_id, v.reason) for v in d.plc.published] == [(91, "shutdown"), (92, "shutdown")]
+    assert d.camera.triggers == [91]  # nothing is triggered during shutdown
+    assert d.summary()["parts"] == 2
