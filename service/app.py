@@ -577,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"valve-inspect: {exc}", file=sys.stderr)
         daemon.stop("fatal")
         return exc.exit_code
-    except ValveInspectError as exc:
-        log.error("start_failed", error=str(exc))
+    except (ValveInspectError, OSError) as exc:  # OSError: e.g. metrics.port already in use
+        log.error("start_failed", error=str(exc), kind=type(exc).__name__)
+        print(f"valve-inspect: {exc}", file=sys.stderr)
         daemon.stop("start_failed")
         return 1
     end = time.monotonic() + args.duration if args.duration else None

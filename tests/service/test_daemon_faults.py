@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -247,3 +248,23 @@ def test_model_hash_mismatch_exits_2_before_touching_the_line(tmp_path, line_fra
     assert not any(k in line for line in events for k in ('"camera_connected"', '"plc_link_up"', '"metrics_serving"',
                                                           '"daemon_started"')), proc.stdout[-2000:]
     assert any('"fatal"' in line and "ModelHashMismatch" in line for line in events), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_metrics_port_in_use_exits_1_with_a_message_not_a_traceback(tmp_path, line_frames: LineFrames,  # noqa: F811
+                                                                     inspection_model: ModelUnderTest):  # noqa: F811
+    """A metrics.port that is already taken makes `run` exit 1 naming the port and the keys to change, without a
+    traceback and before it connects to the PLC."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy, LinePlc() as plc:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port, metrics_port=port,
+                            model=inspection_model.config_value)
+        proc = run_cli("run", "--config", str(cfg), timeout=60)
+        clients = plc.clients_added
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "metrics.port" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert clients == 0
+    assert '"start_failed"' in proc.stdout and '"daemon_stopped"' in proc.stdout
