@@ -365,3 +365,6 @@ def split_samples(data: SampleSet, fraction: float, seed: int, grouped: bool = T
     groups = [s.group for s in data.samples] if grouped else None
     keep, held = stratified_split(data.labels, fraction, seed, groups)
     return [data.samples[i] for i in keep], [data.samples[i] for i in held]
+
+
+import models.real_data  # noqa: E402,F401  -- registers the kolektorsdd and magnetic-tile formats
