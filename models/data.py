@@ -193,15 +193,19 @@ def load_folders(root: Path) -> SampleSet:
 # pixels
 
 
-def to_input_size(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
-    """The resize policy: (H, W) -> (size, size). Images use INTER_AREA, masks INTER_NEAREST.
+#: how train, evaluate (and whoever feeds the exported graph) bring an image to S x S; recorded in runs
+INPUT_POLICY = "letterbox"
 
-    A plain resize (the aspect ratio is not kept); an image already size x size is returned as is.
+
+def to_input_size(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
+    """The input policy: (H, W) -> (size, size) by :func:`models.real_data.letterbox`: the long side
+    becomes S (aspect kept), centred, padded with 0. Images use INTER_AREA, masks INTER_NEAREST.
+
+    A square image is a plain resize; an image already size x size is returned as is.
     """
     if image.shape[:2] == (size, size):
         return image
-    interp = cv2.INTER_NEAREST if mask else cv2.INTER_AREA
-    return cv2.resize(image, (size, size), interpolation=interp)
+    return models.real_data.letterbox(image, size, mask=mask)  # bound by the import at the end
 
 
 def _imread_gray(path: Path) -> np.ndarray | None:

@@ -38,6 +38,7 @@ from models.checkpoint import load as load_model
 from models.checkpoint import read_metadata, resolve_weights
 from models.data import (
     FORMATS,
+    INPUT_POLICY,
     DataError,
     Sample,
     SampleSet,
@@ -251,7 +252,7 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
         "data": {"path": str(data_root.resolve()), "format": fmt,
                  "classes_in_data": [c for k, c in enumerate(classes) if k in present],
                  "images": len(data.samples), "evaluated": len(samples), "limit": limit,
-                 "counts": data.counts(samples)},
+                 "counts": data.counts(samples), "input_policy": INPUT_POLICY},
         "saliency": method,
         "device": device,
         "classification": cls_metrics,

@@ -61,7 +61,16 @@ from models.checkpoint import (
     save_train_state,
     save_weights,
 )
-from models.data import FORMATS, Augment, DataError, ImageDataset, SampleSet, load_samples, split_samples
+from models.data import (
+    FORMATS,
+    INPUT_POLICY,
+    Augment,
+    DataError,
+    ImageDataset,
+    SampleSet,
+    load_samples,
+    split_samples,
+)
 from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
 
 PROG = "valve-model train"
@@ -393,7 +402,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             },
             "data": {"format": config.format, "path": str(Path(config.data).resolve()),
                      "classes": list(data.classes), "counts": counts, "split_seed": config.seed,
-                     "val_fraction": config.val_fraction, "grouped_split": True},
+                     "val_fraction": config.val_fraction, "grouped_split": True,
+                     "input_policy": INPUT_POLICY},
         }
         write_json(out / CONFIG_NAME, run_config)
         write_json(out / SPLIT_NAME, split)

@@ -140,12 +140,16 @@ def test_remap_classes_by_name_and_unknown_class_error(tmp_path):
         remap_classes(load_samples(tmp_path / "b"), ("good", "dirt"))
 
 
-def test_resize_policy_area_for_images_nearest_for_masks(tmp_path):
-    """Images not S x S are resized to S x S; masks stay binary (nearest neighbour)."""
+def test_resize_policy_letterbox_for_images_nearest_for_masks(tmp_path):
+    """Non-square images are letterboxed to S x S (aspect kept, zero padding); square ones resized; masks binary."""
     img = np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1))  # 32 x 64, non-square
     out = to_input_size(img, 16)
     assert out.shape == (16, 16) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, cv2.resize(img, (16, 16), interpolation=cv2.INTER_AREA))
+    inner = cv2.resize(img, (16, 8), interpolation=cv2.INTER_AREA)  # long side 16, aspect 2:1 kept
+    np.testing.assert_array_equal(out[4:12], inner)
+    assert not out[:4].any() and not out[12:].any()  # zero padding above and below
+    sq = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
+    np.testing.assert_array_equal(to_input_size(sq, 16), cv2.resize(sq, (16, 16), interpolation=cv2.INTER_AREA))
     assert to_input_size(out, 16) is out
     m = np.zeros((30, 30), np.uint8)
     m[5:20, 5:20] = 255
