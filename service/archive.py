@@ -38,11 +38,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import structlog
 
+from service.logs import get_logger
 from service.records import VERDICT_LABELS, Verdict
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_LABELS = ("reject", "not_inspected")
 FRAME_SUFFIX = ".png"

@@ -42,12 +42,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import structlog
 
 from service.errors import ConfigError, GpuRequiredError, ModelContractError, ModelError, ModelHashMismatch
+from service.logs import get_logger
 from service.records import Prediction
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 INPUT_NAME = "slices"
 INPUT_DTYPE = "uint8"

@@ -30,13 +30,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import structlog
 from snap7 import util as s7util
 
 from service.errors import ConfigError, PlcLinkError
+from service.logs import get_logger
 from service.records import Verdict
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # The interface table

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from snap7.server import EVC_DATA_WRITE, Server
 from snap7.type import SrvArea
 
 from service.errors import ConfigError
+from service.logs import get_logger
 from service.plc import (
     DB_SIZE,
     DEFAULT_DB,
@@ -58,7 +58,7 @@ from service.plc import (
     wrap_int,
 )
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 MANIFEST_CLASSES = ("good", "dirt", "scratch", "ec")
 
