@@ -17,13 +17,45 @@ Design:
   (GrabTimeout) or the camera was lost (CameraRemoved / CameraError). A failure carries the
   ``part_id`` it was for, when known, so the application reports that part NotInspected.
 * ``Frame.frame_id`` is the buffer's BlockID as the device numbers it (GigE: 1..65535 then wraps;
-  USB and the emulator start at 0; it restarts after a reconnect). Where the transport has no
-  BlockID (pylon reports 2**64-1) it is our own count of buffers since start().
-* ``Frame.part_id``: with the software trigger, trigger(part_id) queues the PartId and the next
-  buffer (good or failed) takes it, first in, first out; a trigger whose frame has not arrived
-  after ``grab_timeout_ms`` becomes a GrabTimeout failure for that part. With the hardware trigger
-  and free-run, part_id is None: the application pairs frames with PartIds.
-* Timeouts: software trigger, a triggered frame missing after grab_timeout_ms; free-run, no frame
+  USB and the emulator start at 0; it restarts after a reconnect, on the emulator after a
+  resynchronisation too). Where the transport has no BlockID (pylon reports 2**64-1) it is our own
+  count of buffers since start().
+* ``Frame.part_id``: with the software trigger, trigger(part_id) tags the buffer that trigger
+  produced (see "Pairing" below); a trigger whose frame has not arrived after ``grab_timeout_ms``
+  becomes a GrabTimeout failure for that part. With the hardware trigger and free-run, part_id is
+  None: the application pairs frames with PartIds.
+* Pairing (software trigger). Guarantee: a Frame or GrabFailure carries a part_id only when it is
+  the buffer that part's own trigger produced. Where that cannot be established the buffer is
+  discarded and the part gets a failure (NotInspected); a buffer is never given to another part.
+  Each trigger gets a sequence number within the current stream (a stream starts when the device
+  is connected and at each resynchronisation). The first buffer of a stream belongs to the stream's
+  first trigger and anchors the camera's frame counter (BlockID: it counts every frame the camera
+  sends, failed buffers included); a later buffer belongs to the anchor's trigger plus the
+  counter's advance (GigE's 16-bit BlockID wraps 65535 -> 1). Then:
+  - a buffer whose trigger already timed out (it came late) is discarded, logged
+    (camera_late_frame_discarded) and counted (``late_frames_discarded``); the next part's buffer
+    is still its own, so one late frame costs exactly one part (its own, already NotInspected);
+  - triggers the counter skipped (frames lost without even a failed buffer) become GrabFailed
+    failures for their parts (``frames_lost``; valve_inspect_camera_failed_buffers_total too);
+  - a buffer no trigger accounts for (none waiting, the counter went back or past the last
+    trigger, a counted stream without BlockID) is discarded (``unmatched_frames_discarded``) and
+    the stream is resynchronised.
+  Resynchronisation (``resyncs``): StopGrabbing, which executes AcquisitionStop and cancels and
+  frees every queued buffer, then StartGrabbing. It is done where the counter cannot tell a late
+  buffer from the next one: a trigger timed out before the stream's first buffer arrived, or the
+  transport has no BlockID (pylon reports 2**64-1; buffers are then paired first in, first out,
+  which is exact only while no trigger of the stream has failed), or pylon failed inside the
+  software trigger (whether it fired is unknown). Every trigger still waiting then becomes a
+  failure for its part, trigger() raises CameraError until the new stream runs, and later parts are
+  unaffected. A trigger refused as not ready (GrabTimeout from trigger()) never fired and leaves
+  no trace in the count. Measured on the emulator: BlockID starts at 0 and counts +1 per frame,
+  failed buffers included; it restarts at 0 after StopGrabbing/StartGrabbing (so does the image
+  replay) but not after AcquisitionStop/Start; a buffer triggered before StopGrabbing is never
+  delivered after it. Assumptions: each trigger yields at most one buffer (no frame bursts), in
+  trigger order; nothing of a stopped stream is delivered after StartGrabbing; the first frame of a
+  stream is not lost without trace (no counter to show it yet).
+* Timeouts: software trigger, a frame missing grab_timeout_ms after its trigger fired (the wait
+  for trigger readiness is trigger()'s own, with the same limit); free-run, no frame
   for grab_timeout_ms; hardware trigger, none (an idle line is normal). Three timeouts in a row
   are treated as a lost camera.
 * Lost camera: device removal (IsCameraDeviceRemoved, e.g. a cable pulled or a GigE heartbeat
@@ -47,6 +79,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import difflib
+import math
 import os
 import queue
 import threading
@@ -104,8 +137,9 @@ class GrabFailure:
     """A grab that gave no usable image; the part it was for (if known) cannot be inspected.
 
     Args:
-        error: GrabFailed (failed buffer), GrabTimeout (frame missing), CameraRemoved / CameraError
-            (the camera was lost); str(error) is the reason.
+        error: GrabFailed (failed buffer, or a frame the camera's frame counter shows was lost),
+            GrabTimeout (frame missing), CameraRemoved / CameraError (the camera was lost, or the
+            stream was resynchronised before the frame could be placed); str(error) is the reason.
         arrival: time.monotonic() when the failure was noticed.
         frame_id: the failed buffer's frame id (failed buffers only).
         part_id: the PartId given to trigger(), when known.
@@ -155,7 +189,8 @@ class Device(Protocol):
     info: dict[str, str]
 
     def retrieve(self, timeout_ms: int) -> RawGrab | None: ...  # None: nothing within timeout_ms
-    def trigger(self, timeout_ms: int) -> None: ...
+    def trigger(self, timeout_ms: int) -> None: ...  # GrabTimeout: not ready, did not fire
+    def resync(self) -> None: ...  # stop the stream (queued buffers discarded), start a new one
     def is_removed(self) -> bool: ...
     def get_feature(self, name: str) -> Any: ...
     def set_feature(self, name: str, value: Any) -> None: ...
@@ -411,6 +446,15 @@ class PylonDevice:
         except self._genicam.GenericException as exc:
             raise CameraError(f"software trigger failed: {_short(exc)}") from None
 
+    def resync(self) -> None:
+        """StopGrabbing (AcquisitionStop; queued and in-transfer buffers are cancelled and freed), StartGrabbing."""
+        pylon = self._pylon
+        try:
+            self.cam.StopGrabbing()
+            self.cam.StartGrabbing(pylon.GrabStrategy_OneByOne, pylon.GrabLoop_ProvidedByUser)
+        except self._genicam.GenericException as exc:
+            raise CameraError(f"cannot restart grabbing: {_short(exc)}") from None
+
     def is_removed(self) -> bool:
         return bool(self.cam.IsCameraDeviceRemoved())
 
@@ -440,12 +484,28 @@ class PylonDevice:
 
 
 class _Pending:
-    """One software trigger waiting for its buffer (compared by identity)."""
+    """One software trigger waiting for its buffer: its PartId, its number in the stream, when trigger() was
+    called (t) and when the trigger had fired (``fired``, infinite until then: it cannot time out before)."""
 
-    __slots__ = ("part_id", "t")
+    __slots__ = ("fired", "part_id", "seq", "t")
 
-    def __init__(self, part_id: int | None, t: float) -> None:
-        self.part_id, self.t = part_id, t
+    def __init__(self, part_id: int | None, t: float, seq: int) -> None:
+        self.part_id, self.t, self.seq = part_id, t, seq
+        self.fired = math.inf
+
+
+#: How many timed-out triggers of a stream are remembered, to name the part in the late-frame log line.
+_EXPIRED_KEPT = 64
+_GIGE_BLOCK_MAX = 0xFFFF
+
+
+def _advance(prev: int, cur: int) -> int | None:
+    """Frames counted from BlockID ``prev`` to ``cur``; None when the counter went back (it restarted)."""
+    if cur >= prev:
+        return cur - prev
+    if prev <= _GIGE_BLOCK_MAX and cur >= 1:  # GigE Vision's 16-bit block_id: 65535 -> 1 (0 is not used)
+        return cur + _GIGE_BLOCK_MAX - prev
+    return None
 
 
 class Camera:
@@ -485,8 +545,16 @@ class Camera:
         self._last_frame_t: float | None = None
         self._connected_t = 0.0
         self._timeouts_in_row = 0
+        # The current stream (software trigger): next trigger number, the (BlockID, trigger number) of the
+        # last buffer placed, timed-out trigger numbers -> PartId, and why it must be resynchronised (if so).
+        self._seq_next = 0
+        self._anchor: tuple[int, int] | None = None
+        self._expired: dict[int, int | None] = {}
+        self._resync_reason: str | None = None  # written under _pending_lock
         self._stats = {"frames": 0, "failed_buffers": 0, "timeouts": 0, "dropped": 0, "triggers": 0,
-                       "disconnects": 0, "reconnect_attempts": 0, "reconnects": 0, "callback_errors": 0}
+                       "late_frames_discarded": 0, "unmatched_frames_discarded": 0, "frames_lost": 0,
+                       "resyncs": 0, "disconnects": 0, "reconnect_attempts": 0, "reconnects": 0,
+                       "callback_errors": 0}
         self._last_frame_id: int | None = None
         self._last_error = ""
         self._set_connected_metric(False)
@@ -563,12 +631,14 @@ class Camera:
     def trigger(self, part_id: int | None = None, timeout_s: float | None = None) -> None:
         """Software trigger: wait until the camera is ready (WaitForFrameTriggerReady), then fire.
 
-        The resulting Frame (or GrabFailure) carries ``part_id``.
+        The resulting Frame (or GrabFailure) carries ``part_id``; when this call raises, no event
+        for ``part_id`` follows.
 
         Raises:
             CameraRemoved: the camera is not connected (reconnecting).
-            GrabTimeout: not ready for a trigger within timeout_s (default grab_timeout_ms).
-            CameraError: pylon refused the trigger.
+            GrabTimeout: not ready for a trigger within timeout_s (default grab_timeout_ms); not fired.
+            CameraError: pylon refused the trigger (the stream is then resynchronised: it may have
+                fired), or the stream is being resynchronised.
             RuntimeError: camera.trigger is not "software".
         """
         if self.settings.trigger != "software":
@@ -578,17 +648,28 @@ class Camera:
             dev = self._device
             if dev is None:
                 raise CameraRemoved(f"camera not connected (reconnecting): part {part_id} cannot be grabbed")
-            entry = _Pending(part_id, time.monotonic())
-            with self._pending_lock:
+            with self._pending_lock:  # in the queue before it fires: its buffer always finds it
+                if self._resync_reason is not None:
+                    raise CameraError(f"camera stream being resynchronised ({self._resync_reason}): part "
+                                      f"{part_id} cannot be grabbed")
+                entry = _Pending(part_id, time.monotonic(), self._seq_next)
+                self._seq_next += 1
                 self._pending.append(entry)
             try:
                 dev.trigger(timeout_ms)
             except Exception as exc:
-                with self._pending_lock, contextlib.suppress(ValueError):
-                    self._pending.remove(entry)
+                with self._pending_lock:
+                    placed = entry not in self._pending  # a buffer took it already (an untriggered frame)
+                    with contextlib.suppress(ValueError):
+                        self._pending.remove(entry)
+                    if isinstance(exc, GrabTimeout) and not placed and self._seq_next == entry.seq + 1:
+                        self._seq_next -= 1  # not ready: it never fired, so the camera counts no frame for it
+                    elif self._resync_reason is None:
+                        self._resync_reason = f"software trigger of part {part_id} failed: {exc}"
                 if isinstance(exc, CameraError):
                     raise
                 raise CameraError(f"software trigger failed: {exc}") from exc
+            entry.fired = time.monotonic()
             self._stats["triggers"] += 1
 
     def get(self, timeout: float | None = None) -> CameraEvent | None:
@@ -638,6 +719,8 @@ class Camera:
                 if self._stop.is_set():  # close() came while we were opening
                     dev.close()
                     return
+                with self._pending_lock:
+                    self._new_stream()
                 self._device = dev
         self._info = dict(getattr(dev, "info", {}))
         self._connected_t = time.monotonic()
@@ -674,6 +757,9 @@ class Camera:
                     self._last_error = f"{type(exc).__name__}: {exc}"
                     log.exception("camera_reconnect_failed", attempts=self._stats["reconnect_attempts"])
                 continue
+            if self._resync_reason is not None:
+                self._resync(dev, self._resync_reason)
+                continue
             try:
                 grab = dev.retrieve(self._poll_ms)
             except Exception as exc:
@@ -698,10 +784,16 @@ class Camera:
             return
         limit = self.settings.grab_timeout_ms / 1000.0
         missing: list[int | None] = []
+        counted = True
         if self.settings.trigger == "software":
             with self._pending_lock:
-                while self._pending and now - self._pending[0].t > limit:
-                    missing.append(self._pending.popleft().part_id)
+                while self._pending and now - self._pending[0].fired > limit:
+                    entry = self._pending.popleft()
+                    missing.append(entry.part_id)
+                    self._expired[entry.seq] = entry.part_id
+                    if len(self._expired) > _EXPIRED_KEPT:
+                        del self._expired[next(iter(self._expired))]
+                counted = self._anchor is not None
         elif self.settings.trigger == "free-run":
             since = self._last_frame_t if self._last_frame_t is not None else self._connected_t
             if now - since > limit:
@@ -721,18 +813,39 @@ class Camera:
             self._emit(GrabFailure(error=err, arrival=now, part_id=part_id))
         if self._timeouts_in_row >= TIMEOUTS_BEFORE_RECONNECT:
             self._lose(dev, f"{self._timeouts_in_row} grab timeouts in a row", False)
+        elif not counted:  # the late buffer, if it comes, could not be told from the next part's
+            self._resync(dev, f"grab timeout of part {missing[-1]} with no frame counter to pair by")
 
     def _deliver(self, grab: RawGrab, now: float) -> None:
         self._timeouts_in_row = 0
         self._last_frame_t = now
-        entry: _Pending | None = None
-        if self.settings.trigger == "software":
-            with self._pending_lock:
-                entry = self._pending.popleft() if self._pending else None
-        part_id = entry.part_id if entry is not None else None
         frame_id = grab.block_id if grab.block_id != _NO_BLOCK_ID else self._own_count
         self._own_count += 1
         self._last_frame_id = frame_id
+        entry: _Pending | None = None
+        if self.settings.trigger == "software":
+            with self._pending_lock:
+                outcome, entry, lost, late_part = self._place(grab.block_id)
+            for skipped in lost:
+                self._frame_lost(skipped, frame_id, now)
+            if outcome == "late":
+                self._stats["late_frames_discarded"] += 1
+                log.warning("camera_late_frame_discarded", frame_id=frame_id, part_id=late_part,
+                            timeout_ms=self.settings.grab_timeout_ms, ok=grab.ok,
+                            late_frames_discarded=self._stats["late_frames_discarded"],
+                            hint="the frame of a part already reported as a grab timeout came after "
+                                 "camera.grab_timeout_ms; if this repeats, raise grab_timeout_ms")
+                return
+            if outcome == "unmatched":
+                self._stats["unmatched_frames_discarded"] += 1
+                log.error("camera_unmatched_frame_discarded", frame_id=frame_id, ok=grab.ok,
+                          anchor=self._anchor, next_trigger=self._seq_next,
+                          unmatched_frames_discarded=self._stats["unmatched_frames_discarded"])
+                with self._pending_lock:
+                    if self._resync_reason is None:
+                        self._resync_reason = f"frame {frame_id} matches no software trigger"
+                return
+        part_id = entry.part_id if entry is not None else None
         if grab.ok and grab.image is not None:
             self._stats["frames"] += 1
             if entry is not None and self._metrics is not None:
@@ -751,6 +864,87 @@ class Camera:
         self._emit(GrabFailure(error=err, arrival=now, frame_id=frame_id, part_id=part_id,
                                error_code=grab.error_code))
 
+    def _place(self, block_id: int) -> tuple[str, _Pending | None, list[_Pending], int | None]:
+        """Which trigger produced this buffer (under _pending_lock).
+
+        Returns (outcome, entry, lost, late_part): outcome "match" (entry: its trigger, lost: the
+        earlier triggers the frame counter skipped), "late" (its trigger already timed out; late_part
+        is that part's id when still remembered) or "unmatched" (no trigger accounts for it).
+        """
+        if self._resync_reason is not None:  # a trigger of this stream may or may not have fired
+            return "unmatched", None, [], None
+        has_id = block_id != _NO_BLOCK_ID
+        if self._anchor is None:
+            # No trigger of this stream has timed out (that resynchronises while there is no anchor), so
+            # every earlier trigger got its buffer: this one is the oldest waiting trigger's.
+            if not self._pending:
+                return "unmatched", None, [], None
+            entry = self._pending.popleft()
+            if has_id:
+                self._anchor = (block_id, entry.seq)
+            return "match", entry, [], None
+        if not has_id:
+            return "unmatched", None, [], None
+        step = _advance(self._anchor[0], block_id)
+        if step is None:
+            return "unmatched", None, [], None
+        seq = self._anchor[1] + step
+        if seq >= self._seq_next:
+            return "unmatched", None, [], None
+        self._anchor = (block_id, seq)
+        lost: list[_Pending] = []
+        while self._pending and self._pending[0].seq < seq:
+            lost.append(self._pending.popleft())
+        if self._pending and self._pending[0].seq == seq:
+            return "match", self._pending.popleft(), lost, None
+        return "late", None, lost, self._expired.pop(seq, None)
+
+    def _frame_lost(self, entry: _Pending, frame_id: int, now: float) -> None:
+        self._stats["frames_lost"] += 1
+        if self._metrics is not None:
+            self._metrics.camera_failed_buffers.inc()
+        err = GrabFailed(f"frame lost: the camera's frame counter skipped it (frame {frame_id} arrived for a later "
+                         "trigger)")
+        log.warning("camera_frame_lost", part_id=entry.part_id, next_frame_id=frame_id,
+                    frames_lost=self._stats["frames_lost"])
+        self._emit(GrabFailure(error=err, arrival=now, part_id=entry.part_id))
+
+    def _new_stream(self) -> None:
+        """Forget the stream's trigger count and counter anchor (under _pending_lock, nothing pending)."""
+        self._seq_next = 0
+        self._anchor = None
+        self._expired.clear()
+
+    def _resync(self, dev: Device, reason: str) -> None:
+        """Restart the stream: fail every waiting trigger, discard every buffer of the old stream."""
+        t0 = time.monotonic()
+        error: Exception | None = None
+        with self._lock:  # no trigger fires meanwhile
+            if self._device is not dev:
+                return
+            with self._pending_lock:
+                stranded = [p.part_id for p in self._pending]
+                self._pending.clear()
+                self._new_stream()
+            try:
+                restart = getattr(dev, "resync", None)
+                if restart is None:
+                    raise CameraError("the device cannot restart its stream")
+                restart()
+            except Exception as exc:
+                error = exc
+            with self._pending_lock:
+                self._resync_reason = None
+        self._stats["resyncs"] += 1
+        log.warning("camera_resynchronised", reason=reason, failed_parts=stranded,
+                    seconds=round(time.monotonic() - t0, 3), resyncs=self._stats["resyncs"])
+        now = time.monotonic()
+        for part_id in stranded:
+            err = CameraError(f"frame cannot be attributed safely: the camera stream was resynchronised ({reason})")
+            self._emit(GrabFailure(error=err, arrival=now, part_id=part_id))
+        if error is not None:
+            self._lose(dev, f"resynchronisation failed: {error}", self._safe_removed(dev))
+
     def _lose(self, dev: Device, reason: str, removed: bool) -> None:
         with self._lock:
             if self._device is dev:
@@ -767,6 +961,7 @@ class Camera:
         with self._pending_lock:
             lost = [p.part_id for p in self._pending]
             self._pending.clear()
+            self._resync_reason = None  # the next device starts a new stream
         cls = CameraRemoved if removed else CameraError
         now = time.monotonic()
         for part_id in lost or [None]:

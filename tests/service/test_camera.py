@@ -14,7 +14,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from service.camera import Camera, GrabFailure, RawGrab, backoff_delays
+from service.camera import Camera, GrabFailure, PylonDevice, RawGrab, backoff_delays
 from service.config import CameraSettings
 from service.errors import CameraError, CameraRemoved, ConfigError, GrabFailed, GrabTimeout
 from service.metrics import Metrics
@@ -242,21 +242,47 @@ def test_missing_camera_is_a_camera_error_or_a_background_retry():
 # ----------------------------------------------------------------------------------------- test double
 
 
-class FakeDevice:
-    """A Device double: frames come from a deque; ``removed`` and ``deliver`` steer it."""
+NO_BLOCK_ID = 2**64 - 1
 
-    def __init__(self, deliver: bool = True) -> None:
+
+class FakeDevice:
+    """A Device double: frames come from a deque; ``removed``, ``deliver``, ``hold``, ``lose``, ``ready`` steer it.
+
+    A triggered frame's pixels hold the number of the trigger that fired it (``shots``), so a test sees whose
+    image a part got. ``block`` is the frame counter (BlockID; 2**64-1 without ``block_ids``). ``hold`` keeps
+    frames back (late) until release(); ``lose`` counts frames that the camera numbers but never delivers;
+    ``ready`` False refuses triggers (GrabTimeout, not fired); ``trigger_error`` fires, then raises CameraError;
+    resync() flushes everything queued and restarts the counter at 0, like the emulator.
+    """
+
+    def __init__(self, deliver: bool = True, block_ids: bool = True) -> None:
         self.info = {"model": "Fake", "serial": "F-1"}
         self.queue: deque[RawGrab] = deque()
+        self.held: deque[RawGrab] = deque()
         self.removed = False
         self.deliver = deliver
+        self.block_ids = block_ids
+        self.hold = False
+        self.lose = 0
+        self.ready = True
+        self.trigger_error = False
         self.closed = False
         self.block = 0
+        self.shots = 0
+        self.resyncs = 0
+
+    def _grab(self, tag: int) -> RawGrab:
+        grab = RawGrab(True, np.full((4, 4), tag % 256, np.uint8), self.block if self.block_ids else NO_BLOCK_ID)
+        self.block += 1
+        return grab
 
     def push(self, n: int = 1) -> None:
         for _ in range(n):
-            self.queue.append(RawGrab(True, np.full((4, 4), self.block % 256, np.uint8), self.block))
-            self.block += 1
+            self.queue.append(self._grab(self.block))
+
+    def release(self) -> None:
+        while self.held:
+            self.queue.append(self.held.popleft())
 
     def retrieve(self, timeout_ms):
         if self.queue:
@@ -265,8 +291,24 @@ class FakeDevice:
         return None
 
     def trigger(self, timeout_ms):
+        if not self.ready:
+            time.sleep(timeout_ms / 1000.0)  # like WaitForFrameTriggerReady
+            raise GrabTimeout("not ready for a trigger (test double)")
+        shot, self.shots = self.shots, self.shots + 1
         if self.deliver:
-            self.push()
+            grab = self._grab(shot)
+            if self.lose:
+                self.lose -= 1
+            else:
+                (self.held if self.hold or self.held else self.queue).append(grab)  # the stream keeps its order
+        if self.trigger_error:
+            raise CameraError("software trigger failed: lost the register write's answer (test double)")
+
+    def resync(self):
+        self.resyncs += 1
+        self.held.clear()
+        self.queue.clear()
+        self.block = 0
 
     def is_removed(self):
         return self.removed
@@ -287,9 +329,10 @@ class FakeDevice:
 class FlakyFactory:
     """Fails ``failures`` times with CameraError, then returns FakeDevices; records when it was called."""
 
-    def __init__(self, failures: int = 0, deliver: bool = True) -> None:
+    def __init__(self, failures: int = 0, deliver: bool = True, block_ids: bool = True) -> None:
         self.failures = failures
         self.deliver = deliver
+        self.block_ids = block_ids
         self.calls: list[float] = []
         self.devices: list[FakeDevice] = []
 
@@ -297,7 +340,7 @@ class FlakyFactory:
         self.calls.append(time.monotonic())
         if len(self.calls) <= self.failures:
             raise CameraError("no camera found (test double)")
-        dev = FakeDevice(self.deliver)
+        dev = FakeDevice(self.deliver, self.block_ids)
         self.devices.append(dev)
         return dev
 
@@ -403,6 +446,213 @@ def test_a_failing_callback_does_not_stop_grabbing():
             cam.get(0)
     finally:
         cam.close()
+
+
+# ------------------------------------------------------------------- pairing frames with software triggers
+
+
+def own_frame(ev, part: int, shot: int) -> bool:
+    """ev is a Frame for ``part`` carrying the image of the device's trigger number ``shot``."""
+    return isinstance(ev, Frame) and ev.part_id == part and int(ev.image[0, 0]) == shot % 256
+
+
+def test_late_frames_after_a_timeout_are_discarded_and_never_tagged_to_the_next_part():
+    """A frame arriving after its part's GrabTimeout is discarded and counted; every other part gets its own frame."""
+    factory = FlakyFactory()
+    cam = Camera(fake_settings(grab_timeout_ms=300), device_factory=factory, poll_ms=5).start(require_camera=True)
+    try:
+        dev = factory.devices[0]
+        with structlog.testing.capture_logs() as logs:
+            for part in range(1, 9):
+                late = part in (3, 6)  # their frames stay queued until the next part's trigger has fired
+                dev.hold = late
+                cam.trigger(part_id=part)
+                if late:
+                    ev = next_event(cam, 3.0)
+                    assert isinstance(ev, GrabFailure) and ev.kind == "timeout" and ev.part_id == part, ev
+                    continue
+                dev.release()  # the late frame (if any) comes first, then this part's own
+                ev = next_event(cam)
+                assert own_frame(ev, part, shot=part - 1), (part, ev)
+                assert ev.frame_id == part - 1
+        assert cam.get(timeout=0.05) is None
+        st = cam.stats()
+        assert st["late_frames_discarded"] == 2 and st["timeouts"] == 2 and st["frames"] == 6
+        assert st["resyncs"] == 0 and st["unmatched_frames_discarded"] == 0 and st["pending_triggers"] == 0
+        late_logs = [(e["part_id"], e["frame_id"]) for e in logs if e["event"] == "camera_late_frame_discarded"]
+        assert late_logs == [(3, 2), (6, 5)]
+    finally:
+        cam.close()
+
+
+def test_a_frame_the_counter_shows_lost_fails_its_part_and_the_next_part_keeps_its_own():
+    """A frame the camera numbered but never delivered is a GrabFailed for its part; the next part still gets its own."""
+    factory = FlakyFactory()
+    cam = Camera(fake_settings(), device_factory=factory, poll_ms=5).start(require_camera=True)
+    try:
+        dev = factory.devices[0]
+        cam.trigger(part_id=1)
+        assert own_frame(next_event(cam), 1, shot=0)
+        dev.hold, dev.lose = True, 1
+        cam.trigger(part_id=2)  # numbered 1 by the camera, lost on the way
+        cam.trigger(part_id=3)
+        dev.hold = False
+        dev.release()
+        lost, ev = next_event(cam), next_event(cam)
+        assert isinstance(lost, GrabFailure) and lost.kind == "failed_buffer" and lost.part_id == 2, lost
+        assert "frame lost" in lost.reason
+        assert own_frame(ev, 3, shot=2) and ev.frame_id == 2
+        cam.trigger(part_id=4)
+        assert own_frame(next_event(cam), 4, shot=3)
+        assert cam.stats()["frames_lost"] == 1 and cam.stats()["timeouts"] == 0
+    finally:
+        cam.close()
+
+
+@pytest.mark.parametrize("block_ids", [True, False], ids=["before-the-first-frame", "no-block-id"])
+def test_a_timeout_the_counter_cannot_place_resynchronises_the_stream(block_ids):
+    """A timeout with no frame counter to pair by restarts the stream: the late frame never surfaces, the part in
+    flight fails, later parts get their own frames."""
+    factory = FlakyFactory(block_ids=block_ids)
+    cam = Camera(fake_settings(grab_timeout_ms=600), device_factory=factory, poll_ms=5).start(require_camera=True)
+    try:
+        dev = factory.devices[0]
+        dev.hold = True
+        cam.trigger(part_id=1)
+        time.sleep(0.3)  # half way: part 1 times out while part 2 is still within its time
+        cam.trigger(part_id=2)  # in flight behind the late one: its frame cannot be told from part 1's
+        timeout, stranded = next_event(cam, 3.0), next_event(cam)
+        assert isinstance(timeout, GrabFailure) and timeout.kind == "timeout" and timeout.part_id == 1, timeout
+        assert isinstance(stranded, GrabFailure) and stranded.kind == "error" and stranded.part_id == 2, stranded
+        assert "resynchronised" in stranded.reason
+        assert dev.resyncs == 1 and not dev.held  # the stream restart flushed both frames
+        dev.hold = False
+        for part in (3, 4, 5):
+            cam.trigger(part_id=part)
+            ev = next_event(cam)
+            assert own_frame(ev, part, shot=part - 1) and ev.frame_id == part - 3, (part, ev)
+        assert cam.get(timeout=0.05) is None
+        st = cam.stats()
+        assert st["resyncs"] == 1 and st["timeouts"] == 1 and st["frames"] == 3
+        assert st["late_frames_discarded"] == 0 and st["unmatched_frames_discarded"] == 0
+    finally:
+        cam.close()
+
+
+def test_a_trigger_refused_as_not_ready_does_not_shift_the_pairing():
+    """A trigger that raised GrabTimeout (not ready, never fired) gives no event and leaves the count alone."""
+    factory = FlakyFactory()
+    cam = Camera(fake_settings(grab_timeout_ms=100), device_factory=factory, poll_ms=5).start(require_camera=True)
+    try:
+        dev = factory.devices[0]
+        cam.trigger(part_id=1)
+        assert own_frame(next_event(cam), 1, shot=0)
+        dev.ready = False
+        with pytest.raises(GrabTimeout, match="not ready"):
+            cam.trigger(part_id=2, timeout_s=0.3)  # waits longer than grab_timeout_ms: no GrabTimeout event meanwhile
+        dev.ready = True
+        for part, shot in ((3, 1), (4, 2)):
+            cam.trigger(part_id=part)
+            assert own_frame(next_event(cam), part, shot), part
+        st = cam.stats()
+        assert st["timeouts"] == 0 and st["resyncs"] == 0 and st["late_frames_discarded"] == 0
+    finally:
+        cam.close()
+
+
+def test_a_frame_no_trigger_accounts_for_or_an_uncertain_trigger_resynchronises_the_stream():
+    """An untriggered frame, or a trigger pylon failed inside, is never paired with a part: the stream restarts."""
+    factory = FlakyFactory()
+    cam = Camera(fake_settings(), device_factory=factory, poll_ms=5).start(require_camera=True)
+    try:
+        dev = factory.devices[0]
+        cam.trigger(part_id=1)
+        assert own_frame(next_event(cam), 1, shot=0)
+        dev.push()  # a frame nobody triggered
+        assert wait_until(lambda: dev.resyncs == 1), cam.stats()
+        assert cam.stats()["unmatched_frames_discarded"] == 1
+        cam.trigger(part_id=2)
+        assert own_frame(next_event(cam), 2, shot=1)
+        dev.hold, dev.trigger_error = True, True  # it fired, but pylon raised: its frame must not go to part 4
+        with pytest.raises(CameraError, match="software trigger failed"):
+            cam.trigger(part_id=3)
+        dev.hold, dev.trigger_error = False, False
+        assert wait_until(lambda: dev.resyncs == 2), cam.stats()
+        dev.release()  # nothing left: the restart flushed part 3's frame
+        cam.trigger(part_id=4)
+        assert own_frame(next_event(cam), 4, shot=3)
+        assert cam.get(timeout=0.05) is None and cam.stats()["resyncs"] == 2
+    finally:
+        cam.close()
+
+
+class HeldPylonDevice(PylonDevice):
+    """The emulator device; while ``holding`` the grab thread sees nothing, so buffers wait in pylon's queue."""
+
+    holding = False
+
+    def retrieve(self, timeout_ms):
+        if self.holding:
+            time.sleep(timeout_ms / 1000.0)
+            return None
+        return super().retrieve(timeout_ms)
+
+
+def held_camera(folder: Path) -> tuple[Camera, list[HeldPylonDevice]]:
+    devices: list[HeldPylonDevice] = []
+
+    def factory(s):
+        devices.append(HeldPylonDevice(s))
+        return devices[-1]
+
+    cam = Camera(settings(folder, grab_timeout_ms=800), device_factory=factory, poll_ms=20)
+    return cam.start(require_camera=True), devices
+
+
+def test_emulator_late_frame_is_discarded_and_the_next_part_gets_its_own_image(frames_dir):
+    """On the emulator, a frame left in pylon's queue past its part's timeout is discarded; the next parts get theirs."""
+    folder, images = frames_dir
+    cam, devices = held_camera(folder)
+    with cam:
+        cam.trigger(part_id=1)
+        first = next_event(cam)
+        assert isinstance(first, Frame) and np.array_equal(first.image, images[0])
+        devices[0].holding = True
+        cam.trigger(part_id=2)
+        timeout = next_event(cam, 3.0)
+        assert isinstance(timeout, GrabFailure) and timeout.kind == "timeout" and timeout.part_id == 2
+        assert devices[0].cam.NumReadyBuffers.Value == 1  # part 2's frame: late, waiting in pylon's queue
+        cam.trigger(part_id=3)
+        devices[0].holding = False
+        got = [next_event(cam), None]
+        cam.trigger(part_id=4)
+        got[1] = next_event(cam)
+        assert [(type(e).__name__, e.part_id) for e in got] == [("Frame", 3), ("Frame", 4)], got
+        assert np.array_equal(got[0].image, images[2]) and np.array_equal(got[1].image, images[0])
+        assert [e.frame_id - first.frame_id for e in got] == [2, 3]
+        st = cam.stats()
+        assert st["late_frames_discarded"] == 1 and st["resyncs"] == 0 and st["frames"] == 3
+
+
+def test_emulator_resync_flushes_a_late_frame_the_counter_cannot_place(frames_dir):
+    """On the emulator, a timeout before the stream's first frame restarts grabbing and the late frame never surfaces."""
+    folder, images = frames_dir
+    cam, devices = held_camera(folder)
+    with cam:
+        devices[0].holding = True
+        cam.trigger(part_id=1)
+        assert wait_until(lambda: devices[0].cam.NumReadyBuffers.Value == 1, 0.7)  # queued, not retrieved
+        timeout = next_event(cam, 3.0)
+        assert isinstance(timeout, GrabFailure) and timeout.kind == "timeout" and timeout.part_id == 1
+        assert wait_until(lambda: cam.stats()["resyncs"] == 1), cam.stats()
+        devices[0].holding = False
+        assert cam.get(timeout=0.3) is None  # StopGrabbing discarded it
+        cam.trigger(part_id=2)
+        frame = next_event(cam)
+        assert isinstance(frame, Frame) and frame.part_id == 2
+        assert frame.frame_id == 0 and np.array_equal(frame.image, images[0])  # a fresh stream: BlockID and replay
+        st = cam.stats()
+        assert st["late_frames_discarded"] == 0 and st["unmatched_frames_discarded"] == 0 and st["frames"] == 1
 
 
 def test_importing_the_camera_module_does_not_import_pypylon():
