@@ -89,12 +89,17 @@ class PartBook:
             return True
 
     def oldest_without_frame(self) -> int | None:
-        """Hardware trigger: the frame belongs to the oldest announced part still waiting for one."""
+        """The oldest announced part still waiting for its frame (diagnostics)."""
         with self._lock:
             for p in self._open.values():
                 if p.arrival is None:
                     return p.part_id
             return None
+
+    def waiting_for_frame(self, part_id: int) -> bool:
+        with self._lock:
+            p = self._open.get(part_id)
+            return p is not None and p.arrival is None
 
     def claim(self, part_id: int) -> _Part | None:
         with self._lock:
@@ -168,6 +173,7 @@ class DaemonStats:
     inspected: int = 0
     overflow: int = 0
     late_results: int = 0
+    unpaired_frames: int = 0
     verdicts: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "no_part": 0,
                                                                "not_inspected": 0})
 
@@ -195,6 +201,7 @@ class Daemon:
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self.book = PartBook(settings.pipeline.part_timeout_s)
         self._enabled = True
+        self._latest_part_id: int | None = None  # the last PartId the PLC announced (hardware trigger pairing)
         self._plc_link_ups = 0
         self._loop_beat = time.monotonic()
         self._worker_beat = time.monotonic()
@@ -366,6 +373,7 @@ class Daemon:
         if ev.kind != "part":
             return
         self._enabled = ev.enable
+        self._latest_part_id = ev.part_id
         self.stats.parts += 1
         if not self.book.announce(ev.part_id, ev.at):
             log.warning("duplicate_part_id", part_id=ev.part_id)
@@ -386,7 +394,16 @@ class Daemon:
         trigger = self.settings.camera.trigger
         part_id = ev.part_id
         if part_id is None and trigger == "hardware":
-            part_id = self.book.oldest_without_frame()
+            # The issue's rule: a hardware-triggered frame belongs to the PartId read at its arrival
+            # (the PLC writes PartId before it fires Line1). Only while that part still waits for a
+            # frame: a second frame for it, or one after it closed, is dropped, never re-paired.
+            latest = self._latest_part_id
+            if latest is None or not self.book.waiting_for_frame(latest):
+                self.stats.unpaired_frames += 1
+                log.warning("frame_without_waiting_part", frame_id=getattr(ev, "frame_id", None),
+                            latest_part_id=latest)
+                return
+            part_id = latest
         if not isinstance(ev, Frame):  # GrabFailure: that part cannot be inspected
             log.warning("grab_failed", part_id=part_id, kind=ev.kind, reason=ev.reason, frame_id=ev.frame_id)
             if part_id is not None:

@@ -377,17 +377,18 @@ def test_late_inspection_after_a_timeout_is_dropped_not_published(tmp_path, valv
     assert d.stats.late_results == 1 and d.book.late == 1
 
 
-def test_hardware_trigger_frames_go_to_the_oldest_waiting_part(tmp_path, valve_image):
-    """With the hardware trigger, no software trigger is fired and frames pair with PartIds in announcement order."""
+def test_hardware_trigger_frames_pair_with_the_part_id_read_at_arrival(tmp_path, valve_image):
+    """With the hardware trigger, no software trigger is fired and a frame pairs with the PartId read at its arrival."""
     d = make_daemon(tmp_path, camera={"source": "pylon", "images": "", "trigger": "hardware"})
     for pid in (51, 52):
         d._on_plc_event(part_event(pid))
     assert d.camera.triggers == []
-    d._on_camera_event(frame(valve_image, None, frame_id=1))
+    d._on_camera_event(frame(valve_image, None, frame_id=1))  # PartId 52 was the last one written
     d._on_camera_event(GrabFailure(error=GrabFailed("x"), arrival=time.monotonic(), frame_id=2))
-    assert [(v.part_id, v.reason) for v in d.plc.published] == [(52, "camera_failed_buffer")]
+    assert d.plc.published == [] and d.stats.unpaired_frames == 1  # 52 has its frame: nothing to pair with
     drain_worker(d)
-    assert [(v.part_id, v.frame_id) for v in d.plc.published][1] == (51, 1)
+    assert [(v.part_id, v.frame_id) for v in d.plc.published] == [(52, 1)]
+    assert d.book.waiting_for_frame(51)  # 51 never got a frame: it will time out as NotInspected
 
 
 def test_free_run_frames_are_inspected_and_counted_without_a_plc_result(tmp_path, valve_image):
@@ -485,3 +486,33 @@ def test_stop_also_answers_parts_the_link_announced_after_the_control_loop_ended
     assert [(v.part_id, v.reason) for v in d.plc.published] == [(91, "shutdown"), (92, "shutdown")]
     assert d.camera.triggers == [91]  # nothing is triggered during shutdown
     assert d.summary()["parts"] == 2
+
+
+def test_hardware_trigger_frame_pairs_with_the_part_id_read_at_arrival_only_while_it_waits():
+    """Hardware trigger: a frame goes to the latest announced PartId if it waits for a frame, else it is dropped."""
+    import types
+
+    from service.app import Daemon, PartBook
+
+    d = Daemon.__new__(Daemon)
+    d.settings = types.SimpleNamespace(camera=types.SimpleNamespace(trigger="hardware"),
+                                       pipeline=types.SimpleNamespace(queue_size=4))
+    d.book = PartBook(timeout_s=5.0)
+    from service.app import DaemonStats
+
+    d.stats = DaemonStats()
+    queued = []
+    d._jobs = types.SimpleNamespace(put_nowait=queued.append)
+    d._latest_part_id = None
+    frame = Frame(image=np.zeros((4, 4), np.uint8), frame_id=1, arrival=1.0)
+    d._on_camera_event(frame)  # nothing announced yet: dropped
+    assert queued == [] and d.stats.unpaired_frames == 1
+    d.book.announce(7, 0.5)
+    d._latest_part_id = 7
+    d._on_camera_event(frame)
+    assert [j.part_id for j in queued] == [7]
+    d._on_camera_event(Frame(image=frame.image, frame_id=2, arrival=1.1))  # a second frame for 7: dropped
+    assert len(queued) == 1 and d.stats.unpaired_frames == 2
+    d.book.claim(7)  # part 7 closed (e.g. timed out); its late frame must not go to anyone else
+    d._on_camera_event(Frame(image=frame.image, frame_id=3, arrival=1.2))
+    assert len(queued) == 1 and d.stats.unpaired_frames == 3
