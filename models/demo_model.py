@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--test-seed", type=int, default=2)
     p.add_argument("--mix", default=DEFAULT_MIX)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reuse", action="store_true", help="reuse frames/slices already in --work")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --work/run up to --epochs (bit-identical to training in one go)")
     p.add_argument("--no-ship", action="store_true", help="stop after export into --work")
     return p
 
@@ -91,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             if "unlabelled" in summary.get("counts", {}):
                 raise SystemExit(f"demo-model: {frames} gave unlabelled slices: its manifest.jsonl was not found")
             timings[f"slice_{name}_s"] = round(time.monotonic() - t0, 1)
+    if args.resume and not args.reuse:
+        raise SystemExit("demo-model: --resume needs --reuse (the run continues on the same slices)")
     train_counts = balance_good(work / "ds-train", seed=args.seed)
     print(f"[demo-model] training slices after balancing: {train_counts}", flush=True)
 
     run = work / "run"
     t0 = time.monotonic()
     train(TrainConfig(data=work / "ds-train", out=run, preset="compact", attention="iam", epochs=args.epochs,
-                      seed=args.seed, threads=args.threads, force=True,
+                      seed=args.seed, threads=args.threads, force=not args.resume, resume=args.resume,
                       command=["valve-model", "demo-model", *(argv if argv is not None else sys.argv[1:])]))
     timings["train_s"] = round(time.monotonic() - t0, 1)
 

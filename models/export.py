@@ -637,7 +637,9 @@ def build_metadata(model: IRACNN, onnx_path: Path, result: ExportResult, parity:
         "source": {"weights": str(weights.resolve()), "weights_sha256": sha256_file(weights)},
         "training": None if run_config is None else {
             "data": run_config.get("data"), "train": run_config.get("train")},
-        "evaluation": None if metrics is None else {"path": str(metrics_path), "metrics": metrics},
+        # the figures, not the PR curves' point lists (those stay in the report's metrics.json)
+        "evaluation": None if metrics is None else {
+            "path": str(metrics_path), "metrics": {k: v for k, v in metrics.items() if k != "pr_curves"}},
         "parity": parity,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # UTC, ISO 8601

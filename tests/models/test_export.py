@@ -83,7 +83,8 @@ def run_dir(tmp_path_factory):
     train = {"epochs": 30, "lr": 0.001, "batch_size": 32}
     (root / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "train": train, "data": data}))
     (root / "report").mkdir()
-    metrics = {"accuracy": 0.97, "per_class": {"dirt": {"f1": 0.95}}, "segmentation": {"dirt": {"iou": 0.61}}}
+    metrics = {"accuracy": 0.97, "per_class": {"dirt": {"f1": 0.95}}, "segmentation": {"dirt": {"iou": 0.61}},
+               "pr_curves": {"dirt": {"precision": [1.0, 0.5], "recall": [0.5, 1.0]}}}
     (root / "report" / "metrics.json").write_text(json.dumps(metrics))
     return root, model, data, train, metrics
 
@@ -190,7 +191,8 @@ def test_cli_writes_model_json_with_contract_fields_and_sha256(run_dir, tmp_path
     assert meta["model_config"] == cfg.to_dict()
     assert meta["opset"] == 17 and meta["exporter"] == "torchscript"
     assert meta["training"] == {"data": data, "train": train}
-    assert meta["evaluation"]["metrics"] == metrics
+    assert meta["evaluation"]["metrics"] == {k: v for k, v in metrics.items() if k != "pr_curves"}
+    assert "pr_curves" not in meta["evaluation"]["metrics"]  # point lists stay in the report, not model.json
     assert meta["evaluation"]["path"].endswith("report/metrics.json")
     p = meta["parity"]
     assert p["passed"] and p["logits_max_abs"] <= TOL and p["saliency_max_abs"] <= TOL
