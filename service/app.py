@@ -203,6 +203,7 @@ class Daemon:
         self._enabled = True
         self._latest_part_id: int | None = None  # the last PartId the PLC announced (hardware trigger pairing)
         self._plc_link_ups = 0
+        self._plc_drops_seen: dict[str, int] = {}
         self._loop_beat = time.monotonic()
         self._worker_beat = time.monotonic()
         self._worker_busy_since: float | None = None
@@ -302,6 +303,7 @@ class Daemon:
         if self.plc is not None:
             self.plc.set_status(ready=False)
             self.plc.stop(timeout=max(0.5, t0 + STOP_BUDGET_S - 1.0 - time.monotonic()))
+            self._sync_plc_drops()
         if self._pinger is not None:
             self._pinger.stop()
         if self.archive is not None:
@@ -351,10 +353,19 @@ class Daemon:
                 self._finish_claimed(p, Verdict.make_not_inspected(p.part_id, reason, frame_id=p.frame_id))
             if now - last_status >= 0.2:
                 last_status = now
+                self._sync_plc_drops()
                 cam_ok = bool(self.camera.connected)
                 self.metrics.set_plc_connected(self.plc.connected)
                 self.plc.set_status(ready=cam_ok and self._enabled and not self._stop.is_set(), camera_ok=cam_ok,
                                     fault=not cam_ok)
+
+    def _sync_plc_drops(self) -> None:
+        """Mirror the link's dropped-result counts (by reason) into valve_inspect_plc_results_dropped_total."""
+        for reason, n in self.plc.stats().get("dropped_by_reason", {}).items():
+            seen = self._plc_drops_seen.get(reason, 0)
+            if n > seen:
+                self.metrics.plc_results_dropped.labels(reason=reason).inc(n - seen)
+                self._plc_drops_seen[reason] = n
 
     def _on_plc_event(self, ev) -> None:
         if ev.kind == "enable":

@@ -101,6 +101,9 @@ class Metrics:
         self.plc_connected = Gauge("valve_inspect_plc_connected", "1 while the PLC link is up.", registry=r)
         self.plc_reconnects = Counter("valve_inspect_plc_reconnects", "Times the PLC link was re-established "
                                       "after it dropped.", registry=r)
+        self.plc_results_dropped = Counter("valve_inspect_plc_results_dropped", "Results the PLC link did not "
+                                           "write (link down, announced before a reconnect, ...): the PLC's "
+                                           "watchdog counts those parts as rejected.", ["reason"], registry=r)
         self.model_info = Info("valve_inspect_model", "The loaded model: sha256 of model.onnx, ONNX Runtime "
                                "provider in use, architecture preset.", registry=r)
         for verdict in VERDICT_LABELS:

@@ -94,6 +94,10 @@ def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_f
 
             assert metric(port, "valve_inspect_plc_connected") == 1.0
             assert metric(port, "valve_inspect_plc_reconnects_total") == 1.0
+            drops_metric = sum(metric(port, "valve_inspect_plc_results_dropped_total", reason=r) or 0.0
+                               for r in ("link_down", "stale_epoch"))
+            r4_written = any(r.part_id == 4 and r.t < dropped_at for r in plc.recorded()[0])
+            assert drops_metric == (0.0 if r4_written else 1.0), d.tail()  # part 4's result, if it was dropped
             missed = d.named("plc_parts_missed_while_down")
             assert missed and missed[0]["last_seen"] == 4 and missed[0]["current"] == 5, d.tail()
             rc, _ = d.terminate(timeout=10.0)
