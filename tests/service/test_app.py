@@ -43,6 +43,10 @@ class FakePlc:
         self.connected = True
         self.stopped = False
         self.touched = 0
+        self.dropped_by_reason: dict[str, int] = {}
+
+    def stats(self) -> dict:
+        return {"dropped_by_reason": dict(self.dropped_by_reason)}
 
     def publish(self, verdict, arrival=None) -> bool:
         self.published.append(verdict)
@@ -516,3 +520,16 @@ def test_hardware_trigger_frame_pairs_with_the_part_id_read_at_arrival_only_whil
     d.book.claim(7)  # part 7 closed (e.g. timed out); its late frame must not go to anyone else
     d._on_camera_event(Frame(image=frame.image, frame_id=3, arrival=1.2))
     assert len(queued) == 1 and d.stats.unpaired_frames == 3
+
+
+def test_results_the_link_dropped_are_mirrored_into_the_metric_by_reason(tmp_path):
+    """Counts the PLC link drops (by reason) reach valve_inspect_plc_results_dropped_total once each."""
+    d = make_daemon(tmp_path)
+    d.plc.dropped_by_reason = {"link_down": 2}
+    d._sync_plc_drops()
+    d._sync_plc_drops()  # no double counting
+    d.plc.dropped_by_reason = {"link_down": 3, "stale_epoch": 1}
+    d._sync_plc_drops()
+    reg = d.metrics.registry
+    assert reg.get_sample_value("valve_inspect_plc_results_dropped_total", {"reason": "link_down"}) == 3.0
+    assert reg.get_sample_value("valve_inspect_plc_results_dropped_total", {"reason": "stale_epoch"}) == 1.0
