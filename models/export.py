@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -56,10 +55,9 @@ from torch import nn
 from models.checkpoint import resolve_weights
 from models.ira_cnn import IRACNN, ModelConfig, segmented_classes
 from models.saliency import saliency, scale_map, weighted_map
+from service.infer import INPUT_NAME, OUTPUT_NAMES, sha256_file  # the runtime owns the graph contract
+from service.infer import MODEL_FORMAT as FORMAT
 
-FORMAT = "valve-inspect/model/1"
-INPUT_NAME = "slices"
-OUTPUT_NAMES = ("logits", "probs", "saliency")
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
@@ -518,14 +516,6 @@ def format_parity(f: dict) -> str:
 
 
 # --------------------------------------------------------------------------- model.json
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:

@@ -40,8 +40,6 @@ from service.records import Frame, Verdict
 
 log = get_logger("service.app")
 
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
-                 "MIGraphXExecutionProvider", "DmlExecutionProvider")
 STOP_BUDGET_S = 8.0  # SIGTERM -> exit, inside systemd's 10 s
 
 
@@ -230,6 +228,8 @@ class Daemon:
         from service.decide import validate_thresholds
 
         self.thresholds = validate_thresholds(s.model.thresholds.model_dump(), self.model.classes)
+        from service.infer import GPU_PROVIDERS
+
         gpu = self.model.provider in GPU_PROVIDERS
         self.metrics.set_model_info(self.model.sha256, self.model.provider, self.model.preset)
         log.info("model_loaded", provider=self.model.provider, sha256=self.model.sha256, preset=self.model.preset,
