@@ -45,6 +45,45 @@ def balance_good(folder: Path, seed: int) -> dict[str, int]:
     return {k: len([p for p in (folder / k).glob("*.png") if not p.name.endswith("_mask.png")]) for k in counts}
 
 
+def part_level(frames: Path, model_path: Path) -> dict:
+    """Part verdicts on rendered frames through the runtime path (ROI -> ONNX -> Otsu -> decide, default
+    thresholds) against the manifest: what the PLC would see for each part."""
+    from collections import Counter
+
+    import cv2
+
+    from service.config import Thresholds
+    from service.decide import decide
+    from service.infer import InferenceModel
+    from service.roi import RoiParams, extract
+    from service.segment import masks_for
+
+    model = InferenceModel(model_path, providers=("CPUExecutionProvider",))
+    thresholds = Thresholds().model_dump()
+    rows = [json.loads(line) for line in (frames / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    outcomes: Counter[str] = Counter()
+    disposition = exact = own = escapes = defective = 0
+    for r in rows:
+        image = cv2.imread(str(frames / r["file"]), cv2.IMREAD_GRAYSCALE)
+        batch = extract(image, RoiParams())
+        pred = model.run(batch.slices)
+        v = decide(0, 0, pred, masks_for(pred.saliency, pred.predicted, model.segmented), thresholds,
+                   model.segmented, 0.0)
+        cls = r["class"]
+        got = "accept" if v.accept else ("+".join(v.defects) or v.label)
+        outcomes[f"{cls} -> {got}"] += 1
+        disposition += v.accept == (cls == "good")
+        exact += got == ("accept" if cls == "good" else cls)
+        if cls != "good":
+            defective += 1
+            own += cls in v.defects
+            escapes += v.accept
+    n = len(rows)
+    return {"parts": n, "accept_vs_reject": disposition, "exact_bits": exact, "defective": defective,
+            "own_reject_bit": own, "escapes": escapes, "outcomes": dict(sorted(outcomes.items())),
+            "thresholds": thresholds}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valve-model demo-model", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/demo-model", help="working directory for frames, slices, run, report")
@@ -61,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --work/run up to --epochs (bit-identical to training in one go)")
     p.add_argument("--no-ship", action="store_true", help="stop after export into --work")
+    p.add_argument("--part-level-only", action="store_true",
+                   help="only measure part verdicts of the exported model on the test frames")
     return p
 
 
@@ -75,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.part_level_only:
+        return _report_part_level(work)
     t_all = time.monotonic()
     timings: dict[str, float] = {}
     sets = {"train": (args.train_parts, args.train_seed), "test": (args.test_parts, args.test_seed)}
@@ -129,9 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("model.onnx", "model.json"):
             shutil.copy2(out_onnx.with_name(name), ship / name)
         print(f"[demo-model] shipped {ship / 'model.onnx'} and model.json", flush=True)
+    _report_part_level(work)
     acc = metrics.get("classification", metrics).get("accuracy")
     print(f"[demo-model] held-out accuracy {acc}; report {run / 'report' / 'report.md'}; "
           f"total {time.monotonic() - t_all:.0f} s; {timings}", flush=True)
+    return 0
+
+
+def _report_part_level(work: Path) -> int:
+    summary = part_level(work / "frames-test", work / "export" / "model.onnx")
+    out = work / "run" / "report" / "part_level.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"[demo-model] part level on {summary['parts']} held-out parts: accept-vs-reject "
+          f"{summary['accept_vs_reject']}, exact bits {summary['exact_bits']}, own Reject bit "
+          f"{summary['own_reject_bit']}/{summary['defective']}, escapes {summary['escapes']} -> {out}", flush=True)
     return 0
 
 
