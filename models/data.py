@@ -89,10 +89,12 @@ class SampleSet:
         return replace(self, samples=tuple(samples))
 
     def relpath(self, sample: Sample) -> str:
-        try:
-            return sample.path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(sample.path)
+        for path, root in ((sample.path, self.root), (sample.path.resolve(), Path(self.root).resolve())):
+            try:  # the second try: one of them was reached through a symbolic link
+                return path.relative_to(root).as_posix()
+            except ValueError:
+                pass
+        return str(sample.path)
 
 
 # ---------------------------------------------------------------------------------------------

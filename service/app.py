@@ -307,7 +307,7 @@ class Daemon:
         if self._pinger is not None:
             self._pinger.stop()
         if self.archive is not None:
-            self.archive.close(timeout=1.0)
+            self.archive.close(timeout=1.0, grace=2.0)  # the writer never outlives stop() mid-encode
         if self._own_sim and self._sim is not None:
             self._sim.stop()
         if self.http is not None:

@@ -209,6 +209,7 @@ class RejectArchive:
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._closed = False
+        self._abandon = threading.Event()  # set by close() after its timeout: drop what is still queued
         self._thread: threading.Thread | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -308,31 +309,44 @@ class RejectArchive:
                 self._idle.wait(remaining if remaining is None else min(remaining, 0.5))
             return True
 
-    def close(self, timeout: float | None = 30.0) -> bool:
-        """Write everything queued, then stop the writer; later submits are dropped. True when flushed."""
+    def close(self, timeout: float | None = 30.0, grace: float = 5.0) -> bool:
+        """Write what is queued within ``timeout``, then stop the writer; later submits are dropped.
+
+        Parts still queued after ``timeout`` are dropped (counted) and the writer is joined for up to
+        ``grace`` more seconds, the time to finish the write in progress: the writer thread never outlives
+        close() in the middle of an encode (a thread inside OpenCV at interpreter exit can abort the
+        process). True when everything queued was written.
+        """
         if self._closed:
             return self._pending == 0
         self._closed = True
         if self._thread is None:  # never started: start it so the queue is written
             self._thread = threading.Thread(target=self._worker, name="reject-archive", daemon=True)
             self._thread.start()
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
+        flushed = self.flush(timeout)
+        if not flushed:
+            self._abandon.set()  # the writer drops what is still queued after its current write
             log.warning("archive_close_timeout", pending=self._pending)
-            return False
-        self._thread.join(timeout)
+        while True:
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                if not self._thread.is_alive():
+                    break
+        self._thread.join(grace)
         if not self._thread.is_alive():  # a submit that raced with close() landed behind the stop marker
             while True:
                 try:
-                    self._queue.get_nowait()
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                self._done()
-                self._count("dropped")
-        ok = not self._thread.is_alive() and self._pending == 0
-        if not ok:
-            log.warning("archive_close_timeout", pending=self._pending)
+                if job is not _STOP:
+                    self._done()
+                    self._count("dropped")
+        else:
+            log.error("archive_writer_did_not_stop", grace_s=grace)
+        ok = flushed and not self._thread.is_alive() and self._pending == 0
         log.info("archive_closed", **self.stats())
         return ok
 
@@ -376,6 +390,10 @@ class RejectArchive:
             job = self._queue.get()
             if job is _STOP:
                 return
+            if self._abandon.is_set():  # close() ran out of time: drop, do not start another encode
+                self._done()
+                self._count("dropped")
+                continue
             try:
                 self.write(job.image, job.verdict, saliency=job.saliency, mask=job.mask, outlines=job.outlines,
                            meta=job.meta, timestamp=job.ts)

@@ -213,3 +213,25 @@ def test_background_writer_does_not_block_and_close_flushes(tmp_path, monkeypatc
     pngs = [n for n in files(tmp_path) if n.endswith("f56_reject-dirt-scratch.png")]
     assert len(pngs) == 4
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / pngs[0]), cv2.IMREAD_UNCHANGED), frame())
+
+
+def test_close_out_of_time_drops_the_queue_and_never_leaves_the_writer_running(tmp_path, monkeypatch):
+    """close() that runs out of time drops what is still queued (counted) and returns with the writer stopped."""
+    arch = RejectArchive(tmp_path, 10**8, queue_size=16)
+    started, release = threading.Event(), threading.Event()
+    real_write = arch.write
+
+    def slow_write(*args, **kwargs):
+        started.set()
+        release.wait(5.0)  # the encode in progress when close() gives up
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(arch, "write", slow_write)
+    for i in range(6):
+        assert arch.submit(frame(i), reject(part=i), timestamp=T0 + i)
+    assert started.wait(5.0)
+    threading.Timer(0.3, release.set).start()  # the current write finishes within close()'s grace
+    assert arch.close(timeout=0.1, grace=5.0) is False
+    st = arch.stats()
+    assert not arch._thread.is_alive()
+    assert st["pending"] == 0 and st["written"] == 1 and st["dropped"] == 5, st
