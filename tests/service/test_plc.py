@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import math
-import socket
 import struct
 import time
 
@@ -36,6 +35,7 @@ from service.plc import (
 )
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
+from tests.service.daemon_fixtures import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,21 +53,6 @@ SPEC = [
 ]
 
 VERDICT_BITS = ["accept", "reject_dirt", "reject_scratch", "reject_ec", "reject_unknown", "no_part", "not_inspected"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, step: float = 0.01) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def next_part(link: PlcLink, timeout: float = 2.0):

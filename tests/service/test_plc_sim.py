@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 import snap7
@@ -14,17 +13,9 @@ from service.errors import ConfigError
 from service.plc import DB_SIZE, RESULT_START, PlcLink, pack_result, unpack_inputs
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator, load_manifest, main
+from tests.service.daemon_fixtures import wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def wait_until(predicate, timeout: float, step: float = 0.01) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 @pytest.fixture
