@@ -75,7 +75,11 @@ MANAGED_FEATURES = {
 }
 
 _GENICAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+#: ONNX Runtime providers that run on a GPU (one list for config validation and service.infer).
+GPU_PROVIDERS = frozenset({
+    "CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider",
+    "ROCMExecutionProvider", "MIGraphXExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider",
+})
 
 
 def _field_error(key: str, message: str) -> ValueError:
@@ -253,8 +257,9 @@ class ModelSettings(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> ModelSettings:
-        if self.require_gpu and not any(p in _GPU_PROVIDERS for p in self.providers):
-            raise _field_error("require_gpu", f"true, but providers lists no GPU provider ({', '.join(_GPU_PROVIDERS)})")
+        if self.require_gpu and not any(p in GPU_PROVIDERS for p in self.providers):
+            raise _field_error("require_gpu", "true, but providers lists no GPU provider "
+                                              f"({', '.join(sorted(GPU_PROVIDERS))})")
         if self.path and not Path(self.path).is_file():
             raise _field_error("path", f"{self.path} is not a file (\"\" = the shipped demo model)")
         return self

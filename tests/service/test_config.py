@@ -262,3 +262,18 @@ def test_check_config_console_script(tmp_path):
     bad = subprocess.run([str(exe), "check-config", str(write(tmp_path, "[camera]\nwidht = 1\n"))],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "camera.widht" in bad.stderr
+
+
+def test_require_gpu_accepts_every_gpu_provider_the_runtime_knows(tmp_path):
+    """require_gpu validation and the inference session use one GPU provider list (ROCm passes, CPU-only fails)."""
+    from service.config import GPU_PROVIDERS
+    from service.infer import GPU_PROVIDERS as INFER_GPU
+
+    assert INFER_GPU is GPU_PROVIDERS
+    ok = tmp_path / "rocm.toml"
+    ok.write_text('[model]\nrequire_gpu = true\nproviders = ["ROCMExecutionProvider", "CPUExecutionProvider"]\n')
+    assert load_config(ok, env={}).model.require_gpu
+    bad = tmp_path / "cpu.toml"
+    bad.write_text('[model]\nrequire_gpu = true\nproviders = ["CPUExecutionProvider"]\n')
+    with pytest.raises(ConfigError, match="model.require_gpu"):
+        load_config(bad, env={})
