@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("service.config:main", "validate a TOML config and print the effective settings"),
     "synth": ("service.sim.synth:main", "render synthetic camera frames with ground truth"),
     "plc-sim": ("service.sim.plc_sim:main", "run the PLC simulator (a snap7 server playing the PLC side)"),
+    "bench": ("service.bench:main", "benchmark the whole daemon path at increasing part rates"),
 }
 
 

@@ -1,0 +1,265 @@
+"""``valve-inspect bench``: the whole daemon path at increasing part rates.
+
+For each rate the real Daemon runs in-process: the pylon camera emulator replaying the demo frames
+(service.app.demo_frames), the in-process PLC simulator (a real Snap7 server on a free 127.0.0.1 port,
+``rate`` parts/s, its own watchdog), the PLC link, ROI -> ONNX -> Otsu -> decide, results written back to
+the simulator. Metrics HTTP and the reject archive are off; the Metrics object has a fresh registry.
+No torch anywhere on this path.
+
+How each rate is measured:
+
+* The simulator starts with Enable = 0 (no parts). Once the daemon is up and its PLC link is connected,
+  Enable = 1 and parts flow; the first ``--warmup`` seconds are not counted.
+* The window: the parts the simulator creates during the next ``--seconds`` (by PartId; part i has
+  PartId i+1). After the window the line keeps running for the simulator's watchdog time (+0.5 s) so
+  that every window part is resolved, then the daemon is stopped (``Daemon.stop()``).
+* From the simulator's per-part outcomes (what the "PLC" saw) for the window parts:
+  produced, results (a result arrived before the watchdog), watchdog rejects (no result in time),
+  NotInspected results; inspected = results that are an inspection (Accept / Reject / NoPart).
+* overflow: the daemon's ``stats.overflow`` during the window (queue full -> NotInspected at once).
+* daemon_inspected: window parts the daemon itself finished with an inspection verdict (whether or not the
+  result reached the PLC before its watchdog); plc_late_results: results the simulator received after its
+  watchdog had already rejected the part (from the window start to the end of the drain; JSON only).
+* sustained parts/s = inspected / seconds.
+* Latencies are recorded per part by a Daemon subclass overriding ``_report`` (called once per result,
+  right after it was published to the PLC): part latency = frame arrival -> result written (announce ->
+  result for parts that never got a frame), and the worker's per-stage timings (roi, infer, segment).
+  p50/p99 are exact (numpy percentiles) over the window's parts.
+* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the rate (process peak so far, MiB).
+
+A rate "falls behind" when any window part got a watchdog reject, any overflow or NotInspected, or
+inspected < 95 % of produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.app import Daemon, demo_frames
+from service.errors import FatalError, ValveInspectError
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.records import Verdict
+
+DEFAULT_RATES = (4.0, 8.0, 12.0, 16.0, 20.0, 23.0)
+STAGES = ("roi", "infer", "segment")
+KEEP_UP_FRACTION = 0.95
+
+
+class BenchDaemon(Daemon):
+    """The Daemon, recording each result as it is reported: (part_id, label, reason, latency_s, timings)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[tuple[int, str, str, float | None, dict[str, float]]] = []
+        self._rec_lock = threading.Lock()
+
+    def _report(self, verdict: Verdict, frame, extras: dict | None, arrival: float | None) -> None:
+        latency = time.monotonic() - arrival if arrival is not None else None
+        timings = dict((extras or {}).get("timings", {}))
+        with self._rec_lock:
+            self.records.append((verdict.part_id, verdict.label, verdict.reason or "", latency, timings))
+        super()._report(verdict, frame, extras, arrival)
+
+
+def _quantiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    a = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def _peak_rss_mib() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1024.0
+
+
+def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None):
+    """Demo-default Settings for one bench run (no environment, no metrics HTTP, no archive)."""
+    from service.config import load_config
+
+    s = load_config(None, env={})
+    model_upd: dict[str, Any] = {}
+    if model:
+        model_upd["path"] = str(model)
+    if threads is not None:
+        model_upd["intra_op_threads"] = threads
+    return s.model_copy(update={
+        "camera": s.camera.model_copy(update={"source": "emulator", "images": images, "trigger": "software"}),
+        "plc": s.plc.model_copy(update={"mode": "simulated", "host": "127.0.0.1", "port": plc_port,
+                                        "sim_rate_hz": rate}),
+        "model": s.model.model_copy(update=model_upd),
+        "metrics": s.metrics.model_copy(update={"enabled": False}),
+        "archive": s.archive.model_copy(update={"enabled": False}),
+    })
+
+
+def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes: list[str],
+             model: str | None = None, threads: int | None = None, connect_timeout: float = 30.0) -> dict[str, Any]:
+    """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures."""
+    from prometheus_client import CollectorRegistry
+
+    from service.sim.plc_sim import PlcSimulator
+
+    probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads)
+    sim = PlcSimulator(host="127.0.0.1", port=0, db=probe.plc.db, rate=rate, watchdog_s=probe.plc.sim_watchdog_s,
+                       manifest=classes * 10_000, enable=False, report_every=0)
+    sim.start()
+    daemon: BenchDaemon | None = None
+    try:
+        settings = bench_settings(rate=rate, plc_port=sim.port, images=images, model=model, threads=threads)
+        daemon = BenchDaemon(settings, metrics=Metrics(CollectorRegistry()), plc_simulator=sim)
+        daemon.start()
+        end = time.monotonic() + connect_timeout
+        while not (daemon.plc.connected and daemon.camera.connected):
+            if time.monotonic() > end:
+                raise ValveInspectError(f"bench: the PLC link or the camera did not come up within "
+                                        f"{connect_timeout} s")
+            time.sleep(0.05)
+        sim.set_enable(True)
+        time.sleep(warmup)
+        st0 = sim.stats()
+        n0, overflow0, late0 = st0["parts"], daemon.stats.overflow, st0["late_results"]
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        n1, overflow1 = sim.stats()["parts"], daemon.stats.overflow
+        measured = time.monotonic() - t0
+        time.sleep(sim.watchdog_s + 0.5)  # every window part resolved (result or the PLC's watchdog)
+        late = sim.stats()["late_results"] - late0
+    finally:
+        if daemon is not None:
+            daemon.stop("bench")
+        sim.stop()
+
+    window = range(n0, n1)  # part indices; PartId = index + 1
+    outcomes = [o for o in list(sim.outcomes) if o.index in window]
+    produced = n1 - n0
+    watchdog = sum(1 for o in outcomes if o.got == "timeout")
+    results = sum(1 for o in outcomes if o.got != "timeout")
+    not_inspected = sum(1 for o in outcomes if o.got == "not_inspected")
+    inspected = results - not_inspected
+    scored = [o.correct for o in outcomes if o.correct is not None and o.got not in ("timeout", "not_inspected")]
+    ids = {i + 1 for i in window}
+    recs = [r for r in daemon.records if r[0] in ids]
+    lat_p50, lat_p99 = _quantiles([r[3] * 1e3 for r in recs if r[3] is not None and r[1] != "not_inspected"])
+    stages = {}
+    for st in STAGES:
+        p50, p99 = _quantiles([r[4][f"{st}_ms"] for r in recs if f"{st}_ms" in r[4]])
+        stages[st] = {"p50_ms": p50, "p99_ms": p99}
+    overflow = overflow1 - overflow0
+    daemon_inspected = sum(1 for r in recs if r[1] != "not_inspected")
+    reasons: dict[str, int] = {}
+    for r in recs:
+        if r[1] == "not_inspected":
+            reasons[r[2]] = reasons.get(r[2], 0) + 1
+    behind = bool(watchdog or overflow or not_inspected or inspected < KEEP_UP_FRACTION * produced)
+    return {
+        "rate": rate, "seconds": round(measured, 3), "produced": produced, "results": results,
+        "inspected": inspected, "watchdog_rejects": watchdog, "not_inspected": not_inspected,
+        "not_inspected_reasons": reasons, "overflow": overflow, "daemon_inspected": daemon_inspected,
+        "plc_late_results": late,
+        "sustained_parts_per_s": inspected / measured if measured > 0 else 0.0,
+        "latency_p50_ms": lat_p50, "latency_p99_ms": lat_p99, "stages": stages,
+        "accuracy": (sum(scored) / len(scored)) if scored else None,
+        "peak_rss_mib": round(_peak_rss_mib(), 1), "falls_behind": behind,
+        "provider": daemon.model.provider if daemon.model is not None else None,
+    }
+
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'rate/s':>6} {'made':>5} {'res':>5} {'insp':>5} {'wdog':>5} {'ovfl':>5} {'n/i':>5} {'sust/s':>7} "
+            f"{'lat50':>6} {'lat99':>6} {'roi50':>6} {'roi99':>6} {'inf50':>6} {'inf99':>6} {'seg50':>6} "
+            f"{'seg99':>6} {'rssMiB':>7}  verdict")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        st = r["stages"]
+        lines.append(
+            f"{r['rate']:>6g} {r['produced']:>5} {r['results']:>5} {r['inspected']:>5} {r['watchdog_rejects']:>5} "
+            f"{r['overflow']:>5} {r['not_inspected']:>5} {r['sustained_parts_per_s']:>7.2f} "
+            f"{_fmt(r['latency_p50_ms']):>6} {_fmt(r['latency_p99_ms']):>6} "
+            f"{_fmt(st['roi']['p50_ms']):>6} {_fmt(st['roi']['p99_ms']):>6} "
+            f"{_fmt(st['infer']['p50_ms']):>6} {_fmt(st['infer']['p99_ms']):>6} "
+            f"{_fmt(st['segment']['p50_ms']):>6} {_fmt(st['segment']['p99_ms']):>6} {r['peak_rss_mib']:>7.1f}  "
+            f"{'FALLS BEHIND' if r['falls_behind'] else 'keeps up'}")
+    lines.append("(latencies in ms: frame arrival -> result written, and per stage; wdog = PLC watchdog rejects, "
+                 "ovfl = queue overflow, n/i = NotInspected)")
+    return "\n".join(lines)
+
+
+def highest_sustained(rows: list[dict[str, Any]]) -> float | None:
+    ok = [r["rate"] for r in rows if not r["falls_behind"]]
+    return max(ok) if ok else None
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--rates {text!r}: comma-separated numbers, e.g. 4,8,12") from exc
+    if not rates or any(not 0 < r <= 1000 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rates {text!r}: each rate must be in (0, 1000] parts/s")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="valve-inspect bench",
+                                description="Benchmark the whole daemon path (pylon emulator -> ROI -> ONNX -> "
+                                            "Otsu -> verdict -> in-process PLC simulator) at increasing part rates.")
+    p.add_argument("--rates", type=_rates, default=list(DEFAULT_RATES),
+                   help="comma-separated part rates (parts/s), default %(default)s")
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per rate (default 15)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds per rate not counted (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="model.intra_op_threads (default: the config's)")
+    p.add_argument("--model", default=None, help="model.onnx (default: the shipped demo model)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all figures to OUT")
+    p.add_argument("--log-level", default="error", choices=("debug", "info", "warning", "error"),
+                   help="daemon log level during the bench (default error; logs go to stderr)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0:
+        print("valve-inspect bench: --seconds must be > 0 and --warmup >= 0", file=sys.stderr)
+        return 2
+    if args.model and not Path(args.model).is_file():
+        print(f"valve-inspect bench: --model {args.model} is not a file", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, "console", stream=sys.stderr)
+    frames, classes = demo_frames()
+    rows: list[dict[str, Any]] = []
+    for rate in args.rates:
+        print(f"bench: {rate:g} parts/s for {args.seconds:g} s (+{args.warmup:g} s warm-up)...", file=sys.stderr,
+              flush=True)
+        try:
+            rows.append(run_rate(rate, seconds=args.seconds, warmup=args.warmup, images=str(frames),
+                                 classes=classes, model=args.model, threads=args.threads))
+        except (FatalError, ValveInspectError, OSError) as exc:
+            print(f"valve-inspect bench: {exc}", file=sys.stderr)
+            return 1
+    print(format_table(rows))
+    best = highest_sustained(rows)
+    print(f"highest rate sustained: {'none' if best is None else f'{best:g} parts/s'}"
+          f" (provider {rows[0]['provider'] if rows else '-'})")
+    if args.json_out:
+        out = {"rates": rows, "highest_sustained_rate": best, "seconds": args.seconds, "warmup": args.warmup,
+               "threads": args.threads, "model": args.model, "keep_up_fraction": KEEP_UP_FRACTION}
+        Path(args.json_out).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
