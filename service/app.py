@@ -40,7 +40,8 @@ from service.records import Frame, Verdict
 
 log = get_logger("service.app")
 
-STOP_BUDGET_S = 8.0  # SIGTERM -> exit, inside systemd's 10 s
+STOP_BUDGET_S = 8.0
+DEMO_ARCHIVE_QUOTA_MB = 200  # the embedded demo (no --config) writes its rejects to ~/.cache  # SIGTERM -> exit, inside systemd's 10 s
 
 
 # ------------------------------------------------------------------------------------ part book
@@ -589,7 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         frames, classes = demo_frames(parts=args.demo_parts)
         settings = settings.model_copy(update={"camera": settings.camera.model_copy(update={"images": str(frames)})})
         demo_manifest = classes * 10_000  # the emulator replays the folder in a loop
-        log.info("demo_line", frames=str(frames), parts=len(classes))
+        if args.config is None and settings.archive.quota_mb > DEMO_ARCHIVE_QUOTA_MB:
+            # the demo rejects about half its parts (~3 MB each): keep its cache footprint small
+            settings = settings.model_copy(update={"archive": settings.archive.model_copy(
+                update={"quota_mb": DEMO_ARCHIVE_QUOTA_MB})})
+        log.info("demo_line", frames=str(frames), parts=len(classes), archive_quota_mb=settings.archive.quota_mb)
     daemon = Daemon(settings, demo_manifest=demo_manifest)
 
     def on_signal(signum, _frame):

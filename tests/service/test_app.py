@@ -533,3 +533,32 @@ def test_results_the_link_dropped_are_mirrored_into_the_metric_by_reason(tmp_pat
     reg = d.metrics.registry
     assert reg.get_sample_value("valve_inspect_plc_results_dropped_total", {"reason": "link_down"}) == 3.0
     assert reg.get_sample_value("valve_inspect_plc_results_dropped_total", {"reason": "stale_epoch"}) == 1.0
+
+
+def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
+    """Without --config the demo's reject archive quota is capped at DEMO_ARCHIVE_QUOTA_MB."""
+    import service.app as app
+
+    seen = {}
+
+    class StubDaemon:
+        def __init__(self, settings, demo_manifest=None):
+            seen["settings"], seen["manifest"] = settings, demo_manifest
+
+        def start(self):
+            raise app.FatalError("stop before touching the line")
+
+        def stop(self, reason):
+            seen["stopped"] = reason
+
+    monkeypatch.setattr(app, "Daemon", StubDaemon)
+    monkeypatch.setattr(app, "demo_frames", lambda parts: (tmp_path, ["good", "dirt"]))
+    monkeypatch.setattr(app, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(app.signal, "signal", lambda *a: None)
+    for key in [k for k in __import__("os").environ if k.startswith("VALVE_INSPECT_")]:
+        monkeypatch.delenv(key)
+    assert app.main([]) == 2
+    s = seen["settings"]
+    assert s.archive.quota_mb == app.DEMO_ARCHIVE_QUOTA_MB < 1024
+    assert s.camera.images == str(tmp_path) and seen["manifest"][:2] == ["good", "dirt"]
+    assert seen["stopped"] == "fatal"
