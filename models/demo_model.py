@@ -46,29 +46,29 @@ def balance_good(folder: Path, seed: int) -> dict[str, int]:
 
 
 def part_level(frames: Path, model_path: Path) -> dict:
-    """Part verdicts on rendered frames through the runtime path (ROI -> ONNX -> Otsu -> decide, default
+    """Part verdicts on rendered frames through the daemon's own pipeline (service.app.inspect_frame, default
     thresholds) against the manifest: what the PLC would see for each part."""
+    import time
     from collections import Counter
 
     import cv2
 
+    from service.app import inspect_frame
     from service.config import Thresholds
-    from service.decide import decide
     from service.infer import InferenceModel
-    from service.roi import RoiParams, extract
-    from service.segment import masks_for
+    from service.records import Frame
+    from service.roi import RoiParams
+    from service.sim.synth import read_manifest
 
     model = InferenceModel(model_path, providers=("CPUExecutionProvider",))
     thresholds = Thresholds().model_dump()
-    rows = [json.loads(line) for line in (frames / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_manifest(frames)
     outcomes: Counter[str] = Counter()
     disposition = exact = own = escapes = defective = 0
-    for r in rows:
+    for i, r in enumerate(rows):
         image = cv2.imread(str(frames / r["file"]), cv2.IMREAD_GRAYSCALE)
-        batch = extract(image, RoiParams())
-        pred = model.run(batch.slices)
-        v = decide(0, 0, pred, masks_for(pred.saliency, pred.predicted, model.segmented), thresholds,
-                   model.segmented, 0.0)
+        v, _ = inspect_frame(Frame(image=image, frame_id=i, arrival=time.monotonic()), i + 1, RoiParams(),
+                             model, thresholds)
         cls = r["class"]
         got = "accept" if v.accept else ("+".join(v.defects) or v.label)
         outcomes[f"{cls} -> {got}"] += 1

@@ -156,6 +156,45 @@ def plc_link_config(settings: Settings):
                          app_watchdog_s=max(2.0, p.heartbeat_timeout_s))
 
 
+def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dict[str, float],
+                  observe=None) -> tuple[Verdict, dict | None]:
+    """The inspection pipeline for one frame: ROI -> 8 slices -> ONNX -> Otsu -> decide.
+
+    The daemon's worker and the offline part-level evaluation (models.demo_model) both call this.
+    ``observe(stage, seconds)`` receives the roi / infer / segment times. A frame without an
+    inspectable valve gives NoPart (no extras); otherwise the extras carry the slice batch, the
+    prediction, the masks and the stage timings (what the archive draws).
+    """
+    from service.decide import decide
+    from service.roi import extract
+    from service.segment import masks_for
+
+    def note(stage: str, seconds: float) -> None:
+        if observe is not None:
+            observe(stage, seconds)
+
+    t0 = time.monotonic()
+    try:
+        batch = extract(frame.image, roi_params)
+    except NoPartError as exc:
+        note("roi", time.monotonic() - t0)
+        log.info("no_part", part_id=part_id, frame_id=frame.frame_id, reason=exc.reason, detail=str(exc))
+        ms = (time.monotonic() - frame.arrival) * 1000.0
+        return Verdict.make_no_part(part_id, exc.reason, frame_id=frame.frame_id, inspect_ms=ms), None
+    t1 = time.monotonic()
+    note("roi", t1 - t0)
+    pred = model.run(batch.slices)
+    t2 = time.monotonic()
+    note("infer", t2 - t1)
+    masks = masks_for(pred.saliency, pred.predicted, model.segmented)
+    t3 = time.monotonic()
+    note("segment", t3 - t2)
+    verdict = decide(part_id, frame.frame_id, pred, masks, thresholds, model.segmented,
+                     inspect_ms=(t3 - frame.arrival) * 1000.0)
+    timings = {"roi_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3}
+    return verdict, {"batch": batch, "pred": pred, "masks": masks, "timings": timings}
+
+
 # ------------------------------------------------------------------------------------ the daemon
 
 
@@ -467,31 +506,9 @@ class Daemon:
                 self._finish(job.part_id, verdict, frame=job.frame, extras=extras)
 
     def inspect(self, frame: Frame, part_id: int) -> tuple[Verdict, dict | None]:
-        """One frame -> its Verdict (and what the archive needs). Pure pipeline, no side effects."""
-        from service.decide import decide
-        from service.roi import extract
-        from service.segment import masks_for
-
-        t0 = time.monotonic()
-        try:
-            batch = extract(frame.image, self.roi_params)
-        except NoPartError as exc:
-            self.metrics.observe_stage("roi", time.monotonic() - t0)
-            log.info("no_part", part_id=part_id, frame_id=frame.frame_id, reason=exc.reason, detail=str(exc))
-            ms = (time.monotonic() - frame.arrival) * 1000.0
-            return Verdict.make_no_part(part_id, exc.reason, frame_id=frame.frame_id, inspect_ms=ms), None
-        t1 = time.monotonic()
-        self.metrics.observe_stage("roi", t1 - t0)
-        pred = self.model.run(batch.slices)
-        t2 = time.monotonic()
-        self.metrics.observe_stage("infer", t2 - t1)
-        masks = masks_for(pred.saliency, pred.predicted, self.model.segmented)
-        t3 = time.monotonic()
-        self.metrics.observe_stage("segment", t3 - t2)
-        verdict = decide(part_id, frame.frame_id, pred, masks, self.thresholds, self.model.segmented,
-                         inspect_ms=(t3 - frame.arrival) * 1000.0)
-        timings = {"roi_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3}
-        return verdict, {"batch": batch, "pred": pred, "masks": masks, "timings": timings}
+        """One frame -> its Verdict (and what the archive needs); stage times go to the metrics."""
+        return inspect_frame(frame, part_id, self.roi_params, self.model, self.thresholds,
+                             observe=self.metrics.observe_stage)
 
     # ------------------------------------------------------------------ results
 
@@ -539,8 +556,6 @@ class Daemon:
 
 def demo_frames(parts: int = 24, seed: int = 20261124) -> tuple[Path, list[str]]:
     """Synthetic frames for the embedded demo, rendered once into the cache directory."""
-    import json
-
     from service.sim.synth import write_dataset
 
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "valve-inspect" / "demo"
@@ -558,8 +573,9 @@ def demo_frames(parts: int = 24, seed: int = 20261124) -> tuple[Path, list[str]]
             shutil.rmtree(out)
         tmp.replace(out)
         log.info("demo_frames_ready", seconds=round(time.monotonic() - t0, 1), out=str(out))
-    classes = [json.loads(line)["class"] for line in manifest.read_text().splitlines() if line.strip()]
-    return out / "frames", classes
+    from service.sim.plc_sim import load_manifest
+
+    return out / "frames", load_manifest(manifest)
 
 
 # ------------------------------------------------------------------------------------ CLI
