@@ -34,7 +34,7 @@ from snap7 import util as s7util
 
 from service.errors import ConfigError, PlcLinkError
 from service.logs import get_logger
-from service.records import Verdict
+from service.records import Verdict, defect_names
 
 log = get_logger(__name__)
 
@@ -200,9 +200,7 @@ class PlcResult:
 
     @property
     def defects(self) -> tuple[str, ...]:
-        names = (("dirt", self.reject_dirt), ("scratch", self.reject_scratch), ("ec", self.reject_ec),
-                 ("unknown", self.reject_unknown))
-        return tuple(n for n, on in names if on)
+        return defect_names(self)
 
     @property
     def consistent(self) -> bool:

@@ -53,6 +53,13 @@ class Prediction:
 
 
 VERDICT_LABELS = ("accept", "reject", "no_part", "not_inspected")
+DEFECT_BITS = (("dirt", "reject_dirt"), ("scratch", "reject_scratch"), ("ec", "reject_ec"),
+               ("unknown", "reject_unknown"))
+
+
+def defect_names(result) -> tuple[str, ...]:
+    """The defect classes whose reject_* bit is set on a Verdict (or the PLC's view of one)."""
+    return tuple(name for name, attr in DEFECT_BITS if getattr(result, attr))
 
 
 @dataclass(frozen=True)
@@ -101,9 +108,7 @@ class Verdict:
 
     @property
     def defects(self) -> tuple[str, ...]:
-        names = (("dirt", self.reject_dirt), ("scratch", self.reject_scratch), ("ec", self.reject_ec),
-                 ("unknown", self.reject_unknown))
-        return tuple(n for n, on in names if on)
+        return defect_names(self)
 
     @classmethod
     def make_not_inspected(cls, part_id: int, reason: str, frame_id: int = 0, inspect_ms: float = 0.0) -> Verdict:
