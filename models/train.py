@@ -41,6 +41,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from models.attention import ATTENTION_KINDS
@@ -112,6 +113,7 @@ class TrainConfig:
     head_width: int | None = None
     input_size: int | None = None
     augment: bool = True
+    balance: bool = False
     threads: int | None = None
     workers: int = 0
     device: str = "cpu"
@@ -123,7 +125,7 @@ class TrainConfig:
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "head_width", "input_size",
-                                         "augment")
+                                         "augment", "balance")
 
 
 @dataclass
@@ -304,6 +306,14 @@ def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: tor
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample weights 1 / (count of its class): every class is drawn equally often."""
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    return torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -395,6 +405,10 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
                 "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
+                "balance": config.balance,
+                "sampling": ("class-balanced: each draw picks a class uniformly, then an image of it "
+                             "(with replacement); an epoch is len(train) draws") if config.balance else
+                            "each training image once per epoch, shuffled",
                 "best_metric": "val_acc (ties: lower val_loss, then earlier epoch)",
                 "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
                 "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
@@ -424,8 +438,14 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-        loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
-                            num_workers=config.workers, pin_memory=pin)
+        if config.balance:
+            sampler = WeightedRandomSampler(balanced_weights([s.label for s in train_s]), len(train_s),
+                                            replacement=True, generator=gen)
+            loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler,
+                                num_workers=config.workers, pin_memory=pin)
+        else:
+            loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
+                                num_workers=config.workers, pin_memory=pin)
         bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr,
                    leave=False, dynamic_ncols=True) if show_bar else None
         try:
@@ -498,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="override the input side S (multiple of 8; default 192)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without flips and brightness/contrast jitter")
+    p.add_argument("--balance", action="store_true", default=None,
+                   help="class-balanced sampling (each class drawn equally often, with replacement); "
+                        "for imbalanced data such as KolektorSDD (13 %% defects)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -508,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "head_width", "input_size", "augment")
+             "width", "head_width", "input_size", "augment", "balance")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.resume:

@@ -171,3 +171,16 @@ def test_learns_an_easy_dataset_well_above_chance(tmp_path):
                             val_fraction=0.25, seed=0, threads=1, progress=False))
     assert res.best_val_acc is not None and res.best_val_acc > 0.6, res.history
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_balanced_weights_draw_every_class_equally_often():
+    """--balance: per-sample weights 1/count(class), so each class has the same total weight."""
+    import torch
+
+    from models.train import balanced_weights
+
+    w = balanced_weights([0, 0, 0, 1, 2, 2])
+    assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5], dtype=torch.double))
+    draws = torch.multinomial(w, 30_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(torch.tensor([0, 0, 0, 1, 2, 2])[draws], minlength=3).double() / 30_000
+    assert torch.allclose(share, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.02)
