@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -33,7 +34,7 @@ import numpy as np
 
 from service import notify
 from service.config import Settings, load_config
-from service.errors import CameraError, FatalError, NoPartError, ValveInspectError
+from service.errors import CameraError, FatalError, GrabTimeout, NoPartError, ValveInspectError
 from service.logs import configure_logging, get_logger
 from service.metrics import Metrics
 from service.records import Frame, Verdict
@@ -94,6 +95,10 @@ class PartBook:
                 if p.arrival is None:
                     return p.part_id
             return None
+
+    def is_open(self, part_id: int) -> bool:
+        with self._lock:
+            return part_id in self._open
 
     def waiting_for_frame(self, part_id: int) -> bool:
         with self._lock:
@@ -212,6 +217,7 @@ class DaemonStats:
     overflow: int = 0
     late_results: int = 0
     unpaired_frames: int = 0
+    skipped_closed: int = 0  # frames not inspected because their part had already timed out
     verdicts: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "no_part": 0,
                                                                "not_inspected": 0})
 
@@ -244,7 +250,8 @@ class Daemon:
         self._plc_drops_seen: dict[str, int] = {}
         self._loop_beat = time.monotonic()
         self._worker_beat = time.monotonic()
-        self._worker_busy_since: float | None = None
+        self._worker_busy_since: dict[int, float] = {}  # worker index -> when its current inspection began
+        self._stats_lock = threading.Lock()  # stats are updated by the control loop, the grab thread, the workers
         self.model = None
         self.camera = None
         self.plc = None
@@ -306,14 +313,16 @@ class Daemon:
         self.camera.start(require_camera=False)
 
         # 6. Threads.
-        for name, target in (("inspect", self._worker), ("control", self._control)):
+        workers = [(f"inspect-{i}", functools.partial(self._worker, i)) for i in range(s.pipeline.workers)]
+        for name, target in (*workers, ("control", self._control)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self._pinger = notify.WatchdogPinger(self.healthy).start()
         notify.ready("inspecting")
         log.info("daemon_started", camera=s.camera.source, trigger=s.camera.trigger, plc=s.plc.mode,
-                 plc_port=plc_port(s), queue_size=s.pipeline.queue_size)
+                 plc_port=plc_port(s), queue_size=s.pipeline.queue_size, workers=s.pipeline.workers,
+                 intra_op_threads=s.model.intra_op_threads)
         return self
 
     def stop(self, reason: str = "stop") -> None:
@@ -330,8 +339,9 @@ class Daemon:
         deadline = t0 + STOP_BUDGET_S / 2
         while not self._jobs.empty() and time.monotonic() < deadline:
             time.sleep(0.02)
-        with contextlib.suppress(queue.Full):
-            self._jobs.put_nowait(None)
+        for _ in range(self.settings.pipeline.workers):
+            with contextlib.suppress(queue.Full):
+                self._jobs.put_nowait(None)
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         if self.plc is not None:  # PartIds the link announced that the stopped control loop never took
@@ -366,11 +376,11 @@ class Daemon:
         now = time.monotonic()
         if now - self._loop_beat > 5.0:
             return False
-        busy = self._worker_busy_since
-        return not (busy is not None and now - busy > 10.0)
+        return not any(now - since > 10.0 for since in list(self._worker_busy_since.values()))
 
     def summary(self) -> dict[str, Any]:
         out = {"parts": self.stats.parts, "inspected": self.stats.inspected, "overflow": self.stats.overflow,
+               "skipped_closed": self.stats.skipped_closed,
                "late_results": self.book.late, **{f"verdict_{k}": v for k, v in self.stats.verdicts.items()}}
         if self._sim is not None:
             sim = self._sim.stats()
@@ -433,8 +443,20 @@ class Daemon:
             self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "inspection_disabled"))
             return
         if self.settings.camera.trigger == "software":
+            # The part stands in front of the camera for trigger_window_ms after its PartId: firing later
+            # would image whatever is there then. Waiting for the camera is bounded by that window too,
+            # so a slow camera costs one part, not every part behind it in the PLC's queue.
+            left = self.settings.pipeline.trigger_window_ms / 1000.0 - (time.monotonic() - ev.at)
+            if left <= 0:
+                log.warning("trigger_late", part_id=ev.part_id, late_ms=round(-left * 1000.0, 1))
+                self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "trigger_late"))
+                return
             try:
-                self.camera.trigger(part_id=ev.part_id)
+                self.camera.trigger(part_id=ev.part_id,
+                                    timeout_s=min(left, self.settings.camera.grab_timeout_ms / 1000.0))
+            except GrabTimeout as exc:
+                log.warning("camera_not_ready", part_id=ev.part_id, error=str(exc))
+                self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "camera_not_ready"))
             except (CameraError, RuntimeError) as exc:
                 log.warning("trigger_failed", part_id=ev.part_id, error=str(exc))
                 self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "trigger_failed"))
@@ -470,7 +492,8 @@ class Daemon:
         try:
             self._jobs.put_nowait(_Job(ev, part_id))
         except queue.Full:
-            self.stats.overflow += 1
+            with self._stats_lock:
+                self.stats.overflow += 1
             self.metrics.frames_dropped.inc()
             log.warning("inspection_overflow", part_id=part_id, frame_id=ev.frame_id,
                         queue_size=self.settings.pipeline.queue_size)
@@ -479,7 +502,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ inspection worker
 
-    def _worker(self) -> None:
+    def _worker(self, index: int = 0) -> None:
         while True:
             try:
                 job = self._jobs.get(timeout=0.1)
@@ -490,16 +513,24 @@ class Daemon:
                 continue
             if job is None:
                 return
-            self._worker_busy_since = time.monotonic()
+            if job.part_id is not None and not self.book.is_open(job.part_id):
+                # Its part timed out while the frame waited (overload): the control loop has answered it.
+                # Inspecting it now would only take CPU from the parts that can still be answered.
+                with self._stats_lock:
+                    self.stats.skipped_closed += 1
+                log.warning("frame_skipped_part_closed", part_id=job.part_id, frame_id=job.frame.frame_id)
+                continue
+            self._worker_busy_since[index] = time.monotonic()
             try:
                 verdict, extras = self.inspect(job.frame, job.part_id or 0)
             except Exception as exc:  # never let one frame kill the loop
                 log.exception("inspection_error", part_id=job.part_id, error=str(exc))
                 verdict, extras = Verdict.make_not_inspected(job.part_id or 0, "inspection_error",
                                                              frame_id=job.frame.frame_id), None
-            self._worker_busy_since = None
+            self._worker_busy_since.pop(index, None)
             self._worker_beat = time.monotonic()
-            self.stats.inspected += 1
+            with self._stats_lock:
+                self.stats.inspected += 1
             if job.part_id is None:  # free-run commissioning: no PartId to answer
                 self._report(verdict, job.frame, extras, arrival=job.frame.arrival)
             else:
@@ -515,7 +546,8 @@ class Daemon:
     def _finish(self, part_id: int, verdict: Verdict, frame: Frame | None = None, extras: dict | None = None) -> None:
         p = self.book.claim(part_id)
         if p is None:
-            self.stats.late_results += 1
+            with self._stats_lock:
+                self.stats.late_results += 1
             log.warning("late_result_dropped", part_id=part_id, verdict=verdict.label, reason=verdict.reason)
             return
         self._finish_claimed(p, verdict, frame, extras)
@@ -531,7 +563,8 @@ class Daemon:
     def _report(self, verdict: Verdict, frame: Frame | None, extras: dict | None, arrival: float | None) -> None:
         latency = time.monotonic() - arrival if arrival is not None else None
         self.metrics.record_verdict(verdict, latency_s=latency)
-        self.stats.verdicts[verdict.label] = self.stats.verdicts.get(verdict.label, 0) + 1
+        with self._stats_lock:
+            self.stats.verdicts[verdict.label] = self.stats.verdicts.get(verdict.label, 0) + 1
         timings = (extras or {}).get("timings", {})
         log.info("part", part_id=verdict.part_id, frame_id=verdict.frame_id, verdict=verdict.label,
                  defects=list(verdict.defects), reason=verdict.reason or None,

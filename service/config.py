@@ -269,11 +269,29 @@ class ModelSettings(_Section):
 
 
 class PipelineSettings(_Section):
-    """[pipeline]: the bounded queue between grabbing and inference."""
+    """[pipeline]: the bounded queue between grabbing and inference, the inspection workers, the deadlines.
+
+    Under overload every part still gets its one result in time: a part whose software trigger could not
+    fire within ``trigger_window_ms`` of its PartId, a frame that finds the queue full, and a frame whose
+    part has already timed out are answered NotInspected at once (``trigger_late`` / ``camera_not_ready``,
+    ``overflow``, ``timeout_*``) instead of being worked on late, so the parts that are inspected stay
+    fresh and the rate that is inspected stays near capacity.
+    """
 
     queue_size: int = Field(4, ge=1, le=64)
     overflow: Literal["not-inspected"] = "not-inspected"
-    part_timeout_s: float = Field(2.0, gt=0, le=60)
+    part_timeout_s: float = Field(1.0, gt=0, le=60)
+    workers: int = Field(1, ge=1, le=16, description="inspection threads sharing one ONNX Runtime session")
+    trigger_window_ms: int = Field(200, ge=1, le=60_000,
+                                   description="software trigger: latest firing after the PartId, else "
+                                               "NotInspected trigger_late (the part has left the camera)")
+
+    @model_validator(mode="after")
+    def _cross(self) -> PipelineSettings:
+        if self.trigger_window_ms / 1000.0 >= self.part_timeout_s:
+            raise _field_error("trigger_window_ms", f"must be shorter than part_timeout_s ({self.part_timeout_s} s): "
+                                                    "a part needs time for its frame and inspection after the trigger")
+        return self
 
 
 class MetricsSettings(_Section):
@@ -366,6 +384,11 @@ class Settings(BaseSettings):
         if (self.metrics.enabled and self.plc.mode == "simulated" and self.metrics.port == self.plc.port
                 and self.metrics.port != 0):
             raise _field_error("metrics.port", f"{self.metrics.port} is also the simulated PLC's plc.port")
+        if self.plc.mode == "simulated" and self.pipeline.part_timeout_s >= self.plc.sim_watchdog_s:
+            raise _field_error("pipeline.part_timeout_s",
+                               f"{self.pipeline.part_timeout_s} s is not shorter than the simulated PLC's watchdog "
+                               f"plc.sim_watchdog_s ({self.plc.sim_watchdog_s} s): a part that times out here "
+                               "would be answered after the PLC has already rejected it; lower part_timeout_s")
         return self
 
 

@@ -344,7 +344,7 @@ def daemon_config(path: Path, *, images: Path, plc_port: int, metrics_port: int,
         "plc": {"mode": "client", "host": HOST, "port": plc_port, "db": DB_NUMBER, "poll_ms": 10,
                 "heartbeat_timeout_s": 3.0, "reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
         "model": {"path": str(model), "providers": ["CPUExecutionProvider"], "intra_op_threads": 1},
-        "pipeline": {"queue_size": 4, "part_timeout_s": 3.0},
+        "pipeline": {"queue_size": 4, "part_timeout_s": 3.0, "trigger_window_ms": 1000},  # loaded CI boxes
         "metrics": {"enabled": True, "host": HOST, "port": metrics_port},
         "archive": {"enabled": archive_dir is not None, "dir": str(archive_dir or path.parent / "archive")},
         "log": {"level": "info", "format": "json"},

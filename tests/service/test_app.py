@@ -284,13 +284,61 @@ def test_part_while_disabled_is_not_inspected_without_a_trigger(tmp_path):
     assert len(d.book) == 0 and parts_metric(d, "not_inspected") == 1
 
 
-@pytest.mark.parametrize("error", [CameraRemoved("reconnecting"), GrabTimeout("not ready"), RuntimeError("x")])
-def test_failed_software_trigger_makes_the_part_not_inspected(tmp_path, error):
+@pytest.mark.parametrize(("error", "reason"), [(CameraRemoved("reconnecting"), "trigger_failed"),
+                                               (GrabTimeout("not ready"), "camera_not_ready"),
+                                               (RuntimeError("x"), "trigger_failed")])
+def test_failed_software_trigger_makes_the_part_not_inspected(tmp_path, error, reason):
     """When the trigger raises (camera gone, not ready, misconfigured), the part is NotInspected at once."""
     d = make_daemon(tmp_path, cam=FakeCamera(fail=error))
     d._on_plc_event(part_event(4))
     (v,) = d.plc.published
-    assert v.not_inspected and v.reason == "trigger_failed" and len(d.book) == 0
+    assert v.not_inspected and v.reason == reason and len(d.book) == 0
+
+
+class RecordingCamera(FakeCamera):
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def trigger(self, part_id=None, timeout_s=None) -> None:
+        self.timeouts.append(timeout_s)
+        super().trigger(part_id, timeout_s)
+
+
+def test_software_trigger_waits_at_most_the_rest_of_the_trigger_window(tmp_path):
+    """The camera gets what is left of trigger_window_ms (not grab_timeout_ms) to become ready."""
+    cam = RecordingCamera()
+    d = make_daemon(tmp_path, cam=cam, pipeline={"trigger_window_ms": 300})
+    d._on_plc_event(PlcEvent("part", time.monotonic() - 0.1, part_id=5, enable=True))
+    assert cam.triggers == [5]
+    (left,) = cam.timeouts
+    assert 0.15 < left <= 0.2 + 1e-6
+
+
+def test_part_announced_longer_ago_than_the_trigger_window_is_not_triggered(tmp_path):
+    """A PartId the control loop reaches after trigger_window_ms: the part has left; NotInspected, no trigger."""
+    cam = RecordingCamera()
+    d = make_daemon(tmp_path, cam=cam, pipeline={"trigger_window_ms": 100})
+    d._on_plc_event(PlcEvent("part", time.monotonic() - 0.25, part_id=6, enable=True))
+    assert cam.triggers == []
+    (v,) = d.plc.published
+    assert v.part_id == 6 and v.not_inspected and v.reason == "trigger_late" and len(d.book) == 0
+    assert parts_metric(d, "not_inspected") == 1
+
+
+def test_worker_skips_a_frame_whose_part_already_timed_out(tmp_path, valve_image):
+    """Overload: a queued frame whose part the control loop already answered (timeout) is not inspected."""
+    model = FakeModel()
+    d = make_daemon(tmp_path, model=model)
+    d._on_plc_event(part_event(7))
+    d._on_plc_event(part_event(8))
+    d._on_camera_event(frame(valve_image, 7, frame_id=1))
+    d._on_camera_event(frame(valve_image, 8, frame_id=2))
+    p = d.book.claim(7)  # what the control loop's timeout does while the frame waits in the queue
+    d._finish_claimed(p, Verdict.make_not_inspected(7, "timeout_inspection", frame_id=1))
+    drain_worker(d)
+    assert model.calls == 1 and d.stats.skipped_closed == 1 and d.stats.inspected == 1
+    assert [(v.part_id, v.label) for v in d.plc.published] == [(7, "not_inspected"), (8, "accept")]
 
 
 def test_link_events_set_the_connected_gauge_and_count_reconnects(tmp_path):
@@ -370,15 +418,21 @@ def test_frame_for_a_closed_or_unknown_part_is_dropped(tmp_path, valve_image):
 
 
 def test_late_inspection_after_a_timeout_is_dropped_not_published(tmp_path, valve_image):
-    """When a part timed out while its frame waited, the later inspection result is counted late, never published."""
+    """When a part times out while its frame is being inspected, the later result is counted late, never published."""
     d = make_daemon(tmp_path)
+
+    class TimeoutDuringInference(FakeModel):
+        def run(self, slices):
+            (p,) = d.book.expired(time.monotonic() + 60.0)  # the control loop's timeout fires meanwhile
+            d._finish_claimed(p, Verdict.make_not_inspected(41, "timeout_inspection"))
+            return super().run(slices)
+
+    d.model = TimeoutDuringInference()
     d._on_plc_event(part_event(41))
     d._on_camera_event(frame(valve_image, 41))
-    (p,) = d.book.expired(time.monotonic() + 60.0)
-    d._finish_claimed(p, Verdict.make_not_inspected(41, "timeout_inspection"))
     drain_worker(d)
     assert [(v.part_id, v.label) for v in d.plc.published] == [(41, "not_inspected")]
-    assert d.stats.late_results == 1 and d.book.late == 1
+    assert d.stats.late_results == 1 and d.book.late == 1 and d.model.calls == 1
 
 
 def test_hardware_trigger_frames_pair_with_the_part_id_read_at_arrival(tmp_path, valve_image):
@@ -430,7 +484,7 @@ def test_model_error_makes_the_part_not_inspected_and_the_worker_goes_on(tmp_pat
 def test_control_loop_times_out_a_part_whose_frame_never_comes_and_sets_ready(tmp_path):
     """The control loop takes PLC events, answers a part without a frame NotInspected after part_timeout_s,
     and keeps Ready = camera connected and enabled."""
-    d = make_daemon(tmp_path, pipeline={"part_timeout_s": 0.2})
+    d = make_daemon(tmp_path, pipeline={"part_timeout_s": 0.2, "trigger_window_ms": 100})
     t = threading.Thread(target=d._control, daemon=True)
     t.start()
     try:
@@ -460,7 +514,7 @@ def test_healthy_is_false_when_the_control_loop_stalls_or_the_worker_hangs(tmp_p
     d._loop_beat = time.monotonic() - 6.0
     assert not d.healthy()
     d._loop_beat = time.monotonic()
-    d._worker_busy_since = time.monotonic() - 11.0
+    d._worker_busy_since = {0: time.monotonic() - 11.0}
     assert not d.healthy()
 
 
