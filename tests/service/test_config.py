@@ -191,6 +191,10 @@ def test_bad_environment_value_names_the_variable():
     ('[archive]\nsave = ["reject", "rejected"]\n', "archive.save[1]", "Input should be"),
     ("[metrics]\nport = 1102\n", "metrics.port", "also the simulated PLC's plc.port"),
     ('[log]\nlevel = "loud"\n', "log.level", "Input should be 'debug'"),
+    ("[pipeline]\npart_timeout_s = 0.5\ntrigger_window_ms = 500\n", "pipeline.trigger_window_ms",
+     "must be shorter than part_timeout_s"),
+    ("[pipeline]\npart_timeout_s = 2.5\n", "pipeline.part_timeout_s", "not shorter than the simulated PLC's watchdog"),
+    ("[pipeline]\nworkers = 0\n", "pipeline.workers", "greater than or equal to 1"),
 ])
 def test_invalid_values_and_combinations_name_the_key(tmp_path, toml, key, words):
     """Each invalid value or cross-field combination fails with the offending key path and the reason."""
