@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-dataset": ("models.build_dataset:main", "slice camera frames into the 'folders' dataset format"),
     "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
+    "results": ("models.results:main", "regenerate one table of docs/results.md (cached runs, seeds, timing)"),
 }
 
 
