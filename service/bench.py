@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import threading
@@ -83,7 +84,29 @@ def _peak_rss_mib() -> float:
     return kb / 1024.0
 
 
-def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None):
+def bmp_frames(png_dir: Path) -> Path:
+    """The demo frames as uncompressed BMP files beside ``png_dir`` (written once, then reused).
+
+    The emulator decodes the replayed file on every trigger, on the same CPU cores as the daemon: a
+    2448 x 2048 PNG costs it several times a BMP. A real camera's frame arrives by DMA with no decode, so
+    BMP replay is the closer stand-in for the line; ``--frames png`` measures with the decode.
+    """
+    import cv2
+
+    out = png_dir.parent / "frames-bmp"
+    pngs = sorted(png_dir.glob("*.png"))
+    want = [out / (f.stem + ".bmp") for f in pngs]
+    if not all(f.is_file() for f in want):
+        out.mkdir(parents=True, exist_ok=True)
+        for src, dst in zip(pngs, want, strict=True):
+            image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+            if image is None or not cv2.imwrite(str(dst), image):
+                raise OSError(f"cannot convert {src} to {dst}")
+    return out
+
+
+def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None,
+                   workers: int | None = None):
     """Demo-default Settings for one bench run (no environment, no metrics HTTP, no archive)."""
     from service.config import load_config
 
@@ -93,7 +116,9 @@ def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None
         model_upd["path"] = str(model)
     if threads is not None:
         model_upd["intra_op_threads"] = threads
+    pipeline_upd: dict[str, Any] = {} if workers is None else {"workers": workers}
     return s.model_copy(update={
+        "pipeline": s.pipeline.model_copy(update=pipeline_upd),
         "camera": s.camera.model_copy(update={"source": "emulator", "images": images, "trigger": "software"}),
         "plc": s.plc.model_copy(update={"mode": "simulated", "host": "127.0.0.1", "port": plc_port,
                                         "sim_rate_hz": rate}),
@@ -104,19 +129,21 @@ def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None
 
 
 def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes: list[str],
-             model: str | None = None, threads: int | None = None, connect_timeout: float = 30.0) -> dict[str, Any]:
+             model: str | None = None, threads: int | None = None, workers: int | None = None,
+             connect_timeout: float = 30.0) -> dict[str, Any]:
     """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures."""
     from prometheus_client import CollectorRegistry
 
     from service.sim.plc_sim import PlcSimulator
 
-    probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads)
+    probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads, workers=workers)
     sim = PlcSimulator(host="127.0.0.1", port=0, db=probe.plc.db, rate=rate, watchdog_s=probe.plc.sim_watchdog_s,
                        manifest=classes * 10_000, enable=False, report_every=0)
     sim.start()
     daemon: BenchDaemon | None = None
     try:
-        settings = bench_settings(rate=rate, plc_port=sim.port, images=images, model=model, threads=threads)
+        settings = bench_settings(rate=rate, plc_port=sim.port, images=images, model=model, threads=threads,
+                                  workers=workers)
         daemon = BenchDaemon(settings, metrics=Metrics(CollectorRegistry()), plc_simulator=sim)
         daemon.start()
         end = time.monotonic() + connect_timeout
@@ -223,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per rate (default 15)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per rate not counted (default 2)")
     p.add_argument("--threads", type=int, default=None, help="model.intra_op_threads (default: the config's)")
+    p.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the config's)")
+    p.add_argument("--frames", choices=("bmp", "png"), default="bmp",
+                   help="file type the emulator replays: bmp (default; no decode, like a camera's DMA) or png "
+                        "(the emulator decodes each frame on the same cores)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write latency p50/p99 and sustained parts/s against the offered rate (needs matplotlib)")
     p.add_argument("--model", default=None, help="model.onnx (default: the shipped demo model)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all figures to OUT")
     p.add_argument("--log-level", default="error", choices=("debug", "info", "warning", "error"),
@@ -240,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level, "console", stream=sys.stderr)
     frames, classes = demo_frames()
+    if args.frames == "bmp":
+        frames = bmp_frames(frames)
     rows: list[dict[str, Any]] = []
     for rate in args.rates:
         print(f"bench: {rate:g} parts/s for {args.seconds:g} s (+{args.warmup:g} s warm-up)...", file=sys.stderr,
               flush=True)
         try:
             rows.append(run_rate(rate, seconds=args.seconds, warmup=args.warmup, images=str(frames),
-                                 classes=classes, model=args.model, threads=args.threads))
+                                 classes=classes, model=args.model, threads=args.threads, workers=args.workers))
         except (FatalError, ValveInspectError, OSError) as exc:
             print(f"valve-inspect bench: {exc}", file=sys.stderr)
             return 1
@@ -256,9 +291,53 @@ def main(argv: list[str] | None = None) -> int:
           f" (provider {rows[0]['provider'] if rows else '-'})")
     if args.json_out:
         out = {"rates": rows, "highest_sustained_rate": best, "seconds": args.seconds, "warmup": args.warmup,
-               "threads": args.threads, "model": args.model, "keep_up_fraction": KEEP_UP_FRACTION}
+               "threads": args.threads, "workers": args.workers, "frames": args.frames, "model": args.model,
+               "keep_up_fraction": KEEP_UP_FRACTION, "cpu_count": os.cpu_count()}
         Path(args.json_out).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    if args.plot:
+        plot_rates(rows, args.plot, title=f"valve-inspect bench ({args.frames} replay, workers {args.workers or 'cfg'}, "
+                                          f"threads {args.threads if args.threads is not None else 'cfg'})")
     return 0
+
+
+def plot_rates(rows: list[dict[str, Any]], path: str | Path, title: str = "valve-inspect bench",
+               reference_fps: tuple[tuple[float, str], ...] = ((18.22, "paper, RTX 2080: 18.22 FPS"),
+                                                               (23.0, "camera: 23 fps"))) -> Path:
+    """Latency p50/p99 (frame -> PLC) and sustained parts/s against the offered part rate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # matplotlib is in the dev/train extras, not the runtime image
+        raise SystemExit(f"valve-inspect bench --plot needs matplotlib ({exc}); pip install matplotlib") from None
+    rates = [r["rate"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label, style in (("latency_p50_ms", "p50", "o-"), ("latency_p99_ms", "p99", "s--")):
+        pts = [(r["rate"], r[key]) for r in rows if r[key] is not None]
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), style, label=f"latency {label}")
+    ax1.axhline(100.0, color="red", lw=0.8, ls=":", label="target p99 100 ms")
+    ax1.set_xlabel("offered part rate (parts/s)")
+    ax1.set_ylabel("frame arrival -> PLC write (ms)")
+    ax1.set_yscale("log")
+    ax2.plot(rates, [r["sustained_parts_per_s"] for r in rows], "o-", label="inspected parts/s")
+    ax2.plot(rates, rates, color="gray", lw=0.8, ls="--", label="offered")
+    for fps, label in reference_fps:
+        for ax in (ax1, ax2):
+            ax.axvline(fps, color="gray", lw=0.8, ls=":")
+        ax2.axhline(fps, color="gray", lw=0.8, ls=":")
+        ax2.annotate(label, (min(rates), fps), fontsize=7, va="bottom")
+    ax2.set_xlabel("offered part rate (parts/s)")
+    ax2.set_ylabel("sustained inspected parts/s")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 if __name__ == "__main__":

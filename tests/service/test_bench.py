@@ -19,17 +19,20 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory) -> dict:
-    """One bench run: 4 parts/s and 200 parts/s, 3 s each after 1 s of warm-up."""
+    """One bench run: 4, 40 and 200 parts/s, 3 s each after 1 s of warm-up (BMP replay, the default)."""
     if not shipped_model().is_file():
         pytest.skip("no shipped model (service/data/model.onnx)")
     saved = structlog.get_config()
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     try:
-        rc = main(["--rates", "4,200", "--seconds", "3", "--warmup", "1", "--threads", "1", "--json", str(out)])
+        rc = main(["--rates", "4,40,200", "--seconds", "3", "--warmup", "1", "--threads", "1", "--json", str(out),
+                   "--plot", str(out.with_suffix(".png"))])
     finally:
         structlog.configure(**saved)
     assert rc == 0
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["plot"] = out.with_suffix(".png")
+    return result
 
 
 def test_low_rate_is_sustained_with_figures(bench_result):
@@ -50,12 +53,51 @@ def test_low_rate_is_sustained_with_figures(bench_result):
 
 def test_rate_far_above_capacity_falls_behind(bench_result):
     """At 200 parts/s the line is reported as falling behind: watchdog rejects, overflow or too few results."""
-    high = bench_result["rates"][1]
+    high = bench_result["rates"][2]
     assert high["rate"] == 200 and high["produced"] > 100
     assert high["falls_behind"]
     assert (high["watchdog_rejects"] > 0 or high["overflow"] > 0 or high["not_inspected"] > 0
             or high["inspected"] < 0.95 * high["produced"])
     assert "FALLS BEHIND" in format_table(bench_result["rates"])
+
+
+def test_overload_degrades_gracefully_every_part_answered_in_time(bench_result):
+    """At 40 parts/s (above this pipeline's capacity on a small CPU, below the PLC link's polling limit) the line
+    sheds load instead of collapsing: every part gets its result before the PLC's watchdog, and parts are still
+    inspected (the shed ones are NotInspected at once: trigger_late, camera_not_ready or overflow)."""
+    mid = bench_result["rates"][1]
+    assert mid["rate"] == 40 and mid["produced"] > 60
+    assert mid["watchdog_rejects"] == 0, mid
+    assert mid["results"] == mid["produced"]
+    assert mid["inspected"] > 0 and mid["sustained_parts_per_s"] > 0
+    assert mid["inspected"] + mid["not_inspected"] == mid["results"]
+    assert set(mid["not_inspected_reasons"]) <= {"trigger_late", "camera_not_ready", "overflow",
+                                                 "timeout_no_frame", "timeout_inspection"}, mid
+
+
+def test_bench_frames_are_bmp_copies_and_the_plot_is_written(bench_result):
+    """The default replay uses BMP copies of the demo frames (no PNG decode in the emulator); --plot writes a PNG."""
+    assert bench_result["frames"] == "bmp"
+    plot = bench_result["plot"]
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bmp_frames_match_the_png_frames(tmp_path):
+    """bmp_frames writes pixel-identical BMP copies once and reuses them."""
+    import cv2
+    import numpy as np
+
+    from service.bench import bmp_frames
+
+    png_dir = tmp_path / "frames"
+    png_dir.mkdir()
+    img = np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8)
+    cv2.imwrite(str(png_dir / "000000.png"), img)
+    out = bmp_frames(png_dir)
+    bmp = out / "000000.bmp"
+    assert np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), img)
+    mtime = bmp.stat().st_mtime_ns
+    assert bmp_frames(png_dir) == out and bmp.stat().st_mtime_ns == mtime
 
 
 def test_highest_sustained_and_rate_parsing():
