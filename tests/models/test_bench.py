@@ -27,18 +27,19 @@ def test_cli_benchmarks_the_compact_preset_and_writes_json(tmp_path, capsys):
                    "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "(a) torch eager" in text and "(b) ONNX Runtime" in text and "PASS" in text
+    assert "(a) eager + full backward" in text and "(b) ONNX Runtime" in text and "PASS" in text
     r = json.loads(out.read_text())
     assert r["passed"] and r["batch"] == 8 and r["threads"] == 1 and list(r["models"]) == ["compact"]
     m = r["models"]["compact"]
     assert m["model_config"]["input_size"] == 192
-    for side in ("eager", "onnx"):
+    for side in ("eager_full", "eager", "onnx"):
         assert m[side]["iterations"] == 2 and m[side]["median_ms"] > 0
         assert m[side]["slices_per_s"] == pytest.approx(8 * 2 / (m[side]["mean_ms"] * 2 / 1e3))
-    assert m["ratio_b_over_a"] == pytest.approx(m["onnx"]["median_ms"] / m["eager"]["median_ms"])
-    c = m["check"]
-    assert c["classes_agree"] == c["slices"] == 8 * bench.N_FRAMES
-    assert c["saliency_max_abs"] <= 1e-4 and c["logits_max_abs"] <= 1e-4
+    assert m["ratio_b_over_a"] == pytest.approx(m["onnx"]["median_ms"] / m["eager_full"]["median_ms"])
+    assert m["ratio_b_over_a_lean"] == pytest.approx(m["onnx"]["median_ms"] / m["eager"]["median_ms"])
+    for c in (m["check"], m["check_full"]):  # the full-backward baseline computes the same maps
+        assert c["classes_agree"] == c["slices"] == 8 * bench.N_FRAMES
+        assert c["saliency_max_abs"] <= 1e-4 and c["logits_max_abs"] <= 1e-4
     assert m["export"]["seconds"] > 0 and r["command"][:2] == ["valve-model", "bench"]
 
 
@@ -47,7 +48,7 @@ def test_flatten_head_path_agrees():
     model = bench.calibrated_model("paper", seed=1, width=0.125, head_width=32)
     assert model.config.head_pool == "flatten"
     r = bench.bench_model(model, iterations=1, warmup=0, threads=1, log=lambda s: None)
-    assert r["check"]["passed"], r["check"]
+    assert r["check"]["passed"] and r["check_full"]["passed"], (r["check"], r["check_full"])
     assert r["check"]["saliency_max_abs"] <= 1e-4
 
 
