@@ -138,6 +138,53 @@ def eager_full_step(model: IRACNN, segmented: np.ndarray) -> Callable[[np.ndarra
     return step
 
 
+def forward_step(model: IRACNN) -> Callable[[np.ndarray], tuple]:
+    """Profile side: torch eager forward + softmax only (no gradient, no map, no Otsu)."""
+
+    def step(frame: np.ndarray) -> tuple:
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(frame))
+            return (torch.softmax(logits, dim=1).numpy(),)
+
+    return step
+
+
+def onnx_profile(path: Path, frames: list[np.ndarray], threads: int, runs: int = 10) -> dict:
+    """ONNX Runtime's own profiler over ``runs`` frames: kernel time by op type and by model block (%)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        for i in range(runs):
+            session.run(None, {"slices": frames[i % len(frames)]})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    by_block: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        dur = float(ev["dur"])
+        op = ev.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + dur
+        name = ev["name"].lstrip("/")
+        block = name.split("/", 1)[0] if "/" in name else "(other)"
+        if block.startswith(("head", "fc", "classifier", "Gemm", "MatMul")) or "grad" in name.lower():
+            block = block if block.startswith(("head", "fc", "classifier")) else "(head backprop, map)"
+        by_block[block] = by_block.get(block, 0.0) + dur
+    total = sum(by_op.values()) or 1.0
+
+    def top(d: dict[str, float], n: int = 8) -> dict[str, float]:
+        return {k: round(100.0 * v / total, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]}
+
+    return {"runs": runs, "kernel_ms_per_frame": round(total / 1e3 / runs, 2), "by_op_percent": top(by_op),
+            "by_block_percent": top(by_block)}
+
+
 def onnx_step(session, segmented: np.ndarray) -> Callable[[np.ndarray], tuple]:
     """(b): frame -> (logits, probs, saliency, masks) numpy, by ONNX Runtime + Otsu."""
 
@@ -198,7 +245,7 @@ def _torch_threads(n: int):
 
 def bench_model(model: IRACNN, *, iterations: int = 50, warmup: int = 5, threads: int | None = None,
                 use_torchcam: bool = False, seed: int = 0, workdir: str | Path | None = None,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """Export ``model`` to ONNX (timed), run both sides on the same frames, time them and compare."""
     threads = threads or torch.get_num_threads()
     model = model.eval()
@@ -225,6 +272,10 @@ def bench_model(model: IRACNN, *, iterations: int = 50, warmup: int = 5, threads
         for name, step in sides.items():
             log(f"{cfg.preset}: timing {name} ({iterations} iterations after {warmup} warm-up) ...")
             result[name] = _time(step, frames, iterations, warmup)
+        if profile:
+            log(f"{cfg.preset}: profiling (torch forward only; ONNX Runtime's profiler) ...")
+            result["eager_forward"] = _time(forward_step(model), frames, iterations, warmup)
+            result["onnx_profile"] = onnx_profile(path, frames, threads, runs=max(3, min(iterations, 10)))
         if use_torchcam:  # its hooks stay on block3 while it lives: only after (a) and (b) are timed
             from torchcam.methods import GradCAMpp
 
@@ -244,7 +295,7 @@ def bench_model(model: IRACNN, *, iterations: int = 50, warmup: int = 5, threads
 
 def run_bench(presets: list[str] | None = None, run: str | Path | None = None, iterations: int = 50,
               warmup: int = 5, threads: int | None = None, use_torchcam: bool = False, seed: int = 0,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """The whole bench: each preset (random calibrated weights) or the run's model. Returns the JSON dict."""
     if iterations < 1:
         raise BenchError(f"--iterations must be at least 1, not {iterations}")
@@ -291,7 +342,7 @@ def run_bench(presets: list[str] | None = None, run: str | Path | None = None, i
         for name, make in models:
             model = make()
             result["models"][name] = bench_model(model, iterations=iterations, warmup=warmup, threads=threads,
-                                                 use_torchcam=use_torchcam, seed=seed, log=log)
+                                                 use_torchcam=use_torchcam, seed=seed, log=log, profile=profile)
             del model
     result["machine"]["load_average_after"] = list(os.getloadavg())
     result["passed"] = all(m["check"]["passed"] and m["check_full"]["passed"] for m in result["models"].values())
@@ -326,6 +377,15 @@ def format_result(r: dict) -> str:
                      f"max-abs {c['saliency_max_abs']:.3g}, logits max-abs {c['logits_max_abs']:.3g}, Otsu masks "
                      f"differ in {c['mask_pixels_differ']}/{c['mask_pixels']} px: "
                      f"{'PASS' if c['passed'] else 'FAIL'} (tolerance {c['tolerance']:g})")
+        if "eager_forward" in res:
+            fwd, full = res["eager_forward"]["median_ms"], res["eager_full"]["median_ms"]
+            pr = res["onnx_profile"]
+            lines.append(f"{'':14s} profile: torch forward alone {fwd:.2f} ms, so the forward is {100 * fwd / full:.0f} % "
+                         f"of (a); (a) / forward = {full / fwd:.2f}x is what skipping autograd can save at most "
+                         f"if (b)'s forward were no faster than torch's")
+            lines.append(f"{'':14s} ONNX Runtime kernels {pr['kernel_ms_per_frame']:.2f} ms/frame; by op: "
+                         + ", ".join(f"{k} {v}%" for k, v in pr["by_op_percent"].items()))
+            lines.append(f"{'':14s} by block: " + ", ".join(f"{k} {v}%" for k, v in pr["by_block_percent"].items()))
         if "torchcam_vs_eager" in res:
             t = res["torchcam_vs_eager"]
             lines.append(f"{'':14s} torchcam vs (a): classes {t['classes_agree']}/{t['slices']}, saliency max-abs "
@@ -350,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchcam", action="store_true",
                    help="also time torchcam's GradCAMpp (needs the torchcam package; compared, not a reference)")
     p.add_argument("--json", dest="json_out", help="write the figures to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="also time torch's forward alone and run ONNX Runtime's profiler (time by op type and block)")
     return p
 
 
@@ -363,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_bench(presets, args.run, args.iterations, args.warmup, args.threads, args.torchcam,
-                           args.seed, log=say)
+                           args.seed, log=say, profile=args.profile)
     except BenchError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ def test_cli_benchmarks_the_compact_preset_and_writes_json(tmp_path, capsys):
     """`valve-model bench --presets compact` times both sides, checks they agree and writes the figures."""
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "--presets", "compact", "--iterations", "2", "--warmup", "1", "--threads", "1",
-                   "--json", str(out)])
+                   "--json", str(out), "--profile"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "(a) eager + full backward" in text and "(b) ONNX Runtime" in text and "PASS" in text
@@ -41,6 +41,11 @@ def test_cli_benchmarks_the_compact_preset_and_writes_json(tmp_path, capsys):
         assert c["classes_agree"] == c["slices"] == 8 * bench.N_FRAMES
         assert c["saliency_max_abs"] <= 1e-4 and c["logits_max_abs"] <= 1e-4
     assert m["export"]["seconds"] > 0 and r["command"][:2] == ["valve-model", "bench"]
+    # --profile: torch's forward alone, and ONNX Runtime's profiler by op type and block (Conv dominates)
+    assert m["eager_forward"]["median_ms"] > 0 and "profile: torch forward alone" in text
+    prof = m["onnx_profile"]
+    assert prof["kernel_ms_per_frame"] > 0 and "Conv" in prof["by_op_percent"]
+    assert "block1" in prof["by_block_percent"] and sum(prof["by_op_percent"].values()) <= 100.5
 
 
 def test_flatten_head_path_agrees():
