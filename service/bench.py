@@ -25,7 +25,11 @@ How each rate is measured:
   right after it was published to the PLC): part latency = frame arrival -> result written (announce ->
   result for parts that never got a frame), and the worker's per-stage timings (roi, infer, segment).
   p50/p99 are exact (numpy percentiles) over the window's parts.
-* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the rate (process peak so far, MiB).
+* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the rate (process peak so far, MiB), and
+  ``rss_mib``, the resident set while the line still runs, at the end of the window (``/proc/self/status``).
+  Every rate starts a new Daemon in the same process, so the peak creeps up over the first rates
+  (allocator arenas of the threads of earlier daemons): a single long run is the leak test
+  (docs/performance.md: flat at about 0.5 GB over 1,765 parts).
 
 A rate "falls behind" when any window part got a watchdog reject, any overflow or NotInspected, or
 inspected < 95 % of produced.
@@ -79,6 +83,16 @@ def _quantiles(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
+def _rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mib() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return kb / 1024.0
@@ -106,7 +120,7 @@ def bmp_frames(png_dir: Path) -> Path:
 
 
 def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None,
-                   workers: int | None = None):
+                   workers: int | None = None, queue_size: int | None = None):
     """Demo-default Settings for one bench run (no environment, no metrics HTTP, no archive)."""
     from service.config import load_config
 
@@ -117,6 +131,8 @@ def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None
     if threads is not None:
         model_upd["intra_op_threads"] = threads
     pipeline_upd: dict[str, Any] = {} if workers is None else {"workers": workers}
+    if queue_size is not None:
+        pipeline_upd["queue_size"] = queue_size
     return s.model_copy(update={
         "pipeline": s.pipeline.model_copy(update=pipeline_upd),
         "camera": s.camera.model_copy(update={"source": "emulator", "images": images, "trigger": "software"}),
@@ -130,20 +146,21 @@ def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None
 
 def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes: list[str],
              model: str | None = None, threads: int | None = None, workers: int | None = None,
-             connect_timeout: float = 30.0) -> dict[str, Any]:
+             queue_size: int | None = None, connect_timeout: float = 30.0) -> dict[str, Any]:
     """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures."""
     from prometheus_client import CollectorRegistry
 
     from service.sim.plc_sim import PlcSimulator
 
-    probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads, workers=workers)
+    probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads, workers=workers,
+                           queue_size=queue_size)
     sim = PlcSimulator(host="127.0.0.1", port=0, db=probe.plc.db, rate=rate, watchdog_s=probe.plc.sim_watchdog_s,
                        manifest=classes * 10_000, enable=False, report_every=0)
     sim.start()
     daemon: BenchDaemon | None = None
     try:
         settings = bench_settings(rate=rate, plc_port=sim.port, images=images, model=model, threads=threads,
-                                  workers=workers)
+                                  workers=workers, queue_size=queue_size)
         daemon = BenchDaemon(settings, metrics=Metrics(CollectorRegistry()), plc_simulator=sim)
         daemon.start()
         end = time.monotonic() + connect_timeout
@@ -160,6 +177,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         time.sleep(seconds)
         n1, overflow1 = sim.stats()["parts"], daemon.stats.overflow
         measured = time.monotonic() - t0
+        rss_now = _rss_mib()
         time.sleep(sim.watchdog_s + 0.5)  # every window part resolved (result or the PLC's watchdog)
         late = sim.stats()["late_results"] - late0
     finally:
@@ -197,7 +215,8 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         "sustained_parts_per_s": inspected / measured if measured > 0 else 0.0,
         "latency_p50_ms": lat_p50, "latency_p99_ms": lat_p99, "stages": stages,
         "accuracy": (sum(scored) / len(scored)) if scored else None,
-        "peak_rss_mib": round(_peak_rss_mib(), 1), "falls_behind": behind,
+        "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_mib": None if rss_now is None else round(rss_now, 1),
+        "falls_behind": behind,
         "provider": daemon.model.provider if daemon.model is not None else None,
     }
 
@@ -251,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds per rate not counted (default 2)")
     p.add_argument("--threads", type=int, default=None, help="model.intra_op_threads (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the config's)")
+    p.add_argument("--queue-size", type=int, default=None, help="pipeline.queue_size (default: the config's)")
     p.add_argument("--frames", choices=("bmp", "png"), default="bmp",
                    help="file type the emulator replays: bmp (default; no decode, like a camera's DMA) or png "
                         "(the emulator decodes each frame on the same cores)")
@@ -281,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         try:
             rows.append(run_rate(rate, seconds=args.seconds, warmup=args.warmup, images=str(frames),
-                                 classes=classes, model=args.model, threads=args.threads, workers=args.workers))
+                                 classes=classes, model=args.model, threads=args.threads, workers=args.workers,
+                                 queue_size=args.queue_size))
         except (FatalError, ValveInspectError, OSError) as exc:
             print(f"valve-inspect bench: {exc}", file=sys.stderr)
             return 1
@@ -291,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
           f" (provider {rows[0]['provider'] if rows else '-'})")
     if args.json_out:
         out = {"rates": rows, "highest_sustained_rate": best, "seconds": args.seconds, "warmup": args.warmup,
-               "threads": args.threads, "workers": args.workers, "frames": args.frames, "model": args.model,
+               "threads": args.threads, "workers": args.workers, "queue_size": args.queue_size,
+               "frames": args.frames, "model": args.model,
                "keep_up_fraction": KEEP_UP_FRACTION, "cpu_count": os.cpu_count()}
         Path(args.json_out).write_text(json.dumps(out, indent=2), encoding="utf-8")
     if args.plot:
@@ -300,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot_rates(rows: list[dict[str, Any]], path: str | Path, title: str = "valve-inspect bench",
+def plot_rates(rows: list[dict[str, Any]] | dict[str, list[dict[str, Any]]], path: str | Path,
+               title: str = "valve-inspect bench",
                reference_fps: tuple[tuple[float, str], ...] = ((18.22, "paper, RTX 2080: 18.22 FPS"),
                                                                (23.0, "camera: 23 fps"))) -> Path:
-    """Latency p50/p99 (frame -> PLC) and sustained parts/s against the offered part rate."""
+    """Latency p50/p99 (frame -> PLC) and sustained parts/s against the offered part rate.
+
+    ``rows``: one bench run's rows, or {label: rows} to draw several configurations in one figure.
+    """
     try:
         import matplotlib
 
@@ -311,28 +337,36 @@ def plot_rates(rows: list[dict[str, Any]], path: str | Path, title: str = "valve
         import matplotlib.pyplot as plt
     except ImportError as exc:  # matplotlib is in the dev/train extras, not the runtime image
         raise SystemExit(f"valve-inspect bench --plot needs matplotlib ({exc}); pip install matplotlib") from None
-    rates = [r["rate"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label, style in (("latency_p50_ms", "p50", "o-"), ("latency_p99_ms", "p99", "s--")):
-        pts = [(r["rate"], r[key]) for r in rows if r[key] is not None]
-        if pts:
-            ax1.plot(*zip(*pts, strict=True), style, label=f"latency {label}")
+    series = rows if isinstance(rows, dict) else {"": rows}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    all_rates: list[float] = []
+    for n, (label, rs) in enumerate(series.items()):
+        color = f"C{n}"
+        prefix = f"{label}: " if label else ""
+        rates = [r["rate"] for r in rs]
+        all_rates += rates
+        for key, name, style in (("latency_p50_ms", "p50", "o-"), ("latency_p99_ms", "p99", "s--")):
+            pts = [(r["rate"], r[key]) for r in rs if r[key] is not None]
+            if pts:
+                ax1.plot(*zip(*pts, strict=True), style, color=color, label=f"{prefix}latency {name}")
+        ax2.plot(rates, [r["sustained_parts_per_s"] for r in rs], "o-", color=color,
+                 label=f"{prefix}inspected parts/s")
     ax1.axhline(100.0, color="red", lw=0.8, ls=":", label="target p99 100 ms")
     ax1.set_xlabel("offered part rate (parts/s)")
     ax1.set_ylabel("frame arrival -> PLC write (ms)")
     ax1.set_yscale("log")
-    ax2.plot(rates, [r["sustained_parts_per_s"] for r in rows], "o-", label="inspected parts/s")
-    ax2.plot(rates, rates, color="gray", lw=0.8, ls="--", label="offered")
+    lo, hi = min(all_rates), max(all_rates)
+    ax2.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--", label="offered")
     for fps, label in reference_fps:
         for ax in (ax1, ax2):
             ax.axvline(fps, color="gray", lw=0.8, ls=":")
         ax2.axhline(fps, color="gray", lw=0.8, ls=":")
-        ax2.annotate(label, (min(rates), fps), fontsize=7, va="bottom")
+        ax2.annotate(label, (lo, fps), fontsize=7, va="bottom")
     ax2.set_xlabel("offered part rate (parts/s)")
     ax2.set_ylabel("sustained inspected parts/s")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
