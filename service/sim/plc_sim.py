@@ -348,7 +348,12 @@ class PlcSimulator:
                         changed = True
                 more = self.count is None or self._produced < self.count
                 if self.rate > 0 and more and self._inputs.enable and now >= next_part:
-                    next_part = max(next_part + 1.0 / self.rate, now)
+                    # Never two parts closer than one period: after Enable = 0, or a stall of this thread,
+                    # the schedule restarts from now (catching up would write PartIds back to back, faster
+                    # than any line, and the link would see only the last of them).
+                    next_part = next_part + 1.0 / self.rate
+                    if next_part <= now:
+                        next_part = now + 1.0 / self.rate
                     new_pid = self._new_part_locked(now, None)
                     changed = True
                 timed_out = [p for p in self._pending.values() if now - p.created > self.watchdog_s]

@@ -52,6 +52,27 @@ def test_sim_generates_parts_at_its_rate_up_to_count():
         assert sorted(o.part_id for o in sim.outcomes) == [1, 2, 3, 4, 5]
 
 
+def test_parts_never_come_closer_than_one_period_after_enable():
+    """After a time with Enable = 0 the simulator does not catch up: the first parts come one period apart,
+    not back to back (which would overwrite PartId 1 before any client could read it)."""
+    import time
+
+    with PlcSimulator(port=0, rate=10, watchdog_s=5.0, enable=False) as sim:
+        time.sleep(0.5)  # five periods pass with Enable = 0
+        sim.set_enable(True)
+        seen: list[tuple[int, float]] = []
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end and len(seen) < 3:
+            n = sim.stats()["parts"]
+            if not seen or n != seen[-1][0]:
+                seen.append((n, time.monotonic()))
+            time.sleep(0.002)
+        counts = [n for n, _ in seen]
+        assert counts[:3] == [counts[0], counts[0] + 1, counts[0] + 2], seen
+        assert all(b - a >= 0.07 for (_, a), (_, b) in zip(seen[1:], seen[2:])), seen  # 0.1 s period
+        assert counts[0] <= 1  # at most the first part was made before the first poll
+
+
 def test_watchdog_counts_a_missing_result_as_rejected():
     """A part without a result within watchdog_s is counted as rejected ('timeout'), never as accepted."""
     with PlcSimulator(port=0, rate=0, watchdog_s=0.2) as sim:
