@@ -109,16 +109,22 @@ def _clean(obj):
     return obj
 
 
+def round_robin(queues: list[list], n: int, out: list | None = None) -> list:
+    """Append the queues' items to ``out`` in turns (first of each, then second of each, ...) up to n items."""
+    out = [] if out is None else out
+    i = 0
+    while len(out) < n and any(i < len(q) for q in queues):
+        for q in queues:
+            if i < len(q) and len(out) < n:
+                out.append(q[i])
+        i += 1
+    return out
+
+
 def _pick_overlays(correct: dict[int, list], wrong: list, n: int) -> list:
     take_wrong = min(len(wrong), n // 2)
-    chosen = list(wrong[:take_wrong])
     queues = [sorted(correct[k], key=lambda it: it[0]) for k in sorted(correct)]  # masked first
-    i = 0
-    while len(chosen) < n and any(i < len(q) for q in queues):
-        for q in queues:
-            if i < len(q) and len(chosen) < n:
-                chosen.append(q[i])
-        i += 1
+    chosen = round_robin(queues, n, list(wrong[:take_wrong]))
     chosen.extend(wrong[take_wrong:take_wrong + n - len(chosen)])
     return [it[1] for it in chosen]
 

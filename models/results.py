@@ -851,15 +851,9 @@ def table4(s: Settings) -> tuple[list[str], dict]:
 
 
 def _round_robin(groups: dict, n: int) -> list:
-    out: list = []
-    queues = list(groups.values())
-    i = 0
-    while len(out) < n and any(i < len(q) for q in queues):
-        for q in queues:
-            if i < len(q) and len(out) < n:
-                out.append(q[i])
-        i += 1
-    return out
+    from models.evaluate import round_robin  # torch: imported only when figures are made
+
+    return round_robin(list(groups.values()), n)
 
 
 def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, n: int = FIGURE_CASES):
