@@ -25,6 +25,8 @@ How each rate is measured:
   right after it was published to the PLC): part latency = frame arrival -> result written (announce ->
   result for parts that never got a frame), and the worker's per-stage timings (roi, infer, segment).
   p50/p99 are exact (numpy percentiles) over the window's parts.
+* cpu_percent: CPU time of the whole process (every thread: camera, PLC link, the simulator's Snap7
+  server, workers) during the window / its wall time; 200 % = both cores of this machine.
 * peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the rate (process peak so far, MiB), and
   ``rss_mib``, the resident set while the line still runs, at the end of the window (``/proc/self/status``).
   Every rate starts a new Daemon in the same process, so the peak creeps up over the first rates
@@ -173,10 +175,11 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         time.sleep(warmup)
         st0 = sim.stats()
         n0, overflow0, late0 = st0["parts"], daemon.stats.overflow, st0["late_results"]
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         time.sleep(seconds)
         n1, overflow1 = sim.stats()["parts"], daemon.stats.overflow
         measured = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
         rss_now = _rss_mib()
         time.sleep(sim.watchdog_s + 0.5)  # every window part resolved (result or the PLC's watchdog)
         late = sim.stats()["late_results"] - late0
@@ -217,6 +220,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         "accuracy": (sum(scored) / len(scored)) if scored else None,
         "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_mib": None if rss_now is None else round(rss_now, 1),
         "falls_behind": behind,
+        "cpu_percent": round(100.0 * cpu / measured, 1) if measured > 0 else None,
         "provider": daemon.model.provider if daemon.model is not None else None,
     }
 
@@ -228,7 +232,7 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'rate/s':>6} {'made':>5} {'res':>5} {'insp':>5} {'wdog':>5} {'ovfl':>5} {'n/i':>5} {'sust/s':>7} "
             f"{'lat50':>6} {'lat99':>6} {'roi50':>6} {'roi99':>6} {'inf50':>6} {'inf99':>6} {'seg50':>6} "
-            f"{'seg99':>6} {'rssMiB':>7}  verdict")
+            f"{'seg99':>6} {'cpu%':>5} {'acc':>5} {'rssMiB':>7}  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
         st = r["stages"]
@@ -238,10 +242,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(r['latency_p50_ms']):>6} {_fmt(r['latency_p99_ms']):>6} "
             f"{_fmt(st['roi']['p50_ms']):>6} {_fmt(st['roi']['p99_ms']):>6} "
             f"{_fmt(st['infer']['p50_ms']):>6} {_fmt(st['infer']['p99_ms']):>6} "
-            f"{_fmt(st['segment']['p50_ms']):>6} {_fmt(st['segment']['p99_ms']):>6} {r['peak_rss_mib']:>7.1f}  "
+            f"{_fmt(st['segment']['p50_ms']):>6} {_fmt(st['segment']['p99_ms']):>6} {_fmt(r.get('cpu_percent'), '.0f'):>5} "
+            f"{_fmt(r['accuracy'], '.2f'):>5} {r['peak_rss_mib']:>7.1f}  "
             f"{'FALLS BEHIND' if r['falls_behind'] else 'keeps up'}")
     lines.append("(latencies in ms: frame arrival -> result written, and per stage; wdog = PLC watchdog rejects, "
-                 "ovfl = queue overflow, n/i = NotInspected)")
+                 "ovfl = queue overflow, n/i = NotInspected; cpu% = process CPU / wall, 100 per core; acc = "
+                 "verdicts right against the replayed frames' ground truth, as the simulator scores them)")
     return "\n".join(lines)
 
 
