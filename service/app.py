@@ -96,6 +96,12 @@ class PartBook:
                     return p.part_id
             return None
 
+    def time_left(self, part_id: int, now: float) -> float | None:
+        """Seconds until the open part's deadline (negative when overdue), None when it is closed."""
+        with self._lock:
+            p = self._open.get(part_id)
+            return None if p is None else p.deadline - now
+
     def is_open(self, part_id: int) -> bool:
         with self._lock:
             return part_id in self._open
@@ -218,6 +224,7 @@ class DaemonStats:
     late_results: int = 0
     unpaired_frames: int = 0
     skipped_closed: int = 0  # frames not inspected because their part had already timed out
+    skipped_no_time: int = 0  # frames not inspected because their part's deadline was nearer than one inspection
     verdicts: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "no_part": 0,
                                                                "not_inspected": 0})
 
@@ -252,6 +259,7 @@ class Daemon:
         self._worker_beat = time.monotonic()
         self._worker_busy_since: dict[int, float] = {}  # worker index -> when its current inspection began
         self._stats_lock = threading.Lock()  # stats are updated by the control loop, the grab thread, the workers
+        self._inspect_s: float | None = None  # moving average of one inspection's wall time (seconds)
         self.model = None
         self.camera = None
         self.plc = None
@@ -380,7 +388,7 @@ class Daemon:
 
     def summary(self) -> dict[str, Any]:
         out = {"parts": self.stats.parts, "inspected": self.stats.inspected, "overflow": self.stats.overflow,
-               "skipped_closed": self.stats.skipped_closed,
+               "skipped_closed": self.stats.skipped_closed, "skipped_no_time": self.stats.skipped_no_time,
                "late_results": self.book.late, **{f"verdict_{k}": v for k, v in self.stats.verdicts.items()}}
         if self._sim is not None:
             sim = self._sim.stats()
@@ -513,14 +521,27 @@ class Daemon:
                 continue
             if job is None:
                 return
-            if job.part_id is not None and not self.book.is_open(job.part_id):
-                # Its part timed out while the frame waited (overload): the control loop has answered it.
-                # Inspecting it now would only take CPU from the parts that can still be answered.
-                with self._stats_lock:
-                    self.stats.skipped_closed += 1
-                log.warning("frame_skipped_part_closed", part_id=job.part_id, frame_id=job.frame.frame_id)
-                continue
-            self._worker_busy_since[index] = time.monotonic()
+            if job.part_id is not None:
+                left = self.book.time_left(job.part_id, time.monotonic())
+                if left is None:
+                    # Its part timed out while the frame waited (overload): the control loop has answered it.
+                    # Inspecting it now would only take CPU from the parts that can still be answered.
+                    with self._stats_lock:
+                        self.stats.skipped_closed += 1
+                    log.warning("frame_skipped_part_closed", part_id=job.part_id, frame_id=job.frame.frame_id)
+                    continue
+                expected = self._inspect_s
+                if expected is not None and left < expected:
+                    # It cannot finish before its deadline: answer it now and take a fresher frame, or
+                    # every frame behind it in the queue would miss its deadline too.
+                    with self._stats_lock:
+                        self.stats.skipped_no_time += 1
+                    log.warning("frame_skipped_no_time", part_id=job.part_id, frame_id=job.frame.frame_id,
+                                left_ms=round(left * 1000.0, 1), expected_ms=round(expected * 1000.0, 1))
+                    self._finish(job.part_id, Verdict.make_not_inspected(job.part_id, "overload",
+                                                                         frame_id=job.frame.frame_id))
+                    continue
+            started = self._worker_busy_since[index] = time.monotonic()
             try:
                 verdict, extras = self.inspect(job.frame, job.part_id or 0)
             except Exception as exc:  # never let one frame kill the loop
@@ -528,7 +549,9 @@ class Daemon:
                 verdict, extras = Verdict.make_not_inspected(job.part_id or 0, "inspection_error",
                                                              frame_id=job.frame.frame_id), None
             self._worker_busy_since.pop(index, None)
-            self._worker_beat = time.monotonic()
+            self._worker_beat = done = time.monotonic()
+            took = done - started  # a running estimate of one inspection, for the deadline check above
+            self._inspect_s = took if self._inspect_s is None else 0.8 * self._inspect_s + 0.2 * took
             with self._stats_lock:
                 self.stats.inspected += 1
             if job.part_id is None:  # free-run commissioning: no PartId to answer

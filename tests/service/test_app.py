@@ -417,6 +417,31 @@ def test_frame_for_a_closed_or_unknown_part_is_dropped(tmp_path, valve_image):
     assert [e["part_id"] for e in logs if e["event"] == "frame_for_closed_part"] == [1, 99]
 
 
+def test_worker_answers_a_frame_it_cannot_finish_before_the_deadline_not_inspected(tmp_path, valve_image):
+    """Overload: when one inspection takes longer than the part has left, the frame is answered NotInspected
+    (overload) at once and not inspected, so the frames behind it are not made late too."""
+    model = FakeModel()
+    d = make_daemon(tmp_path, model=model, pipeline={"part_timeout_s": 0.5, "trigger_window_ms": 100})
+    d._on_plc_event(part_event(9))
+    d._on_camera_event(frame(valve_image, 9, frame_id=3))
+    d._inspect_s = 5.0  # recent inspections took 5 s; the part has at most 0.5 s left
+    drain_worker(d)
+    assert model.calls == 0 and d.stats.skipped_no_time == 1 and d.stats.inspected == 0
+    (v,) = d.plc.published
+    assert (v.part_id, v.frame_id, v.label, v.reason) == (9, 3, "not_inspected", "overload")
+
+
+def test_worker_keeps_a_running_estimate_of_one_inspection(tmp_path, valve_image):
+    """After an inspection the worker's estimate is set (and then moves by 1/5 of each new time)."""
+    d = make_daemon(tmp_path)
+    assert d._inspect_s is None
+    d._on_plc_event(part_event(10))
+    d._on_camera_event(frame(valve_image, 10, frame_id=4))
+    drain_worker(d)
+    assert d._inspect_s is not None and 0 < d._inspect_s < 5.0
+    assert [(v.part_id, v.label) for v in d.plc.published] == [(10, "accept")]
+
+
 def test_late_inspection_after_a_timeout_is_dropped_not_published(tmp_path, valve_image):
     """When a part times out while its frame is being inspected, the later result is counted late, never published."""
     d = make_daemon(tmp_path)

@@ -67,14 +67,14 @@ def test_rate_far_above_capacity_falls_behind(bench_result):
 def test_overload_degrades_gracefully_every_part_answered_in_time(bench_result):
     """At 40 parts/s (above this pipeline's capacity on a small CPU, below the PLC link's polling limit) the line
     sheds load instead of collapsing: every part gets its result before the PLC's watchdog, and parts are still
-    inspected (the shed ones are NotInspected at once: trigger_late, camera_not_ready or overflow)."""
+    inspected (the shed ones are NotInspected at once: trigger_late, camera_not_ready, overflow or overload)."""
     mid = bench_result["rates"][1]
     assert mid["rate"] == 40 and mid["produced"] > 60
     assert mid["watchdog_rejects"] == 0, mid
     assert mid["results"] == mid["produced"]
     assert mid["inspected"] > 0 and mid["sustained_parts_per_s"] > 0
     assert mid["inspected"] + mid["not_inspected"] == mid["results"]
-    assert set(mid["not_inspected_reasons"]) <= {"trigger_late", "camera_not_ready", "overflow",
+    assert set(mid["not_inspected_reasons"]) <= {"trigger_late", "camera_not_ready", "overflow", "overload",
                                                  "timeout_no_frame", "timeout_inspection"}, mid
 
 
