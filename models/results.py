@@ -836,6 +836,21 @@ def table4(s: Settings) -> tuple[list[str], dict]:
                 r = d["methods"][method]["per_class_mean_iou"]
                 lines.append(f"| {method} | " + " | ".join(fmt_ms(r[c]["values"], 1, n) for c in classes) + " |")
         lines.append("")
+        iou = {m: d["methods"][m]["mean"]["iou"]["mean"] for m in SALIENCY_METHODS}
+        order = sorted(SALIENCY_METHODS, key=lambda m: -iou[m])
+        text = order[0]
+        for a, b in zip(order, order[1:], strict=False):
+            text += (" = " if math.isclose(iou[a], iou[b], rel_tol=1e-9, abs_tol=1e-12) else " > ") + b
+        best = "agrees with" if order[0] == "gradcam++" and not math.isclose(
+            iou[order[0]], iou[order[1]], rel_tol=1e-9, abs_tol=1e-12) else "differs from"
+        lines += [f"Ours by mean IoU: {text}; this {best} the paper's Table 4, where Grad-CAM++ segments best.", ""]
+        if p["preset"] == "compact":
+            lines += ["CAM and Grad-CAM give the same rows here, and that is expected: the compact preset pools the "
+                      "last feature map globally (GAP) before its FC layers, so the gradient of the class score is "
+                      "the same at every location of a channel, and CAM's per-location weights and Grad-CAM's "
+                      "averaged ones differ only by the positive factor h x w, which the min-max scaling removes "
+                      "(Selvaraju et al.: Grad-CAM generalises CAM). They differ on the paper preset's flatten head.",
+                      ""]
         if policy == "letterbox":
             lines += ["Pixel accuracy (PA) is inflated: scoring is in the letterboxed model input, whose zero "
                       "padding counts as true negatives (about 60 % of a KolektorSDD input); read IoU and F "
