@@ -853,7 +853,8 @@ def table4(s: Settings) -> tuple[list[str], dict]:
                       ""]
         if policy == "letterbox":
             lines += ["Pixel accuracy (PA) is inflated: scoring is in the letterboxed model input, whose zero "
-                      "padding counts as true negatives (about 60 % of a KolektorSDD input); read IoU and F "
+                      "padding counts as true negatives (about 60 % of a KolektorSDD input; Magnetic-tile images vary "
+                      "from near-square to 1:4); read IoU and F "
                       "(`docs/real-data.md`).", ""]
     lines += ["Published figure for context: Magnetic-tile, fully supervised DEU-Net (Appl. Sci. 2024), mIoU "
               "66.9; trained on pixel masks with another mIoU definition, not like-for-like with these weakly "
