@@ -48,9 +48,11 @@ def test_low_rate_is_sustained_with_figures(bench_result):
         assert low["stages"][stage]["p50_ms"] > 0
         assert low["stages"][stage]["p99_ms"] >= low["stages"][stage]["p50_ms"]
     assert low["peak_rss_mib"] > 0 and low["rss_mib"] > 0 and low["cpu_percent"] > 0
-    # frames and PartIds stay aligned: the shipped model gets 22 of the 24 demo parts right (a replay
-    # running one frame ahead of the PartIds scored about 0.25)
+    # each verdict belongs to the frame it was given: the shipped model gets 22 of the 24 demo parts right
+    # (a verdict paired with the wrong frame scores about 0.25); nothing is shed at 4 parts/s, so the
+    # simulator's own score by PartId agrees
     assert low["accuracy"] is not None and low["accuracy"] >= 0.75, low
+    assert low["plc_sim_accuracy"] is not None and low["plc_sim_accuracy"] >= 0.75, low
     assert bench_result["highest_sustained_rate"] == 4
 
 
