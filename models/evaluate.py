@@ -62,7 +62,7 @@ from models.metrics import (
     scores_from_counts,
 )
 from models.saliency import METHODS, saliency
-from service.segment import masks_for
+from service.segment import masks_for, otsu_mask
 
 PROG = "valve-model evaluate"
 
@@ -107,6 +107,22 @@ def _clean(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def content_box(path: Path, size: int) -> tuple[slice, slice] | None:
+    """Where the image lies in its letterboxed size x size input, or None when it fills the input (square)."""
+    import cv2
+
+    from models.real_data import letterbox_geometry
+
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise EvalError(f"cannot read {path}")
+    h, w = image.shape[:2]
+    if h == w:
+        return None
+    g = letterbox_geometry(h, w, size)
+    return slice(g.top, g.top + g.inner_height), slice(g.left, g.left + g.inner_width)
 
 
 def round_robin(queues: list[list], n: int, out: list | None = None) -> list:
@@ -198,6 +214,10 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
         pred = probs.argmax(axis=1)
         masks = masks_for(maps_np, pred, seg_flags)
         for i, s in enumerate(batch):
+            box = content_box(s.path, size)
+            if box is not None and seg_flags[pred[i]]:  # Otsu over the image, not the letterbox's padding
+                masks[i] = False
+                masks[i][box] = otsu_mask(maps_np[i][box])
             t, p = int(s.label), int(pred[i])
             y_true.append(t)
             y_pred.append(p)
@@ -269,6 +289,8 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
             "segmented_classes": list(seg_names),
             "scored_images": sum(len(v) for v in seg_counts.values()),
             "segmented_images_without_mask": no_mask,
+            "mask_region": "the image content: on a letterboxed input the padding is left out of Otsu and of "
+                           "the predicted mask (it is not image); the whole input otherwise",
             "definition": "images with a mask file whose true class is segmented; the predicted mask is Otsu "
                           "on the predicted class's saliency, empty when that class is not segmented. "
                           "mean = average of per-image scores; pooled = scores of pixel counts summed "

@@ -133,3 +133,24 @@ def test_missing_run_and_bad_options_are_user_errors(eval_data, tmp_path, capsys
     assert rc == 2 and "cannot load the model" in capsys.readouterr().err
     with pytest.raises(EvalError, match="--limit"):
         evaluate(tmp_path / "norun", eval_data, limit=0)
+
+
+def test_content_box_is_where_the_letterbox_puts_the_image(tmp_path):
+    """content_box: the rows/columns of a non-square image inside its letterboxed input; None for a square one,
+    so evaluate's Otsu masks leave the padding out and square valve slices are untouched."""
+    import cv2
+    import numpy as np
+
+    from models.evaluate import content_box
+    from models.real_data import letterbox
+
+    tall = tmp_path / "tall.png"
+    cv2.imwrite(str(tall), np.full((100, 40), 200, np.uint8))
+    rows, cols = content_box(tall, 32)
+    boxed = letterbox(np.full((100, 40), 200, np.uint8), 32)
+    inside = np.zeros_like(boxed, dtype=bool)
+    inside[rows, cols] = True
+    assert (boxed[inside] > 0).all() and (boxed[~inside] == 0).all()
+    square = tmp_path / "square.png"
+    cv2.imwrite(str(square), np.full((50, 50), 9, np.uint8))
+    assert content_box(square, 32) is None
