@@ -172,9 +172,7 @@ def onnx_profile(path: Path, frames: list[np.ndarray], threads: int, runs: int =
         op = ev.get("args", {}).get("op_name", "?")
         by_op[op] = by_op.get(op, 0.0) + dur
         name = ev["name"].lstrip("/")
-        block = name.split("/", 1)[0] if "/" in name else "(other)"
-        if block.startswith(("head", "fc", "classifier", "Gemm", "MatMul")) or "grad" in name.lower():
-            block = block if block.startswith(("head", "fc", "classifier")) else "(head backprop, map)"
+        block = name.split("/", 1)[0] if "/" in name else "(other)"  # the module path's first part
         by_block[block] = by_block.get(block, 0.0) + dur
     total = sum(by_op.values()) or 1.0
 

@@ -110,15 +110,19 @@ def _clean(obj):
 
 
 def content_box(path: Path, size: int) -> tuple[slice, slice] | None:
-    """Where the image lies in its letterboxed size x size input, or None when it fills the input (square)."""
-    import cv2
+    """Where the image lies in its letterboxed size x size input, or None when it fills the input (square).
+
+    Reads only the file's header (PIL opens lazily): the pixels were decoded once already.
+    """
+    from PIL import Image, UnidentifiedImageError
 
     from models.real_data import letterbox_geometry
 
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise EvalError(f"cannot read {path}")
-    h, w = image.shape[:2]
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise EvalError(f"cannot read {path}: {exc}") from None
     if h == w:
         return None
     g = letterbox_geometry(h, w, size)
@@ -214,8 +218,8 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
         pred = probs.argmax(axis=1)
         masks = masks_for(maps_np, pred, seg_flags)
         for i, s in enumerate(batch):
-            box = content_box(s.path, size)
-            if box is not None and seg_flags[pred[i]]:  # Otsu over the image, not the letterbox's padding
+            # Otsu over the image, not the letterbox's padding
+            if seg_flags[pred[i]] and (box := content_box(s.path, size)) is not None:
                 masks[i] = False
                 masks[i][box] = otsu_mask(maps_np[i][box])
             t, p = int(s.label), int(pred[i])

@@ -873,12 +873,6 @@ def table4(s: Settings) -> tuple[list[str], dict]:
 # figures
 
 
-def _round_robin(groups: dict, n: int) -> list:
-    from models.evaluate import round_robin  # torch: imported only when figures are made
-
-    return round_robin(list(groups.values()), n)
-
-
 def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, n: int = FIGURE_CASES):
     """(correct, wrong, notes): OverlayItems of correctly classified defect images and of
     misclassified images (either direction), recomputed with the run's weights (Grad-CAM++, Otsu)."""
@@ -887,7 +881,7 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
 
     from models.checkpoint import load as load_model
     from models.data import load_samples, read_image, read_mask, remap_classes
-    from models.evaluate import _pick_overlays, content_box
+    from models.evaluate import _pick_overlays, content_box, round_robin
     from models.figures import OverlayItem
     from models.ira_cnn import segmented_classes
     from models.saliency import saliency
@@ -912,7 +906,7 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
         else:
             wrong_rows.setdefault((r["true"], r["pred"]), []).append(r)
     correct_rows = {k: v[:n] for k, v in correct_rows.items()}
-    wrong_sel = _round_robin({k: sorted(v, key=lambda r: -float(r["score"])) for k, v in wrong_rows.items()}, n)
+    wrong_sel = round_robin([sorted(v, key=lambda r: -float(r["score"])) for v in wrong_rows.values()], n)
 
     def items(sel: list[dict]) -> list[tuple[int, OverlayItem]]:
         if not sel:
@@ -925,8 +919,7 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
         pred = probs.argmax(axis=1)
         masks = masks_for(maps_np, pred, seg_flags)
         for j, x in enumerate(samples):  # as evaluate does: Otsu over the image, not the letterbox padding
-            box = content_box(x.path, size)
-            if box is not None and seg_flags[pred[j]]:
+            if seg_flags[pred[j]] and (box := content_box(x.path, size)) is not None:
                 masks[j] = False
                 masks[j][box] = otsu_mask(maps_np[j][box])
         out = []

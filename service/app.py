@@ -102,10 +102,6 @@ class PartBook:
             p = self._open.get(part_id)
             return None if p is None else p.deadline - now
 
-    def is_open(self, part_id: int) -> bool:
-        with self._lock:
-            return part_id in self._open
-
     def waiting_for_frame(self, part_id: int) -> bool:
         with self._lock:
             p = self._open.get(part_id)

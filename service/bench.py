@@ -158,7 +158,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
     """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures."""
     from prometheus_client import CollectorRegistry
 
-    from service.sim.plc_sim import PlcSimulator
+    from service.sim.plc_sim import PlcSimulator, verdict_correct
 
     probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads, workers=workers,
                            queue_size=queue_size)
@@ -211,7 +211,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         stages[st] = {"p50_ms": p50, "p99_ms": p99}
     overflow = overflow1 - overflow0
     daemon_inspected = sum(1 for r in recs if r[1] != "not_inspected")
-    replay = [replay_correct(classes[r[5] % len(classes)], r[6], r[7]) for r in recs if r[1] != "not_inspected"]
+    replay = [verdict_correct(classes[r[5] % len(classes)], r[6], r[7]) for r in recs if r[1] != "not_inspected"]
     reasons: dict[str, int] = {}
     for r in recs:
         if r[1] == "not_inspected":
@@ -231,11 +231,6 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         "cpu_percent": round(100.0 * cpu / measured, 1) if measured > 0 else None,
         "provider": daemon.model.provider if daemon.model is not None else None,
     }
-
-
-def replay_correct(expected: str, accepted: bool, defects: tuple[str, ...]) -> bool:
-    """The simulator's rule (a good part accepted; a defect part rejected for its own class)."""
-    return accepted if expected == "good" else (expected in defects and not accepted)
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:

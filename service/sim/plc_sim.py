@@ -114,6 +114,12 @@ class _Part:
     expected: str | None
 
 
+def verdict_correct(expected: str, accepted: bool, defects: Sequence[str]) -> bool:
+    """How a result is scored against the ground truth: a good part must be accepted, a defect part
+    rejected with its own class among the defects."""
+    return accepted if expected == "good" else (expected in defects and not accepted)
+
+
 class PlcSimulator:
     """The PLC side of the interface, served by a snap7.server.Server.
 
@@ -444,10 +450,7 @@ class PlcSimulator:
         c["accepted" if accepted else "rejected"] += 1
         correct = None
         if part.expected is not None:
-            if part.expected == "good":
-                correct = accepted
-            else:
-                correct = part.expected in got.split("+") and not accepted
+            correct = verdict_correct(part.expected, accepted, got.split("+"))
             c["scored"] += 1
             c["correct"] += int(correct)
             if part.expected != "good" and accepted:
