@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,31 +136,17 @@ class PartBook:
 
 
 def roi_params_from(settings: Settings):
-    """Map the [roi] section onto service.roi.RoiParams (same field names)."""
+    """The ROI stage's parameters (service.roi.RoiParams.from_settings, which Settings also builds)."""
     from service.roi import RoiParams
 
-    names = {f.name for f in fields(RoiParams)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.roi.model_dump().items()
-              if k in names}
-    values["cols"] = settings.roi.roi_width // settings.roi.slice_size
-    values["rows"] = settings.roi.roi_height // settings.roi.slice_size
-    return RoiParams(**values)
-
-
-def plc_port(settings: Settings) -> int:
-    if settings.plc.port:
-        return settings.plc.port
-    return 1102 if settings.plc.mode == "simulated" else 102
+    return RoiParams.from_settings(settings.roi)
 
 
 def plc_link_config(settings: Settings):
+    """The PLC link's parameters (service.plc.PlcLinkConfig.from_settings, which Settings also builds)."""
     from service.plc import PlcLinkConfig
 
-    p = settings.plc
-    return PlcLinkConfig(host=p.host, rack=p.rack, slot=p.slot, port=plc_port(settings), db=p.db,
-                         poll_interval_s=p.poll_ms / 1000.0, plc_heartbeat_timeout_s=p.heartbeat_timeout_s,
-                         reconnect_min_s=p.reconnect_min_s, reconnect_max_s=p.reconnect_max_s,
-                         app_watchdog_s=max(2.0, p.heartbeat_timeout_s))
+    return PlcLinkConfig.from_settings(settings.plc)
 
 
 def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dict[str, float],
@@ -256,6 +242,7 @@ class Daemon:
         self._worker_busy_since: dict[int, float] = {}  # worker index -> when its current inspection began
         self._stats_lock = threading.Lock()  # stats are updated by the control loop, the grab thread, the workers
         self._inspect_s: float | None = None  # moving average of one inspection's wall time (seconds)
+        self._mixed_warned = 0.0  # when the mixed-simulation warning was last logged
         self.model = None
         self.camera = None
         self.plc = None
@@ -303,13 +290,20 @@ class Daemon:
         if s.plc.mode == "simulated" and self._sim is None:
             from service.sim.plc_sim import PlcSimulator
 
-            self._sim = PlcSimulator(host=s.plc.host, port=plc_port(s), db=s.plc.db, rate=s.plc.sim_rate_hz,
+            self._sim = PlcSimulator(host=s.plc.host, port=s.plc.port, db=s.plc.db, rate=s.plc.sim_rate_hz,
                                      watchdog_s=s.plc.sim_watchdog_s, manifest=self._demo_manifest)
             self._sim.start()
             self._own_sim = True
             log.info("plc_simulator_started", port=self._sim.port, rate_hz=s.plc.sim_rate_hz)
+        simulated = s.simulated_parts
+        for component in ("camera", "plc"):
+            self.metrics.simulated.labels(component=component).set(1 if component in simulated else 0)
+        self.metrics.simulation_mixed.set(1 if s.mixed_simulation else 0)
+        if s.mixed_simulation:  # allowed by the loader only with simulation.mix_with_real_hardware = true
+            self._warn_mixed()
         self.plc = PlcLink(plc_link_config(s))
-        self.plc.set_status(ready=False, camera_ok=False, model_ok=True, gpu_active=gpu, fault=False)
+        self.plc.set_status(ready=False, camera_ok=False, model_ok=True, gpu_active=gpu, fault=False,
+                            simulated=bool(simulated))
         self.plc.start()
 
         # 5. Camera: grab thread delivers into on_event, which never blocks.
@@ -325,7 +319,7 @@ class Daemon:
         self._pinger = notify.WatchdogPinger(self.healthy).start()
         notify.ready("inspecting")
         log.info("daemon_started", camera=s.camera.source, trigger=s.camera.trigger, plc=s.plc.mode,
-                 plc_port=plc_port(s), queue_size=s.pipeline.queue_size, workers=s.pipeline.workers,
+                 plc_port=s.plc.port, queue_size=s.pipeline.queue_size, workers=s.pipeline.workers,
                  intra_op_threads=s.model.intra_op_threads)
         return self
 
@@ -394,10 +388,23 @@ class Daemon:
 
     # ------------------------------------------------------------------ control loop
 
+    def _warn_mixed(self) -> None:
+        """The mixed line's warning (at start, then every simulation.warn_interval_s from the control loop)."""
+        s = self.settings
+        self._mixed_warned = time.monotonic()
+        log.warning("simulation_mixed_with_real_hardware", simulated=list(s.simulated_parts),
+                    camera=s.camera.source, plc=s.plc.mode, key="simulation.mix_with_real_hardware",
+                    detail="a simulator shares the line with real hardware: verdicts are not of real parts "
+                           "(camera emulator) or never reach the real line (PLC simulator); PLC status bit "
+                           "Simulated = 1; for commissioning only")
+
     def _control(self) -> None:
         last_status = 0.0
+        mixed = self.settings.mixed_simulation
         while not self._stop.is_set():
             self._loop_beat = now = time.monotonic()
+            if mixed and now - self._mixed_warned >= self.settings.simulation.warn_interval_s:
+                self._warn_mixed()
             self.plc.touch()
             ev = self.plc.next_event(timeout=0.02)
             if ev is not None:

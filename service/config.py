@@ -11,8 +11,19 @@ Precedence, highest first:
    ``VALVE_INSPECT_CAMERA__FEATURES='{"ExposureTime": 5000.0}'`` (merged into the file's table).
    A whole section also takes JSON: ``VALVE_INSPECT_PLC='{"mode": "client", "host": "10.0.0.5"}'``.
 2. the TOML file;
-3. the defaults below, which are the embedded demo line (emulator camera, simulated PLC,
-   shipped demo model).
+3. the defaults below. Without a file (``valve-inspect run`` with no ``--config``) they are the
+   embedded demo line: emulator camera, simulated PLC, shipped demo model. **With a file, a real
+   line is the default**: ``camera.source = "pylon"`` and ``plc.mode = "client"`` unless the file
+   (or the environment) says otherwise, and ``plc.host`` must then be given.
+
+Simulation is explicit (docs/operations.md, "Simulation"): a line whose camera is the emulator
+and whose PLC is real, or the reverse, is refused unless ``[simulation] mix_with_real_hardware =
+true`` says it is meant (commissioning); the daemon then warns every minute, sets the PLC status
+bit ``Simulated`` and exports ``valve_inspect_simulation_mixed 1``.
+
+Each component's parameters are built from its section by the component's own ``from_settings``
+(``RoiParams.from_settings``, ``PlcLinkConfig.from_settings``), and ``load_config`` builds them
+once while validating: a config that check-config accepts is one the daemon can construct.
 
 Every unknown key is an error (a typo must not silently fall back to a default), in the file and
 in ``VALVE_INSPECT_<SECTION>__...`` variables alike. Relative paths in the file are resolved
@@ -48,6 +59,8 @@ from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from service.errors import ConfigError
+from service.plc import DB_RANGE, DEFAULT_DB, ISO_ON_TCP_PORT, RACK_RANGE, SIMULATOR_PORT, SLOT_RANGE
+from service.roi import THRESHOLD_MAX, THRESHOLD_MIN
 
 try:  # Python >= 3.11
     import tomllib
@@ -57,9 +70,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ENV_PREFIX = "VALVE_INSPECT_"
 ENV_DELIMITER = "__"
 
-#: plc.port = 0 resolves to these.
-PLC_CLIENT_PORT = 102
-PLC_SIMULATED_PORT = 1102
+#: plc.port = 0 resolves to these (defined in service.plc).
+PLC_CLIENT_PORT = ISO_ON_TCP_PORT
+PLC_SIMULATED_PORT = SIMULATOR_PORT
 
 #: Camera nodes the [camera] section owns; setting them in camera.features would fight it.
 MANAGED_FEATURES = {
@@ -73,6 +86,9 @@ MANAGED_FEATURES = {
     "ImageFileMode": "camera.images",
     "ImageFilename": "camera.images",
 }
+
+#: load_config() sets this while it validates a config *file*: then a real line is the default.
+_LINE_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("valve_inspect_line_file", default=False)
 
 _GENICAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: ONNX Runtime providers that run on a GPU (one list for config validation and service.infer).
@@ -101,7 +117,8 @@ class _Section(BaseModel):
 class CameraSettings(_Section):
     """[camera]: the Basler camera, or the pylon camera emulator replaying images."""
 
-    source: Literal["emulator", "pylon"] = "emulator"
+    source: Literal["emulator", "pylon"] | None = Field(
+        None, description="default: 'pylon' with a config file, 'emulator' for the embedded demo")
     serial: str = ""
     images: str = ""
     trigger: Literal["software", "hardware", "free-run"] = "software"
@@ -131,11 +148,14 @@ class CameraSettings(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> CameraSettings:
+        if self.source is None:  # frozen model: resolve the default once (a file means a real line)
+            object.__setattr__(self, "source", "pylon" if _LINE_FILE.get() else "emulator")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise _field_error("reconnect_min_s", f"must be <= reconnect_max_s ({self.reconnect_min_s} > "
                                                   f"{self.reconnect_max_s})")
         if self.source == "pylon" and self.images:
-            raise _field_error("images", "only used with source = 'emulator'; set it to \"\" for a real camera")
+            raise _field_error("images", "only used with source = 'emulator' (the camera emulator replaying "
+                                         "images); set it to \"\" for a real camera, or set source = 'emulator'")
         if self.source == "emulator" and self.trigger == "hardware":
             raise _field_error("trigger", "'hardware' needs a real camera wired to Line1; the emulator has no "
                                           "trigger input: use 'software' or 'free-run'")
@@ -154,17 +174,19 @@ class CameraSettings(_Section):
 class RoiSettings(_Section):
     """[roi]: fixed-threshold binarisation, the valve's rotated bounding box, the ROI and its slices.
 
-    Mirrors service.roi.RoiParams field by field (the daemon passes these straight through).
+    ``service.roi.RoiParams.from_settings`` turns it into the ROI stage's parameters (the grid from
+    the sizes); Settings builds them while validating, so both checks always agree.
     """
 
-    threshold: int = Field(40, ge=0, le=255)
+    threshold: int = Field(40, ge=THRESHOLD_MIN, le=THRESHOLD_MAX, description="pixels > threshold are the valve; 0 and 255 "
+                                                           "would make every or no pixel the valve")
     roi_width: int = Field(768, ge=1, le=4096)
     roi_height: int = Field(384, ge=1, le=4096)
     slice_size: int = Field(192, ge=8, le=4096)
     length_range: tuple[float, float] = (600.0, 960.0)
     diameter_range: tuple[float, float] = (300.0, 480.0)
     max_angle_deg: float = Field(15.0, ge=0, le=45)
-    min_fill: float = Field(0.85, ge=0, le=1)
+    min_fill: float = Field(0.85, gt=0, le=1)
     min_region_area: int = Field(5000, ge=1)
     border_margin: int = Field(2, ge=0, le=1024)
 
@@ -185,12 +207,13 @@ class RoiSettings(_Section):
 class PlcSettings(_Section):
     """[plc]: the S7 link (``client``) or the in-process simulator (``simulated``)."""
 
-    mode: Literal["simulated", "client"] = "simulated"
-    host: str = "127.0.0.1"
+    mode: Literal["simulated", "client"] | None = Field(
+        None, description="default: 'client' with a config file, 'simulated' for the embedded demo")
+    host: str = Field("", description="the PLC's address (required for client); simulated: 127.0.0.1")
     port: int = Field(0, ge=0, le=65535, description="0 = 102 for client, 1102 for simulated")
-    rack: int = Field(0, ge=0, le=7)
-    slot: int = Field(1, ge=0, le=31)
-    db: int = Field(100, ge=1, le=65535)
+    rack: int = Field(0, ge=RACK_RANGE[0], le=RACK_RANGE[1])
+    slot: int = Field(1, ge=SLOT_RANGE[0], le=SLOT_RANGE[1])
+    db: int = Field(DEFAULT_DB, ge=DB_RANGE[0], le=DB_RANGE[1])
     poll_ms: int = Field(10, ge=1, le=10_000)
     heartbeat_timeout_s: float = Field(3.0, gt=0, le=600)
     reconnect_min_s: float = Field(0.5, gt=0, le=300)
@@ -205,11 +228,17 @@ class PlcSettings(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> PlcSettings:
+        if self.mode is None:  # frozen model: resolve the default once (a file means a real line)
+            object.__setattr__(self, "mode", "client" if _LINE_FILE.get() else "simulated")
+        if self.mode == "simulated" and not self.host:
+            object.__setattr__(self, "host", "127.0.0.1")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise _field_error("reconnect_min_s", f"must be <= reconnect_max_s ({self.reconnect_min_s} > "
                                                   f"{self.reconnect_max_s})")
         if self.mode == "client" and not self.host:
-            raise _field_error("host", "mode = 'client' needs the PLC's IP address or host name")
+            raise _field_error("host", "mode = 'client' (a real PLC; the default with a config file) needs the "
+                                       "PLC's IP address or host name, e.g. host = \"192.168.0.1\"; "
+                                       "for the simulator set mode = 'simulated'")
         if self.heartbeat_timeout_s * 1000.0 <= self.poll_ms:
             raise _field_error("heartbeat_timeout_s", f"must be longer than poll_ms ({self.poll_ms} ms)")
         if self.port == 0:
@@ -338,6 +367,14 @@ class LogSettings(_Section):
         return v.strip().lower() if isinstance(v, str) else v
 
 
+class SimulationSettings(_Section):
+    """[simulation]: whether a simulator may share the line with real hardware (commissioning only)."""
+
+    mix_with_real_hardware: bool = Field(
+        False, description="allow the camera emulator with a real PLC, or a real camera with the simulated PLC")
+    warn_interval_s: float = Field(60.0, ge=1, le=3600, description="how often a mixed line logs its warning")
+
+
 # ------------------------------------------------------------------------------------------- Settings
 
 #: The environment mapping load_config() reads for the Settings being built (None: os.environ).
@@ -369,6 +406,18 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    simulation: SimulationSettings = Field(default_factory=SimulationSettings)
+
+    @property
+    def simulated_parts(self) -> tuple[str, ...]:
+        """Which parts of the line are simulators: a subset of ("camera", "plc")."""
+        return tuple(name for name, sim in (("camera", self.camera.source == "emulator"),
+                                            ("plc", self.plc.mode == "simulated")) if sim)
+
+    @property
+    def mixed_simulation(self) -> bool:
+        """A simulator beside real hardware (allowed only by simulation.mix_with_real_hardware)."""
+        return len(self.simulated_parts) == 1
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -378,6 +427,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:
+        if self.mixed_simulation and not self.simulation.mix_with_real_hardware:
+            if self.camera.source == "emulator":
+                what = ("the camera emulator (camera.source = 'emulator') would send verdicts of simulated frames "
+                        "to a real PLC (plc.mode = 'client')")
+            else:
+                what = ("a real camera's verdicts (camera.source = 'pylon') would go to the simulated PLC "
+                        "(plc.mode = 'simulated') and be lost")
+            raise _field_error("simulation.mix_with_real_hardware",
+                               f"false, but {what}. Fix: a real line sets camera.source = 'pylon' and plc.mode = "
+                               "'client' (the defaults with a config file); a demo simulates both; only for "
+                               "commissioning set [simulation] mix_with_real_hardware = true")
         if self.roi.roi_width > self.camera.width or self.roi.roi_height > self.camera.height:
             raise _field_error("roi.roi_width", f"the ROI ({self.roi.roi_width}x{self.roi.roi_height}) does not fit "
                                                 f"in the camera frame ({self.camera.width}x{self.camera.height})")
@@ -389,7 +449,25 @@ class Settings(BaseSettings):
                                f"{self.pipeline.part_timeout_s} s is not shorter than the simulated PLC's watchdog "
                                f"plc.sim_watchdog_s ({self.plc.sim_watchdog_s} s): a part that times out here "
                                "would be answered after the PLC has already rejected it; lower part_timeout_s")
+        _build_component_params(self)
         return self
+
+
+def _build_component_params(settings: Settings) -> None:
+    """Build what the daemon builds from the settings, so that check-config and run agree by construction.
+
+    Each component checks its own parameters (one definition per bound); a ValueError or ConfigError
+    here becomes a validation error at the component's section.
+    """
+    from service.plc import PlcLinkConfig
+    from service.roi import RoiParams
+
+    for section, build in (("roi", lambda: RoiParams.from_settings(settings.roi)),
+                           ("plc", lambda: PlcLinkConfig.from_settings(settings.plc))):
+        try:
+            build()
+        except (ValueError, ConfigError) as exc:
+            raise _field_error(section, str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -547,8 +625,12 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         p = Path(path).expanduser()
         data = _read_toml(p)
         _resolve_file_paths(data, p.resolve().parent)
+        for name in Settings.model_fields:  # a missing section is validated as {} (errors then name it)
+            if isinstance(data, dict) and name not in data:
+                data[name] = {}
     _check_env_sections(env)
     token = _ENV.set(env)
+    line_token = _LINE_FILE.set(path is not None)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -568,6 +650,7 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
                           f"{ENV_PREFIX}MODEL{ENV_DELIMITER}PROVIDERS='[\"CPUExecutionProvider\"]'") from None
     finally:
         _ENV.reset(token)
+        _LINE_FILE.reset(line_token)
     if not settings.archive.dir:
         archive = settings.archive.model_copy(update={"dir": str(state_dir(env) / "archive")})
         settings = settings.model_copy(update={"archive": archive})

@@ -15,10 +15,14 @@ Exported (Grafana's queries use these names):
     valve_inspect_camera_connected                  1 / 0
     valve_inspect_camera_failed_buffers_total       buffers the camera delivered incomplete
     valve_inspect_camera_grab_timeouts_total        triggered frames (or free-run frames) that never came
+    valve_inspect_camera_bad_frames_total{reason}   frames that arrived wrong: wrong_size | wrong_pixel_format | truncated
     valve_inspect_camera_reconnects_total           the camera re-created after it was lost
     valve_inspect_plc_connected                     1 / 0
     valve_inspect_plc_reconnects_total              the S7 link re-established after it dropped
     valve_inspect_model_info{sha256,provider,preset} 1
+    valve_inspect_simulated{component}              camera | plc: 1 when that part of the line is a simulator
+    valve_inspect_simulation_mixed                  1 when a simulator runs beside real hardware
+                                                    ([simulation] mix_with_real_hardware; alert on it)
 
 Every label value is created at zero up front, so rates and dashboards work before the first
 event (and a missing series means a missing exporter, not "no rejects yet").
@@ -94,6 +98,9 @@ class Metrics:
                                       "grabbing.", registry=r)
         self.camera_failed_buffers = Counter("valve_inspect_camera_failed_buffers", "Buffers the camera "
                                              "delivered incomplete or failed.", registry=r)
+        self.camera_bad_frames = Counter("valve_inspect_camera_bad_frames", "Frames that arrived but are not "
+                                         "the configured Mono8 frame (the part is reported NotInspected).",
+                                         ["reason"], registry=r)
         self.camera_grab_timeouts = Counter("valve_inspect_camera_grab_timeouts", "Expected frames that did "
                                             "not arrive within camera.grab_timeout_ms.", registry=r)
         self.camera_reconnects = Counter("valve_inspect_camera_reconnects", "Times the camera was re-created "
@@ -106,6 +113,16 @@ class Metrics:
                                            "watchdog counts those parts as rejected.", ["reason"], registry=r)
         self.model_info = Info("valve_inspect_model", "The loaded model: sha256 of model.onnx, ONNX Runtime "
                                "provider in use, architecture preset.", registry=r)
+        self.simulated = Gauge("valve_inspect_simulated", "1 when this part of the line is a simulator "
+                               "(camera: the pylon emulator; plc: the in-process PLC simulator).", ["component"],
+                               registry=r)
+        self.simulation_mixed = Gauge("valve_inspect_simulation_mixed", "1 when a simulator runs beside real "
+                                      "hardware (simulation.mix_with_real_hardware): verdicts of simulated "
+                                      "frames reach a real PLC, or real verdicts a simulated one.", registry=r)
+        for component in ("camera", "plc"):
+            self.simulated.labels(component=component)
+        for reason in ("wrong_size", "wrong_pixel_format", "truncated"):
+            self.camera_bad_frames.labels(reason=reason)
         for verdict in VERDICT_LABELS:
             self.parts.labels(verdict=verdict)
         for defect in DEFECTS:

@@ -113,6 +113,7 @@ LAYOUT: tuple[Field, ...] = (
     Field("ModelOk", 10, 2, "Bool", _OUT, "ONNX model loaded and its hash/contract verified"),
     Field("GpuActive", 10, 3, "Bool", _OUT, "Inference runs on the GPU (0: CPU fallback)"),
     Field("Fault", 10, 4, "Bool", _OUT, "Vision fault, or PlcHeartbeat stale on the vision side"),
+    Field("Simulated", 10, 5, "Bool", _OUT, "A simulator is part of the line (camera emulator or PLC simulator): results are not of real parts"),
     Field("ResultSeq", 12, None, "DInt", _OUT, "+1 per result; a change tells the PLC a new result is complete"),
     Field("ResultPartId", 16, None, "DInt", _OUT, "PartId this result belongs to"),
     Field("FrameId", 20, None, "DInt", _OUT, "Camera frame counter of the inspected frame"),
@@ -147,7 +148,7 @@ def fields_in(start: int, size: int) -> tuple[Field, ...]:
     """The fields whose bytes lie in [start, start + size).
 
     >>> [f.name for f in fields_in(STATUS_START, STATUS_SIZE)]
-    ['VisionHeartbeat', 'Ready', 'CameraOk', 'ModelOk', 'GpuActive', 'Fault']
+    ['VisionHeartbeat', 'Ready', 'CameraOk', 'ModelOk', 'GpuActive', 'Fault', 'Simulated']
     """
     return tuple(f for f in LAYOUT if start <= f.offset and f.offset + f.size <= start + size)
 
@@ -168,13 +169,14 @@ class PlcInputs:
 
 @dataclass(frozen=True)
 class VisionStatus:
-    """The status bits at 10.0..10.4 (the heartbeat is separate)."""
+    """The status bits at 10.0..10.5 (the heartbeat is separate)."""
 
     ready: bool = False
     camera_ok: bool = False
     model_ok: bool = False
     gpu_active: bool = False
     fault: bool = False
+    simulated: bool = False
 
 
 @dataclass(frozen=True)
@@ -524,6 +526,16 @@ def write_artifacts(root: Path = REPO_ROOT) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 
+#: ISO-on-TCP, the port of every S7 PLC (plc.port = 0 with mode = "client").
+ISO_ON_TCP_PORT = 102
+#: The in-process simulator's default port (plc.port = 0 with mode = "simulated"): no root needed to bind it.
+SIMULATOR_PORT = 1102
+#: S7 addressing bounds, one definition for the config section and the link.
+RACK_RANGE = (0, 7)
+SLOT_RANGE = (0, 31)
+DB_RANGE = (1, 65535)
+
+
 @dataclass(frozen=True)
 class PlcLinkConfig:
     """Explicit link parameters (the config system maps its [plc] table onto these).
@@ -549,7 +561,7 @@ class PlcLinkConfig:
     host: str
     rack: int = 0
     slot: int = 1
-    port: int = 102
+    port: int = ISO_ON_TCP_PORT
     db: int = DEFAULT_DB
     poll_interval_s: float = 0.010
     status_interval_s: float = 0.25
@@ -568,13 +580,14 @@ class PlcLinkConfig:
 
         if not self.host:
             raise ConfigError("plc.host is empty: set it to the PLC's IP address, e.g. 192.168.0.1")
-        if not 0 <= self.rack <= 7 or not 0 <= self.slot <= 31:
-            raise ConfigError(f"plc.rack/slot = {self.rack}/{self.slot}: rack must be 0..7 and slot 0..31 "
-                              f"(S7-1500: rack 0, slot 1)")
-        if not 0 <= self.port <= 65535:
-            raise bad("port", "must be 0..65535 (a real PLC listens on 102)")
-        if not 1 <= self.db <= 65535:
-            raise bad("db", "must be a DB number 1..65535 (default 100)")
+        (r0, r1), (s0, s1), (d0, d1) = RACK_RANGE, SLOT_RANGE, DB_RANGE
+        if not r0 <= self.rack <= r1 or not s0 <= self.slot <= s1:
+            raise ConfigError(f"plc.rack/slot = {self.rack}/{self.slot}: rack must be {r0}..{r1} and slot "
+                              f"{s0}..{s1} (S7-1500: rack 0, slot 1)")
+        if not 1 <= self.port <= 65535:
+            raise bad("port", f"must be 1..65535 (a real PLC listens on {ISO_ON_TCP_PORT})")
+        if not d0 <= self.db <= d1:
+            raise bad("db", f"must be a DB number {d0}..{d1} (default {DEFAULT_DB})")
         for key in ("poll_interval_s", "status_interval_s", "plc_heartbeat_timeout_s", "reconnect_min_s",
                     "io_timeout_s"):
             if not getattr(self, key) > 0:
@@ -589,6 +602,17 @@ class PlcLinkConfig:
             raise ConfigError("plc.result_queue_max and plc.event_queue_max must be >= 1")
         if self.app_watchdog_s is not None and not self.app_watchdog_s > 0:
             raise bad("app_watchdog_s", "must be > 0 seconds, or unset to tie the heartbeat to the link thread")
+
+    @classmethod
+    def from_settings(cls, plc: Any) -> PlcLinkConfig:
+        """The link's parameters from the [plc] section (service.config.PlcSettings; its port is resolved).
+
+        VisionHeartbeat is tied to the app's loop (app_watchdog_s), never shorter than 2 s.
+        """
+        return cls(host=plc.host, rack=plc.rack, slot=plc.slot, port=plc.port, db=plc.db,
+                   poll_interval_s=plc.poll_ms / 1000.0, plc_heartbeat_timeout_s=plc.heartbeat_timeout_s,
+                   reconnect_min_s=plc.reconnect_min_s, reconnect_max_s=plc.reconnect_max_s,
+                   app_watchdog_s=max(2.0, plc.heartbeat_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -751,10 +775,11 @@ class PlcLink:
         return not reason
 
     def set_status(self, *, ready: bool | None = None, camera_ok: bool | None = None, model_ok: bool | None = None,
-                   gpu_active: bool | None = None, fault: bool | None = None) -> None:
+                   gpu_active: bool | None = None, fault: bool | None = None, simulated: bool | None = None) -> None:
         """Update status bits (None leaves a bit as it is); written at once. Fault is ORed with a stale PLC heartbeat."""
         changes = {k: bool(v) for k, v in dict(ready=ready, camera_ok=camera_ok, model_ok=model_ok,
-                                                   gpu_active=gpu_active, fault=fault).items() if v is not None}
+                                                   gpu_active=gpu_active, fault=fault,
+                                                   simulated=simulated).items() if v is not None}
         with self._lock:
             self._last_touch = time.monotonic()
             new = replace(self._status, **changes)

@@ -28,7 +28,8 @@ A frame that holds no inspectable valve raises a ``NoPartError`` subclass (``NoV
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -45,6 +46,11 @@ __all__ = [
     "geometry_for_rect",
     "split",
 ]
+
+
+#: The binarisation threshold's bounds (one definition: [roi] threshold uses them too). Pixels
+#: ``> threshold`` are the valve, so 0 would make every non-black pixel the valve and 255 none.
+THRESHOLD_MIN, THRESHOLD_MAX = 1, 254
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,8 @@ class RoiParams:
     refine_pad: int = 16
 
     def __post_init__(self) -> None:
-        if not 0 < int(self.threshold) < 255:
-            raise ValueError(f"RoiParams.threshold must be in 1..254, got {self.threshold}")
+        if not THRESHOLD_MIN <= int(self.threshold) <= THRESHOLD_MAX:
+            raise ValueError(f"RoiParams.threshold must be in {THRESHOLD_MIN}..{THRESHOLD_MAX}, got {self.threshold}")
         if self.roi_width != self.cols * self.slice_size or self.roi_height != self.rows * self.slice_size:
             raise ValueError(
                 f"RoiParams: the ROI {self.roi_width}x{self.roi_height} must be cols*slice_size x rows*slice_size"
@@ -109,6 +115,16 @@ class RoiParams:
     @property
     def n_slices(self) -> int:
         return self.cols * self.rows
+
+    @classmethod
+    def from_settings(cls, roi: Any) -> RoiParams:
+        """The ROI stage's parameters from the [roi] section (service.config.RoiSettings): the same
+        field names, the slice grid from the sizes."""
+        names = {f.name for f in fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in roi.model_dump().items() if k in names}
+        values["cols"] = roi.roi_width // roi.slice_size
+        values["rows"] = roi.roi_height // roi.slice_size
+        return cls(**values)
 
 
 @dataclass(frozen=True)

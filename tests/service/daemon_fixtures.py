@@ -58,7 +58,7 @@ PLC_HEARTBEAT = 2  # Int
 PART_ID = 4  # DInt
 VISION_HEARTBEAT = 8  # Int
 STATUS_BYTE = 10
-STATUS_BITS = {"ready": 0, "camera_ok": 1, "model_ok": 2, "gpu_active": 3, "fault": 4}
+STATUS_BITS = {"ready": 0, "camera_ok": 1, "model_ok": 2, "gpu_active": 3, "fault": 4, "simulated": 5}
 RESULT_SEQ = 12  # DInt
 RESULT_PART_ID = 16  # DInt
 FRAME_ID = 20  # DInt
@@ -121,7 +121,7 @@ class Result:
 
 @dataclass(frozen=True)
 class StatusWrite:
-    """One status write (bytes 8..11): VisionHeartbeat and the bits at 10.0..10.4."""
+    """One status write (bytes 8..11): VisionHeartbeat and the bits at 10.0..10.5."""
 
     t: float
     heartbeat: int
@@ -130,6 +130,7 @@ class StatusWrite:
     model_ok: bool
     gpu_active: bool
     fault: bool
+    simulated: bool
 
 
 def decode_result(db: bytes, t: float) -> Result:
@@ -337,7 +338,11 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 def daemon_config(path: Path, *, images: Path, plc_port: int, metrics_port: int, model: str | Path,
                   archive_dir: Path | None = None, **overrides: dict[str, Any]) -> Path:
-    """A client-mode config for the test line: emulator replaying ``images``, our PLC at 127.0.0.1:plc_port."""
+    """A client-mode config for the test line: emulator replaying ``images``, our PLC at 127.0.0.1:plc_port.
+
+    The camera emulator feeding an S7 peer is a mixed line (a commissioning set-up), so the config says
+    ``[simulation] mix_with_real_hardware = true``; without it the daemon refuses to start.
+    """
     sections: dict[str, dict[str, Any]] = {
         "camera": {"source": "emulator", "images": images, "trigger": "software", "grab_timeout_ms": 2000,
                    "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
@@ -348,6 +353,7 @@ def daemon_config(path: Path, *, images: Path, plc_port: int, metrics_port: int,
         "metrics": {"enabled": True, "host": HOST, "port": metrics_port},
         "archive": {"enabled": archive_dir is not None, "dir": str(archive_dir or path.parent / "archive")},
         "log": {"level": "info", "format": "json"},
+        "simulation": {"mix_with_real_hardware": True},
     }
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)

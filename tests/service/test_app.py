@@ -120,7 +120,9 @@ class FakeModel:
 
 
 def make_settings(tmp_path: Path, **sections: dict):
-    base = {"archive": {"enabled": False}, "metrics": {"enabled": False}}
+    """Settings from a file: the demo line (emulator, simulated PLC) unless the sections say otherwise."""
+    base = {"archive": {"enabled": False}, "metrics": {"enabled": False}, "camera": {"source": "emulator"},
+            "plc": {"mode": "simulated"}}
     for k, v in sections.items():
         base.setdefault(k, {}).update(v)
     return load_config(write_toml(tmp_path / "cfg.toml", base), env={})
@@ -243,7 +245,7 @@ def test_roi_and_plc_link_config_follow_the_settings(tmp_path):
     """roi_params_from maps [roi] onto RoiParams (grid from the sizes) and plc_link_config maps [plc] (ms -> s)."""
     s = make_settings(tmp_path, roi={"roi_width": 768, "roi_height": 384, "slice_size": 192, "threshold": 55},
                       plc={"mode": "client", "host": "10.0.0.5", "port": 1234, "poll_ms": 20,
-                           "heartbeat_timeout_s": 4.0})
+                           "heartbeat_timeout_s": 4.0}, camera={"source": "pylon"})
     roi = roi_params_from(s)
     assert (roi.cols, roi.rows, roi.slice_size, roi.threshold) == (4, 2, 192, 55)
     assert roi.length_range == (600.0, 960.0)
@@ -462,7 +464,8 @@ def test_late_inspection_after_a_timeout_is_dropped_not_published(tmp_path, valv
 
 def test_hardware_trigger_frames_pair_with_the_part_id_read_at_arrival(tmp_path, valve_image):
     """With the hardware trigger, no software trigger is fired and a frame pairs with the PartId read at its arrival."""
-    d = make_daemon(tmp_path, camera={"source": "pylon", "images": "", "trigger": "hardware"})
+    d = make_daemon(tmp_path, camera={"source": "pylon", "images": "", "trigger": "hardware"},
+                    simulation={"mix_with_real_hardware": True})  # a real camera, the PLC a double
     for pid in (51, 52):
         d._on_plc_event(part_event(pid))
     assert d.camera.triggers == []

@@ -26,8 +26,21 @@ EXAMPLE = REPO / "deploy" / "config.example.toml"
 ENV = {"XDG_CACHE_HOME": "/var/cache/test"}  # a fixed environment: no overrides, a known cache dir
 
 
-def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+def write(tmp_path: Path, text: str, name: str = "c.toml", demo: bool = True) -> Path:
+    """Write a config file. With ``demo`` (the default) and neither camera.source nor plc.mode in the
+    text, both are set to their simulators, so the file describes the demo line (a file's own
+    defaults are a real line); a text that names either is written as it is."""
     path = tmp_path / name
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        data = None
+    if demo and data is not None and "source" not in data.get("camera", {}) and "mode" not in data.get("plc", {}):
+        for section, line in (("camera", 'source = "emulator"'), ("plc", 'mode = "simulated"')):
+            if f"[{section}]\n" in text:
+                text = text.replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
+            else:
+                text += f"\n[{section}]\n{line}\n"
     path.write_text(text)
     return path
 
@@ -62,10 +75,12 @@ def test_no_file_gives_the_embedded_demo_defaults():
     assert s.log.level == "info" and s.log.format == "json"
 
 
-def test_example_file_loads_lists_every_key_and_matches_the_defaults():
-    """deploy/config.example.toml validates, names every key of Settings, and equals the demo defaults."""
+def test_example_file_loads_lists_every_key_and_matches_the_defaults(tmp_path):
+    """deploy/config.example.toml validates, names every key of Settings, and equals a file's defaults
+    (a real line: a pylon camera and the S7 client) with only the PLC's address given."""
     s = load_config(EXAMPLE, env=ENV)
-    assert s == load_config(None, env=ENV)
+    assert s == load_config(write(tmp_path, '[plc]\nhost = "192.168.0.1"\n', demo=False), env=ENV)
+    assert (s.camera.source, s.plc.mode, s.plc.port) == ("pylon", "client", PLC_CLIENT_PORT)
     raw = tomllib.loads(EXAMPLE.read_text())
     assert flat_keys(raw) == flat_keys(Settings().model_dump())
 
@@ -107,7 +122,9 @@ def test_feature_values_keep_their_toml_types(tmp_path):
 
 def test_plc_port_zero_means_the_usual_port_for_the_mode():
     """plc.port = 0 (the default) is 102 for a real PLC and 1102 for the simulator; an explicit port stays."""
-    assert load_config(None, env={**ENV, "VALVE_INSPECT_PLC__MODE": "client"}).plc.port == PLC_CLIENT_PORT
+    real = {**ENV, "VALVE_INSPECT_PLC__MODE": "client", "VALVE_INSPECT_PLC__HOST": "10.0.0.5",
+            "VALVE_INSPECT_CAMERA__SOURCE": "pylon"}
+    assert load_config(None, env=real).plc.port == PLC_CLIENT_PORT
     assert load_config(None, env=ENV).plc.port == PLC_SIMULATED_PORT
     assert load_config(None, env={**ENV, "VALVE_INSPECT_PLC__PORT": "4102"}).plc.port == 4102
 
@@ -181,7 +198,8 @@ def test_bad_environment_value_names_the_variable():
     ("[camera]\nfeatures = { Width = 100 }\n", "camera.features.Width", "set by the daemon from camera.width"),
     ("[roi]\nroi_width = 700\n", "roi.roi_width", "not a multiple of slice_size"),
     ("[roi]\nlength_range = [900, 600]\n", "roi.length_range", "0 < min < max"),
-    ("[roi]\nthreshold = 256\n", "roi.threshold", "less than or equal to 255"),
+    ("[roi]\nthreshold = 255\n", "roi.threshold", "less than or equal to 254"),
+    ("[roi]\nthreshold = 0\n", "roi.threshold", "greater than or equal to 1"),
     ("[camera]\nwidth = 700\n", "roi.roi_width", "does not fit in the camera frame"),
     ('[model]\nrequire_gpu = true\nproviders = ["CPUExecutionProvider"]\n', "model.require_gpu", "no GPU provider"),
     ('[model]\nproviders = ["CPU"]\n', "model.providers[0]", "not an ONNX Runtime provider name"),
@@ -274,10 +292,9 @@ def test_require_gpu_accepts_every_gpu_provider_the_runtime_knows(tmp_path):
     from service.infer import GPU_PROVIDERS as INFER_GPU
 
     assert INFER_GPU is GPU_PROVIDERS
-    ok = tmp_path / "rocm.toml"
-    ok.write_text('[model]\nrequire_gpu = true\nproviders = ["ROCMExecutionProvider", "CPUExecutionProvider"]\n')
+    ok = write(tmp_path, '[model]\nrequire_gpu = true\nproviders = ["ROCMExecutionProvider", "CPUExecutionProvider"]\n',
+               "rocm.toml")
     assert load_config(ok, env={}).model.require_gpu
-    bad = tmp_path / "cpu.toml"
-    bad.write_text('[model]\nrequire_gpu = true\nproviders = ["CPUExecutionProvider"]\n')
+    bad = write(tmp_path, '[model]\nrequire_gpu = true\nproviders = ["CPUExecutionProvider"]\n', "cpu.toml")
     with pytest.raises(ConfigError, match="model.require_gpu"):
         load_config(bad, env={})

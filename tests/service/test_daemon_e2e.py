@@ -233,6 +233,7 @@ def test_status_bits_and_vision_heartbeat_while_running(line_run: LineRun):
     for s in live:
         assert s.ready and s.camera_ok and s.model_ok, s
         assert not s.fault and not s.gpu_active, s
+        assert s.simulated, s  # the camera is the emulator: the PLC is told so on every write
     hbs = [s.heartbeat for s in run.statuses]
     assert hbs[0] == wrap_int(VISION_HB_START + 1)
     assert all(b == wrap_int(a + 1) for a, b in zip(hbs, hbs[1:], strict=False)), hbs
@@ -243,6 +244,19 @@ def test_status_bits_and_vision_heartbeat_while_running(line_run: LineRun):
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_a_mixed_line_warns_and_says_so_in_metrics(line_run: LineRun):
+    """The test line (camera emulator + an S7 peer, allowed by simulation.mix_with_real_hardware) logs the
+    mixed-simulation warning naming the key and exports valve_inspect_simulation_mixed 1 and which part is
+    simulated."""
+    run = line_run
+    warnings = [e for e in run.log if e.get("event") == "simulation_mixed_with_real_hardware"]
+    assert warnings and warnings[0]["key"] == "simulation.mix_with_real_hardware", run.tail
+    assert warnings[0]["simulated"] == ["camera"]
+    assert samples(run.metrics, "valve_inspect_simulation_mixed") == {(): 1.0}
+    assert samples(run.metrics, "valve_inspect_simulated") == {(("component", "camera"),): 1.0,
+                                                               (("component", "plc"),): 0.0}
 
 
 def test_metrics_endpoint_counts_every_part_and_reports_stages_and_model(line_run: LineRun):

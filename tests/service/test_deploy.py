@@ -445,6 +445,7 @@ REQUIRED_ALERTS = {
     "ValveInspectNoParts": "valve_inspect_parts_total",
     "ValveInspectFramesDropped": "valve_inspect_frames_dropped_total",
     "ValveInspectModelOnCpu": "valve_inspect_model_info",
+    "ValveInspectSimulationMixed": "valve_inspect_simulation_mixed",
 }
 
 
@@ -563,6 +564,8 @@ def _promtool_tests() -> list[dict]:
             _series("valve_inspect_camera_grab_timeouts_total", "0+1x40"),
             _series("valve_inspect_camera_reconnects_total", "0+1x40"),
             _series("valve_inspect_plc_reconnects_total", "0+1x40"),
+            _series("valve_inspect_simulation_mixed", "1x10"),
+            _series("valve_inspect_simulation_mixed", "0x10", instance="b"),
             _series("valve_inspect_model_info", "1x10", **model),
             _series("valve_inspect_model_info", "1x10", **{**model, "instance": "b", "provider": "CUDAExecutionProvider"}),
             _series("valve_inspect_model_info", "1x10", **{**model, "instance": "c", "gpu_expected": "false"}),
@@ -578,6 +581,7 @@ def _promtool_tests() -> list[dict]:
             _fires("ValveInspectCameraFlapping", "5m", "warning"),
             _fires("ValveInspectPlcFlapping", "5m", "warning"),
             _fires("ValveInspectModelOnCpu", "2m", "warning", model),
+            _fires("ValveInspectSimulationMixed", "1m", "critical"),  # instance a only: b is a real line
         ],
     }
     # instance a: 20 % NotInspected, slow parts (~150 ms); b: healthy, fast parts (~40 ms).

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.timeout(30)
 SPEC = [
     ("Enable", "0.0", "Bool"), ("PlcHeartbeat", "2", "Int"), ("PartId", "4", "DInt"),
     ("VisionHeartbeat", "8", "Int"), ("Ready", "10.0", "Bool"), ("CameraOk", "10.1", "Bool"),
-    ("ModelOk", "10.2", "Bool"), ("GpuActive", "10.3", "Bool"), ("Fault", "10.4", "Bool"),
+    ("ModelOk", "10.2", "Bool"), ("GpuActive", "10.3", "Bool"), ("Fault", "10.4", "Bool"), ("Simulated", "10.5", "Bool"),
     ("ResultSeq", "12", "DInt"), ("ResultPartId", "16", "DInt"), ("FrameId", "20", "DInt"),
     ("Accept", "24.0", "Bool"), ("RejectDirt", "24.1", "Bool"), ("RejectScratch", "24.2", "Bool"),
     ("RejectEC", "24.3", "Bool"), ("RejectUnknown", "24.4", "Bool"), ("NoPart", "24.5", "Bool"),
