@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from service.errors import CameraError, CameraRemoved, ConfigError, GrabFailed, GrabTimeout
+from service.errors import BadFrame, CameraError, CameraRemoved, ConfigError, GrabFailed, GrabTimeout
 from service.logs import get_logger
 from service.records import Frame
 
@@ -154,7 +154,10 @@ class GrabFailure:
 
     @property
     def kind(self) -> str:
-        """failed_buffer | timeout | removed | error."""
+        """failed_buffer | timeout | removed | error, or a bad frame's reason (wrong_size |
+        wrong_pixel_format | truncated)."""
+        if isinstance(self.error, BadFrame):
+            return self.error.reason
         if isinstance(self.error, GrabFailed):
             return "failed_buffer"
         if isinstance(self.error, GrabTimeout):
@@ -181,6 +184,9 @@ class RawGrab:
     timestamp: int = 0
     error_code: int = 0
     description: str = ""
+    #: what the device reported: pixel format name, and the bytes the buffer holds (None: not reported)
+    pixel_format: str = "Mono8"
+    payload_size: int | None = None
 
 
 class Device(Protocol):
@@ -426,11 +432,12 @@ class PylonDevice:
         try:
             block_id = int(res.GetBlockID())
             if res.GrabSucceeded():
+                # The camera's own word on the buffer; Camera._deliver checks it against the settings.
+                pixel_type = res.GetPixelType()
+                name = "Mono8" if pixel_type == self._pylon.PixelType_Mono8 else f"pixel type 0x{pixel_type:08X}"
                 image = res.GetArray()  # a copy: the buffer goes back to pylon below
-                if image.ndim != 2 or image.dtype != np.uint8:
-                    return RawGrab(False, None, block_id, int(res.GetTimeStamp()), 0,
-                                   f"not a Mono8 image: shape {image.shape}, dtype {image.dtype}")
-                return RawGrab(True, image, block_id, int(res.GetTimeStamp()))
+                return RawGrab(True, image, block_id, int(res.GetTimeStamp()), pixel_format=name,
+                               payload_size=int(res.GetPayloadSize()))
             return RawGrab(False, None, block_id, int(res.GetTimeStamp()), int(res.GetErrorCode()),
                            str(res.GetErrorDescription()).strip())
         finally:
@@ -551,7 +558,7 @@ class Camera:
         self._anchor: tuple[int, int] | None = None
         self._expired: dict[int, int | None] = {}
         self._resync_reason: str | None = None  # written under _pending_lock
-        self._stats = {"frames": 0, "failed_buffers": 0, "timeouts": 0, "dropped": 0, "triggers": 0,
+        self._stats = {"frames": 0, "failed_buffers": 0, "bad_frames": 0, "timeouts": 0, "dropped": 0, "triggers": 0,
                        "late_frames_discarded": 0, "unmatched_frames_discarded": 0, "frames_lost": 0,
                        "resyncs": 0, "disconnects": 0, "reconnect_attempts": 0, "reconnects": 0,
                        "callback_errors": 0}
@@ -846,6 +853,15 @@ class Camera:
                         self._resync_reason = f"frame {frame_id} matches no software trigger"
                 return
         part_id = entry.part_id if entry is not None else None
+        bad = self._bad_frame(grab) if grab.ok else None
+        if bad is not None:
+            self._stats["bad_frames"] += 1
+            if self._metrics is not None:
+                self._metrics.camera_bad_frames.labels(reason=bad.reason).inc()
+            log.warning("camera_bad_frame", frame_id=frame_id, part_id=part_id, reason=bad.reason, detail=str(bad),
+                        bad_frames=self._stats["bad_frames"])
+            self._emit(GrabFailure(error=bad, arrival=now, frame_id=frame_id, part_id=part_id))
+            return
         if grab.ok and grab.image is not None:
             self._stats["frames"] += 1
             if entry is not None and self._metrics is not None:
@@ -863,6 +879,25 @@ class Camera:
                     failed_buffers=self._stats["failed_buffers"])
         self._emit(GrabFailure(error=err, arrival=now, frame_id=frame_id, part_id=part_id,
                                error_code=grab.error_code))
+
+    def _bad_frame(self, grab: RawGrab) -> BadFrame | None:
+        """A successful buffer that is not the configured frame: Mono8, camera.height x camera.width, whole."""
+        s = self.settings
+        img = grab.image
+        expected = s.width * s.height
+        if grab.pixel_format != "Mono8" or img is None or img.dtype != np.uint8 or img.ndim != 2:
+            what = f"{grab.pixel_format}, " + ("no image" if img is None else f"{img.dtype} array of shape {img.shape}")
+            return BadFrame("wrong_pixel_format", f"frame is not Mono8 ({what}): the camera's PixelFormat was "
+                                                  "changed behind the daemon (pylon Viewer, a pfs file?); the "
+                                                  "daemon sets Mono8 when it (re)connects")
+        if grab.payload_size is not None and grab.payload_size < min(expected, img.size):
+            return BadFrame("truncated", f"buffer holds {grab.payload_size} of {expected} bytes "
+                                         f"({s.width}x{s.height} Mono8): a truncated transfer")
+        if img.shape != (s.height, s.width):
+            return BadFrame("wrong_size", f"frame is {img.shape[1]}x{img.shape[0]}, not camera.width x camera.height "
+                                          f"= {s.width}x{s.height}: the camera's Width/Height/binning changed "
+                                          "behind the daemon")
+        return None
 
     def _place(self, block_id: int) -> tuple[str, _Pending | None, list[_Pending], int | None]:
         """Which trigger produced this buffer (under _pending_lock).

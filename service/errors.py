@@ -5,6 +5,7 @@
     │   ├── CameraError             a grab failed, timed out, or the device went away: re-create
     │   │   ├── GrabTimeout
     │   │   ├── GrabFailed
+    │   │   │   └── BadFrame    a frame of the wrong size or pixel format, or a truncated buffer
     │   │   └── CameraRemoved
     │   ├── PlcLinkError            the S7 connection dropped: reconnect with back-off
     │   └── NoPartError             the frame holds no inspectable valve: report NoPart
@@ -40,6 +41,18 @@ class GrabTimeout(CameraError):
 
 class GrabFailed(CameraError):
     pass
+
+
+class BadFrame(GrabFailed):
+    """A buffer that arrived but is not the frame the daemon configured; ``reason`` names what is wrong."""
+
+    REASONS = ("wrong_size", "wrong_pixel_format", "truncated")
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"BadFrame reason must be one of {self.REASONS}, not {reason!r}")
+        super().__init__(message)
+        self.reason = reason
 
 
 class CameraRemoved(CameraError):

@@ -346,7 +346,8 @@ class FlakyFactory:
 
 
 def fake_settings(**camera) -> CameraSettings:
-    return settings(**{"reconnect_min_s": 0.02, "reconnect_max_s": 0.08, **camera})
+    """Settings for FakeDevice, whose frames are 4x4 Mono8."""
+    return settings(**{"reconnect_min_s": 0.02, "reconnect_max_s": 0.08, "width": 4, "height": 4, **camera})
 
 
 def test_backoff_delays_double_up_to_the_maximum():
