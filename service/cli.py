@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("service.sim.synth:main", "render synthetic camera frames with ground truth"),
     "plc-sim": ("service.sim.plc_sim:main", "run the PLC simulator (a snap7 server playing the PLC side)"),
     "bench": ("service.bench:main", "benchmark the whole daemon path at increasing part rates"),
+    "soak": ("service.soak:main", "one daemon at a fixed part rate for a long time: RSS, threads, fds, queues"),
 }
 
 
