@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import structlog.testing
 from onnx import TensorProto
 
 from service import infer
@@ -190,17 +191,66 @@ def test_nan_at_warmup_is_refused(tmp_path):
         load(fx.write_model(tmp_path, fx.build_model(nan_probs=True)))
 
 
-def test_require_gpu_refuses_cpu_session(good_path):
-    """require_gpu on this CPU-only machine is a GpuRequiredError naming the provider used and the fix."""
+def cpu_only_build(monkeypatch) -> None:
+    """This onnxruntime build offers no GPU provider (what ort.get_available_providers says on a CPU-only
+    wheel), whatever the machine running the test has."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+
+
+def gpu_that_fails_to_initialise(monkeypatch) -> list:
+    """The build offers CUDA but the session cannot initialise it (missing CUDA/cuDNN libraries, no visible
+    device): ONNX Runtime then runs the session on the providers left, the CPU. Simulated by creating the
+    real session with the GPU providers removed, on any machine. Returns the providers each session was asked
+    for."""
+    real = ort.InferenceSession
+    asked: list = []
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def session(path, sess_options=None, providers=None, **kw):
+        asked.append(list(providers or []))
+        left = [p for p in providers or [] if (p if isinstance(p, str) else p[0]) not in infer.GPU_PROVIDERS]
+        return real(path, sess_options=sess_options, providers=left or ["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return asked
+
+
+def test_require_gpu_refuses_cpu_session(good_path, monkeypatch):
+    """require_gpu when the build offers no GPU provider is a GpuRequiredError naming the provider used and
+    the fix (provider discovery stubbed: the test means the same on a CPU and a GPU machine)."""
+    cpu_only_build(monkeypatch)
     with pytest.raises(GpuRequiredError, match="runs model.onnx on CPUExecutionProvider.*Fix"):
         load(good_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], require_gpu=True)
 
 
-def test_gpu_providers_fall_back_and_report_cpu(good_path):
-    """Asking for CUDA first on a machine without a usable GPU yields a working session that reports the CPU."""
+def test_require_gpu_refuses_a_gpu_provider_that_fell_back_to_the_cpu(good_path, monkeypatch):
+    """CUDA offered and asked for, but the session fell back to the CPU: require_gpu still refuses."""
+    asked = gpu_that_fails_to_initialise(monkeypatch)
+    with pytest.raises(GpuRequiredError, match="runs model.onnx on CPUExecutionProvider"):
+        load(good_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], require_gpu=True)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+
+
+def test_gpu_providers_skipped_when_not_offered_report_cpu(good_path, monkeypatch):
+    """Asking for CUDA first from a build without it yields a working session that reports the CPU."""
+    cpu_only_build(monkeypatch)
     m = load(good_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], warmup_slices=1)
     assert m.provider == "CPUExecutionProvider"
     assert m.providers == tuple(m.session.get_providers())
+
+
+def test_gpu_providers_fall_back_and_report_cpu(good_path, monkeypatch):
+    """CUDA offered but not usable: the session ONNX Runtime falls back to is used, and the model reports the
+    provider it really runs on (the CPU), not the one asked for; the fallback is logged."""
+    asked = gpu_that_fails_to_initialise(monkeypatch)
+    with structlog.testing.capture_logs() as logs:
+        m = load(good_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], warmup_slices=1)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert m.provider == "CPUExecutionProvider"
+    assert m.providers == tuple(m.session.get_providers())
+    assert any(e["event"] == "inference_provider_fallback" and e["wanted"] == "CUDAExecutionProvider"
+               for e in logs), logs
 
 
 def test_unknown_provider_is_a_config_error():
