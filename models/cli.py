@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("models.evaluate:main", "evaluate a run: classification and segmentation metrics, report"),
     "export": ("models.export:main", "export a run to ONNX with Grad-CAM++ inside the graph"),
     "build-dataset": ("models.build_dataset:main", "slice camera frames into the 'folders' dataset format"),
+    "tiles": ("models.tiles:main", "cut real images into S x S tiles at native resolution; image verdicts from tiles"),
     "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
     "results": ("models.results:main", "regenerate one table of docs/results.md (cached runs, seeds, timing)"),

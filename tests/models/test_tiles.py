@@ -1,0 +1,148 @@
+"""models.tiles: the paper's slicing of whole images into tiles, tile labels, and image verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from models.data import DataError, Sample, SampleSet, load_samples
+from models.tiles import (
+    TileSpec,
+    average_precision,
+    cut,
+    image_metrics,
+    image_scores,
+    origins,
+    pad_to,
+    write_tiles,
+)
+
+
+def test_origins_cover_the_axis_with_the_last_tile_flush():
+    """Every pixel is in some tile; tiles start every stride and the last one ends at the border."""
+    for length in (100, 192, 193, 500, 631):
+        o = origins(length, 192, 96)
+        assert o[0] == 0 and o[-1] == max(0, length - 192)
+        covered = np.zeros(max(length, 192), bool)
+        for start in o:
+            covered[start:start + 192] = True
+        assert covered[:length].all()
+        assert all(b - a <= 96 for a, b in zip(o, o[1:], strict=False))
+
+
+def test_small_images_are_reflect_padded_and_masks_zero_padded():
+    """A 100 x 150 image becomes 192 x 192 by reflection (no black border); its mask by zeros."""
+    img = np.arange(100 * 150, dtype=np.uint32).reshape(100, 150).astype(np.uint8)
+    out = pad_to(img, 192)
+    assert out.shape == (192, 192) and np.array_equal(out[:100, :150], img)
+    assert np.array_equal(out[100, :150], img[98, :150])  # BORDER_REFLECT_101
+    m = pad_to(np.ones((100, 150), bool), 192, mask=True)
+    assert m.shape == (192, 192) and m[:100, :150].all() and not m[100:].any() and not m[:, 150:].any()
+    tiny = pad_to(np.full((10, 10), 7, np.uint8), 192)  # smaller than half the tile: padded repeatedly
+    assert tiny.shape == (192, 192) and (tiny == 7).all()
+
+
+@pytest.fixture
+def toy(tmp_path) -> SampleSet:
+    """Two parts: a good 300 x 400 image and a defect image with a 20 x 20 defect at (250, 330)."""
+    root = tmp_path / "toy"
+    for name in ("good", "crack"):
+        (root / name).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = rng.integers(90, 110, (300, 400)).astype(np.uint8)
+    bad = good.copy()
+    bad[250:270, 330:350] = 10
+    mask = np.zeros_like(bad)
+    mask[250:270, 330:350] = 255
+    cv2.imwrite(str(root / "good" / "p1__a.png"), good)
+    cv2.imwrite(str(root / "crack" / "p2__b.png"), bad)
+    cv2.imwrite(str(root / "crack" / "p2__b_mask.png"), mask)
+    return load_samples(root, "folders")
+
+
+def test_mask_labels_mark_only_the_tiles_that_hold_the_defect(toy, tmp_path):
+    """With mask labels only the defect image's tiles containing the defect are 'crack'; every tile keeps
+    its group prefix; the manifest maps tiles back to their image."""
+    m = write_tiles(toy, tmp_path / "t", TileSpec(size=192, stride=96, labels="mask"))
+    bad = next(im for im in m["images"] if im["label"] == "crack")
+    positive = [(t["y"], t["x"]) for t in bad["tiles"] if t["label"] == "crack"]
+    # the defect spans y 250..269, x 330..349: tiles at y 96 (96..287) and 108 (108..299), x 208 (208..399)
+    assert positive and all(y <= 250 and y + 192 >= 270 and x <= 330 and x + 192 >= 350 for y, x in positive)
+    assert len(bad["tiles"]) == len(origins(300, 192, 96)) * len(origins(400, 192, 96))
+    tiles = load_samples(tmp_path / "t", "folders")
+    assert {s.group for s in tiles.samples} == {"p1", "p2"}
+    assert json.loads((tmp_path / "t" / "tiles.json").read_text())["spec"]["labels"] == "mask"
+    masks = [s for s in tiles.samples if s.mask is not None]
+    assert all(cv2.imread(str(s.mask), 0).any() == (tiles.classes[s.label] == "crack") for s in masks)
+
+
+def test_image_labels_give_every_tile_its_images_label(toy, tmp_path):
+    """With image labels (no masks used) every tile of the defect image is 'crack'."""
+    m = write_tiles(toy, tmp_path / "t", TileSpec(labels="image"))
+    bad = next(im for im in m["images"] if im["label"] == "crack")
+    assert {t["label"] for t in bad["tiles"]} == {"crack"}
+
+
+def test_scale_halves_the_image_before_tiling(toy, tmp_path):
+    """scale 0.5 tiles the 150 x 200 image: one padded tile per image."""
+    m = write_tiles(toy, tmp_path / "t", TileSpec(scale=0.5))
+    assert all((im["height"], im["width"], len(im["tiles"])) == (150, 200, 2) for im in m["images"])
+
+
+def test_a_non_empty_output_folder_is_refused(toy, tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "x").write_text("keep me")
+    with pytest.raises(DataError, match="not empty"):
+        write_tiles(toy, tmp_path / "t", TileSpec())
+
+
+def test_cut_returns_tiles_at_their_origins():
+    img = np.arange(300 * 400).reshape(300, 400) % 251
+    tiles = cut(img.astype(np.uint8), TileSpec(size=192, stride=192))
+    assert [(y, x) for y, x, _ in tiles] == [(0, 0), (0, 192), (0, 208), (108, 0), (108, 192), (108, 208)]
+    y, x, t = tiles[4]
+    assert np.array_equal(t, img[108:300, 192:384].astype(np.uint8))
+
+
+def test_image_verdict_is_the_most_defective_tile():
+    """An image is defective when any tile's 1 - p(good) reaches 0.5, of that tile's best defect class;
+    its AP score is the largest defect probability."""
+    manifest = {"classes": ["good", "crack", "hole"], "images": [
+        {"source": "a", "label": "good", "tiles": [{"file": "a1"}, {"file": "a2"}]},
+        {"source": "b", "label": "hole", "tiles": [{"file": "b1"}, {"file": "b2"}]},
+        {"source": "c", "label": "crack", "tiles": [{"file": "c1"}]}]}
+    probs = {"a1": np.array([0.9, 0.05, 0.05]), "a2": np.array([0.6, 0.3, 0.1]),
+             "b1": np.array([0.95, 0.05, 0.0]), "b2": np.array([0.2, 0.1, 0.7]),
+             "c1": np.array([0.55, 0.4, 0.05])}
+    s = image_scores(manifest, probs)
+    assert [r["pred"] for r in s["images"]] == [0, 2, 0]
+    assert [round(r["defect_score"], 2) for r in s["images"]] == [0.4, 0.8, 0.45]
+    m = image_metrics(s)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["recall"]["crack"] == 0.0
+    assert m["defect_ap"] == pytest.approx(average_precision([0.4, 0.8, 0.45], [False, True, True]))
+
+
+def test_average_precision_matches_a_worked_example():
+    """Scores 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.1 (neg): AP = 1 * 0.5 + 2/3 * 0.5 = 0.8333."""
+    assert average_precision([0.9, 0.8, 0.7, 0.1], [True, False, True, False]) == pytest.approx(5 / 6)
+    assert average_precision([0.5, 0.5], [True, False]) == pytest.approx(0.5)  # a tie is one threshold
+    assert average_precision([0.3], [False]) is None
+
+
+def test_kolektorsdd_pairs_stay_in_one_group_on_made_up_data(tmp_path):
+    """The tiles of kos01 and kos26 (the same physical part) carry one group, so no split can part them."""
+    from models.real_data import kolektor_group
+
+    samples = []
+    for folder in ("kos01", "kos26", "kos02"):
+        d = tmp_path / folder
+        d.mkdir()
+        cv2.imwrite(str(d / "Part0.jpg"), np.full((250, 200), 100, np.uint8))
+        samples.append(Sample(path=d / "Part0.jpg", label=0, group=kolektor_group(folder)))
+    data = SampleSet(root=tmp_path, format="kolektorsdd", classes=("good", "defect"), samples=tuple(samples))
+    write_tiles(data, tmp_path / "t", TileSpec())
+    groups = {s.path.name.split("__")[0]: s.group for s in load_samples(tmp_path / "t", "folders").samples}
+    assert groups["kos01+kos26"] == "kos01+kos26" and len(set(groups.values())) == 2
