@@ -327,8 +327,9 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int,
 
     Per class, ``round(fraction * n)`` samples are held out, but at least one when fraction > 0
     and the class has two or more samples, and never all of them. With ``groups`` whole groups go
-    to one side: each group counts for the class most of its samples have (ties: the lower label)
-    and groups are drawn until the class's quota is reached, so the fractions are approximate.
+    to one side: each group counts for the rarest class (in the whole data) among its samples (ties:
+    the lower label) and groups are drawn until that class's quota is reached, so the fractions are
+    approximate.
     Returns two sorted index lists.
     """
     if not 0.0 <= fraction < 1.0:
@@ -342,10 +343,12 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int,
     for i, g in enumerate(groups):
         members[g].append(i)
     by_class: dict[int, list[str]] = defaultdict(list)
+    frequency = Counter(labels)
     for g in sorted(members):
-        c = Counter(labels[i] for i in members[g])
-        top = max(c.values())
-        by_class[min(k for k, v in c.items() if v == top)].append(g)
+        # a group counts for the rarest class it holds (ties: the lower label): a part with a few defect
+        # slices among many good ones is a defect group, so defect groups are spread over both sides
+        present = {labels[i] for i in members[g]}
+        by_class[min(present, key=lambda k: (frequency[k], k))].append(g)
     rng = random.Random(seed)
     held: list[int] = []
     for cls in sorted(by_class):

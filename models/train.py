@@ -3,7 +3,25 @@
 The paper's recipe by default: cross-entropy, Adam (lr 1e-3, betas 0.9/0.999), batch 32,
 100 epochs. Training augmentation (``models.data.Augment``): random horizontal and vertical flips
 and a small brightness/contrast jitter. A stratified, seeded share of the data
-(``--val-fraction``, 0.1) is held out for validation (grouped: see ``models.data`` for groups).
+(``--val-fraction``, 0.2) is held out for validation (grouped: see ``models.data`` for groups; a
+group counts for the rarest class it holds, so groups with defects are spread over both sides).
+
+What the paper leaves open, measured on the public datasets (docs/results.md, docs/trainability.md)
+and on by default, each recorded in config.json and switchable off:
+
+* class-balanced sampling (``--no-balance`` for the plain shuffle): every class drawn equally often;
+  defect slices are a few per cent of a line's slices;
+* a cosine learning-rate schedule from ``--lr`` to ``--lr`` / 100 over the epochs
+  (``--schedule constant`` for the paper's fixed rate);
+* BatchNorm recalibration (``--bn-recal N``, 0 = off): before each validation the BN running
+  statistics are recomputed over up to N training images without augmentation (a cumulative
+  average, not the lagging momentum average), so eval-mode predictions match train mode; the weights
+  saved are the recalibrated ones. At the end ``bn_check`` in config.json compares, on those images,
+  the accuracy with batch statistics (train-mode BN, dropout off) and with the running statistics
+  (eval mode): the gap must be within 1 point;
+* weights chosen on the validation side's **balanced** accuracy (mean recall over classes; ties:
+  lower validation loss, then the earlier epoch), not plain accuracy, which a model calling
+  everything good scores high on imbalanced data.
 
 The run directory::
 
@@ -83,6 +101,9 @@ CURVES_NAME = "curves.png"
 #: what a run writes; ``--force`` removes exactly these (and their .tmp leftovers), nothing else
 RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
 STATE_FORMAT = 1
+SCHEDULES = ("cosine", "constant")
+#: the cosine schedule ends at lr * LR_FLOOR
+LR_FLOOR = 0.01
 
 
 class TrainError(ValueError):
@@ -107,13 +128,16 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2
     seed: int = 0
     width: float | None = None
     head_width: int | None = None
     input_size: int | None = None
     augment: bool = True
-    balance: bool = False
+    balance: bool = True
+    schedule: str = "cosine"
+    bn_recal: int = 1024
+    epoch_size: int | None = None
     threads: int | None = None
     workers: int = 0
     device: str = "cpu"
@@ -125,7 +149,7 @@ class TrainConfig:
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "head_width", "input_size",
-                                         "augment", "balance")
+                                         "augment", "balance", "schedule", "bn_recal", "epoch_size")
 
 
 @dataclass
@@ -163,6 +187,14 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--threads must be at least 1, not {config.threads}")
     if config.format not in FORMATS:
         raise TrainError(f"unknown --format {config.format!r}: choose one of {', '.join(sorted(FORMATS))}")
+    if config.schedule not in SCHEDULES:
+        raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {config.schedule!r}")
+    if config.epoch_size is not None and config.epoch_size < 1:
+        raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
+    if config.epoch_size is not None and not config.balance:
+        raise TrainError("--epoch-size sets the draws of class-balanced sampling; drop --no-balance or --epoch-size")
+    if config.bn_recal < 0:
+        raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
     if config.resume and config.force:
         raise TrainError("--resume and --force contradict each other: --resume continues the run, "
                          "--force starts it over")
@@ -254,9 +286,13 @@ def clean_run_dir(out: Path, config: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+#: what runs written before an option existed did (a resume of such a run keeps it)
+LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None}
+
+
 def check_resume_options(config: TrainConfig, saved: dict) -> None:
     train = saved.get("train", {})
-    stored = {**train, "format": saved.get("data", {}).get("format")}
+    stored = {**LEGACY_OPTIONS, **train, "format": saved.get("data", {}).get("format")}
     diffs = []
     for name in TrainConfig.LOCKED:
         mine, theirs = _jsonable(getattr(config, name)), _jsonable(stored.get(name))
@@ -280,8 +316,12 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
-              optimizer: torch.optim.Optimizer | None = None, bar: tqdm | None = None) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+              optimizer: torch.optim.Optimizer | None = None, bar: tqdm | None = None,
+              per_class: dict | None = None) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy).
+
+    ``per_class``, when given, is filled with {label: [correct, total]} (for the balanced accuracy).
+    """
     training = optimizer is not None
     model.train(training)
     loss_sum, correct, n = 0.0, 0, 0
@@ -298,12 +338,95 @@ def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: tor
                 optimizer.step()
             k = int(y.numel())
             loss_sum += float(loss.item()) * k
-            correct += int((logits.argmax(dim=1) == y).sum().item())
+            hit = logits.argmax(dim=1) == y
+            correct += int(hit.sum().item())
             n += k
+            if per_class is not None:
+                for label, ok in zip(y.tolist(), hit.tolist(), strict=True):
+                    c = per_class.setdefault(int(label), [0, 0])
+                    c[0] += int(ok)
+                    c[1] += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
     return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def balanced_accuracy(per_class: dict) -> float | None:
+    """Mean recall over the classes present: {label: [correct, total]} -> float."""
+    rec = [c / t for c, t in per_class.values() if t]
+    return float(np.mean(rec)) if rec else None
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of an epoch (1-based): constant, or cosine from lr to lr * LR_FLOOR.
+
+    A function of the epoch alone, so a resumed run continues the same schedule (raising --epochs on
+    resume stretches the rest of it).
+    """
+    if config.schedule == "constant" or config.epochs <= 1:
+        return config.lr
+    t = (epoch - 1) / (config.epochs - 1)
+    return config.lr * (LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_size: int,
+                   indices: Sequence[int]) -> None:
+    """Recompute every BatchNorm layer's running mean/var over ``dataset[indices]`` (cumulative average).
+
+    The running statistics Adam's last steps left behind lag the weights (momentum 0.1 averages over
+    the last ~10 batches of changing weights); recomputing them with the final weights makes eval mode
+    see what train mode saw. Dropout is off meanwhile; parameters are untouched.
+    """
+    bns = _bn_layers(model)
+    if not bns or not len(indices):
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.eval()
+    for m in bns:
+        m.train()
+    loader = DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x.to(device))
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
+def bn_check(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_size: int,
+             indices: Sequence[int]) -> dict:
+    """Accuracy on ``dataset[indices]`` with batch statistics (BN in train mode, momentum 0 so nothing is
+    updated; dropout off) and with the running statistics (eval mode); their gap in points."""
+    bns = _bn_layers(model)
+    loader = DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    hits = {"batch": 0, "running": 0}
+    n = 0
+    momenta = [m.momentum for m in bns]
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            model.eval()
+            hits["running"] += int((model(x).argmax(1) == y).sum())
+            for m in bns:
+                m.train()
+                m.momentum = 0.0
+            hits["batch"] += int((model(x).argmax(1) == y).sum())
+            for m, mom in zip(bns, momenta, strict=True):
+                m.momentum = mom
+            n += int(y.numel())
+    model.eval()
+    train_acc, eval_acc = hits["batch"] / max(n, 1), hits["running"] / max(n, 1)
+    return {"images": n, "batch_stats_acc": train_acc, "running_stats_acc": eval_acc,
+            "gap_points": round(100.0 * abs(train_acc - eval_acc), 2),
+            "within_1_point": abs(train_acc - eval_acc) <= 0.01}
 
 
 def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
@@ -363,6 +486,9 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     augment = Augment() if config.augment else None
     # decoding every image now reports an unreadable file before anything in --out changes
     train_ds = ImageDataset(train_s, mcfg.input_size, augment, seed=config.seed)
+    plain_ds = ImageDataset(train_s, mcfg.input_size, None, preload=False)  # the training images, unaugmented
+    plain_ds.images = train_ds.images
+    recal_idx = sorted(np.random.default_rng([config.seed, 7]).permutation(len(train_s))[:config.bn_recal].tolist())
     val_ds = ImageDataset(val_s, mcfg.input_size) if val_s else None
     clean_run_dir(out, config)
 
@@ -372,7 +498,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     loss_fn = nn.CrossEntropyLoss()
 
     start_epoch = 1
-    best: dict = {"epoch": None, "val_acc": None, "val_loss": None}
+    best: dict = {"epoch": None, "val_bal_acc": None, "val_loss": None}
     history: list[dict] = []
     log_path = out / LOG_NAME
     if saved is not None:
@@ -405,11 +531,18 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
                 "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
-                "balance": config.balance,
+                "balance": config.balance, "schedule": config.schedule,
+                "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
+                                if config.schedule == "cosine" else "constant"),
+                "bn_recal": config.bn_recal, "epoch_size": config.epoch_size,
+                "bn_recalibration": (f"BN running statistics recomputed over {len(recal_idx)} training images "
+                                     "(no augmentation) before each validation and save" if config.bn_recal
+                                     else "off (momentum 0.1 running averages)"),
                 "sampling": ("class-balanced: each draw picks a class uniformly, then an image of it "
-                             "(with replacement); an epoch is len(train) draws") if config.balance else
+                             f"(with replacement); an epoch is {config.epoch_size or 'len(train)'} draws")
+                            if config.balance else
                             "each training image once per epoch, shuffled",
-                "best_metric": "val_acc (ties: lower val_loss, then earlier epoch)",
+                "best_metric": "val_bal_acc, the mean recall over classes (ties: lower val_loss, then earlier epoch)",
                 "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
                 "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version(), "command": config.command,
@@ -436,11 +569,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
 
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch)
         train_ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         if config.balance:
-            sampler = WeightedRandomSampler(balanced_weights([s.label for s in train_s]), len(train_s),
-                                            replacement=True, generator=gen)
+            sampler = WeightedRandomSampler(balanced_weights([s.label for s in train_s]),
+                                            config.epoch_size or len(train_s), replacement=True, generator=gen)
             loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler,
                                 num_workers=config.workers, pin_memory=pin)
         else:
@@ -453,22 +588,28 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         finally:
             if bar is not None:
                 bar.close()
-        val_loss = val_acc = None
+        if config.bn_recal:
+            recalibrate_bn(model, plain_ds, device, config.batch_size, recal_idx)
+        val_loss = val_acc = val_bal = None
         if val_ds is not None:
             vloader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False,
                                  num_workers=config.workers, pin_memory=pin)
-            val_loss, val_acc = run_epoch(model, vloader, loss_fn, device)
+            per_class: dict = {}
+            val_loss, val_acc = run_epoch(model, vloader, loss_fn, device, per_class=per_class)
+            val_bal = balanced_accuracy(per_class)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                  "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                  "val_acc": val_acc, "val_bal_acc": val_bal, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": round(time.perf_counter() - t0, 3)}
 
-        improved = val_acc is None or best["val_acc"] is None or val_acc > best["val_acc"] or (
-            val_acc == best["val_acc"] and val_loss < best["val_loss"])
+        best_bal = best.get("val_bal_acc", best.get("val_acc"))  # runs saved before val_bal_acc
+        improved = val_bal is None or best_bal is None or val_bal > best_bal or (
+            val_bal == best_bal and val_loss < best["val_loss"])
         save_weights(out / LAST_NAME, model, {"epoch": str(epoch)})
         if improved:
-            best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+            best = {"epoch": epoch, "val_bal_acc": val_bal, "val_acc": val_acc, "val_loss": val_loss}
             save_weights(out / WEIGHTS_NAME, model,
-                         {"epoch": str(epoch), "val_acc": "" if val_acc is None else repr(val_acc)})
+                         {"epoch": str(epoch), "val_acc": "" if val_acc is None else repr(val_acc),
+                          "val_bal_acc": "" if val_bal is None else repr(val_bal)})
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         history.append(record)
@@ -476,21 +617,33 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         save_train_state(out / STATE_NAME, {"format": STATE_FORMAT, "epoch": epoch,
                                             "optimizer": optimizer.state_dict(), "best": best,
                                             "rng": rng_state(), "model_config": mcfg.to_dict()})
-        say(f"epoch {epoch}/{config.epochs}  train_loss {_fmt(train_loss)}  train_acc {_fmt(train_acc, 3)}  "
-            f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  {record['seconds']:.1f}s"
-            + ("  *" if improved and val_acc is not None else ""))
+        say(f"epoch {epoch}/{config.epochs}  lr {record['lr']:.2e}  train_loss {_fmt(train_loss)}  "
+            f"train_acc {_fmt(train_acc, 3)}  val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  "
+            f"val_bal_acc {_fmt(val_bal, 3)}  {record['seconds']:.1f}s"
+            + ("  *" if improved and val_bal is not None else ""))
+
+    if history and start_epoch <= config.epochs and (out / WEIGHTS_NAME).is_file():
+        # the BN check of the weights that ship (the best epoch's, recalibrated when they were saved)
+        model.load_state_dict(load_file(str(out / WEIGHTS_NAME), device=str(device)), strict=True)
+        check = bn_check(model, plain_ds, device, config.batch_size, recal_idx or range(min(len(train_s), 1024)))
+        saved_cfg = json.loads((out / CONFIG_NAME).read_text())
+        saved_cfg["bn_check"] = {**check, "weights": WEIGHTS_NAME, "epoch": best["epoch"]}
+        write_json(out / CONFIG_NAME, saved_cfg)
+        say(f"BN check on {check['images']} training images: batch statistics {check['batch_stats_acc']:.3f}, "
+            f"running statistics {check['running_stats_acc']:.3f} ({check['gap_points']} points)")
 
     if history:
         from models.figures import plot_training_curves
 
         plot_training_curves(history, out / CURVES_NAME)
     done_epochs = history[-1]["epoch"] if history else start_epoch - 1
-    if best["epoch"] is not None and best["val_acc"] is not None:
-        say(f"best epoch {best['epoch']}: val_acc {best['val_acc']:.3f}; weights {out / WEIGHTS_NAME}")
+    if best["epoch"] is not None and best.get("val_bal_acc") is not None:
+        say(f"best epoch {best['epoch']}: val_bal_acc {best['val_bal_acc']:.3f} (val_acc {best['val_acc']:.3f}); "
+            f"weights {out / WEIGHTS_NAME}")
     else:
         say(f"weights {out / WEIGHTS_NAME}")
     return RunResult(run_dir=out, weights=out / WEIGHTS_NAME, model_config=mcfg, history=history,
-                     epochs=done_epochs, best_epoch=best["epoch"], best_val_acc=best["val_acc"],
+                     epochs=done_epochs, best_epoch=best["epoch"], best_val_acc=best.get("val_acc"),
                      counts=counts)
 
 
@@ -518,9 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="override the input side S (multiple of 8; default 192)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without flips and brightness/contrast jitter")
-    p.add_argument("--balance", action="store_true", default=None,
-                   help="class-balanced sampling (each class drawn equally often, with replacement); "
-                        "for imbalanced data such as KolektorSDD (13 %% defects)")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-balanced sampling (each class drawn equally often, with replacement; the "
+                        "default): for imbalanced data such as defect slices; --no-balance: plain shuffle")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d.schedule}: "
+                                                          f"cosine from --lr to --lr * {LR_FLOOR})")
+    p.add_argument("--epoch-size", type=int, help="draws per epoch of the class-balanced sampling (default: "
+                                                  "the number of training images)")
+    p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "
+                                                f"before each validation (default {d.bn_recal}; 0 = off)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -531,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "head_width", "input_size", "augment", "balance")
+             "width", "head_width", "input_size", "augment", "balance", "schedule", "bn_recal",
+             "epoch_size")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.resume:
@@ -541,7 +701,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
         except (OSError, json.JSONDecodeError):
             raise TrainError(f"nothing to resume in {args.out}: it holds no readable {CONFIG_NAME}; "
                              "start a new run without --resume") from None
-        t = saved.get("train", {})
+        t = {**LEGACY_OPTIONS, **saved.get("train", {})}
         for n in TrainConfig.LOCKED + ("epochs",):
             if n not in given and n in t:
                 given[n] = tuple(t[n]) if n == "betas" else t[n]

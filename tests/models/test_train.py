@@ -51,18 +51,21 @@ def test_train_writes_run_directory_log_and_config(data, tmp_path, capsys):
     log = read_log(run)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
-        assert set(r) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
-        assert r["lr"] == 1e-3 and 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0
+        assert set(r) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "lr", "seconds"}
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["val_bal_acc"] <= 1.0
+    assert [r["lr"] for r in log] == [pytest.approx(1e-3), pytest.approx(1e-5)]  # cosine from lr to lr / 100
     cfg = json.loads((run / "config.json").read_text())
-    assert set(cfg) == {"model", "train", "data"}
+    assert set(cfg) == {"model", "train", "data", "bn_check"}
+    assert cfg["train"]["schedule"] == "cosine" and cfg["train"]["balance"] is True and cfg["train"]["bn_recal"]
+    assert cfg["bn_check"]["images"] == 40 and cfg["bn_check"]["weights"] == "model.safetensors"
     assert cfg["model"]["classes"] == ["good", "dirt", "scratch", "ec"] and cfg["model"]["input_size"] == 48
     t = cfg["train"]
     assert (t["optimizer"], t["loss"], t["lr"], t["betas"], t["seed"], t["epochs"]) == (
         "adam", "cross_entropy", 1e-3, [0.9, 0.999], 3, 2)
     assert t["torch"] == torch.__version__ and t["command"][:2] == ["valve-model", "train"]
     assert cfg["data"]["format"] == "folders" and cfg["data"]["split_seed"] == 3
-    assert cfg["data"]["counts"]["val"] == {"good": 1, "dirt": 1, "scratch": 1, "ec": 1}
-    assert cfg["data"]["counts"]["train"] == {"good": 11, "dirt": 11, "scratch": 11, "ec": 11}
+    assert cfg["data"]["counts"]["val"] == {"good": 2, "dirt": 2, "scratch": 2, "ec": 2}  # --val-fraction 0.2
+    assert cfg["data"]["counts"]["train"] == {"good": 10, "dirt": 10, "scratch": 10, "ec": 10}
     state = load_train_state(run / "train_state.pt")
     assert state["epoch"] == 2 and "optimizer" in state and "rng" in state
     model = load(run)
@@ -184,3 +187,67 @@ def test_balanced_weights_draw_every_class_equally_often():
     draws = torch.multinomial(w, 30_000, replacement=True, generator=torch.Generator().manual_seed(0))
     share = torch.bincount(torch.tensor([0, 0, 0, 1, 2, 2])[draws], minlength=3).double() / 30_000
     assert torch.allclose(share, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.02)
+
+
+def test_cosine_schedule_runs_from_lr_to_a_hundredth():
+    """--schedule cosine: lr at the first epoch, lr/100 at the last, the midpoint halfway; constant stays."""
+    from models.train import TrainConfig, lr_at
+
+    c = TrainConfig(data="", out="", epochs=5, lr=1e-3)
+    assert [round(lr_at(c, e), 8) for e in (1, 3, 5)] == [1e-3, round(1e-3 * (0.01 + 0.99 * 0.5), 8), 1e-5]
+    flat = TrainConfig(data="", out="", epochs=5, lr=1e-3, schedule="constant")
+    assert {lr_at(flat, e) for e in range(1, 6)} == {1e-3}
+
+
+def test_bn_recalibration_makes_eval_mode_match_batch_statistics():
+    """Running statistics left wrong (as a lagging average would) are recomputed over the data: afterwards
+    eval-mode logits equal the batch-statistics logits of the same batch (one batch = the whole data), and
+    bn_check reports no gap; before, it does."""
+    from models.ira_cnn import build_model, preset_config
+    from models.train import _bn_layers, bn_check, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("compact", input_size=48))
+    x = torch.randint(0, 256, (24, 1, 48, 48), dtype=torch.uint8)
+    y = torch.randint(0, 4, (24,))
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    def logits(batch_stats: bool) -> torch.Tensor:
+        model.eval()
+        if batch_stats:
+            for m in _bn_layers(model):
+                m.train()
+                m.momentum = 0.0
+        with torch.no_grad():
+            out = model(x)
+        for m in _bn_layers(model):
+            m.momentum = 0.1
+        model.eval()
+        return out
+
+    for m in _bn_layers(model):
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(0.01)
+    assert not torch.allclose(logits(False), logits(True), rtol=0.05, atol=0.05)  # the lag the fix removes
+    recalibrate_bn(model, DS(), torch.device("cpu"), 24, range(24))
+    # batch statistics normalise with the biased variance, running statistics store the unbiased one
+    assert torch.allclose(logits(False), logits(True), rtol=0.05, atol=0.05)
+    after = bn_check(model, DS(), torch.device("cpu"), 24, range(24))
+    assert after["within_1_point"] and after["gap_points"] == 0.0, after
+
+
+def test_a_group_counts_for_its_rarest_class():
+    """A part with one defect slice among seven good ones is a defect group: held out with the defects."""
+    from models.data import stratified_split
+
+    labels = [0] * 7 + [1] + [0] * 8 + [0] * 7 + [1] + [0] * 8
+    groups = ["a"] * 8 + ["b"] * 8 + ["c"] * 8 + ["d"] * 8
+    keep, held = stratified_split(labels, 0.5, seed=0, groups=groups)
+    held_groups = {groups[i] for i in held}
+    assert len(held_groups & {"a", "c"}) == 1 and len(held_groups & {"b", "d"}) == 1, held_groups
