@@ -343,6 +343,7 @@ class Daemon:
         for t in self._threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         if self.plc is not None:  # PartIds the link announced that the stopped control loop never took
+            self._answer_dropped_part_events()
             while (ev := self.plc.next_event(timeout=0)) is not None:
                 if ev.kind == "part" and self.book.announce(ev.part_id, ev.at):
                     self.stats.parts += 1
@@ -409,6 +410,7 @@ class Daemon:
             ev = self.plc.next_event(timeout=0.02)
             if ev is not None:
                 self._on_plc_event(ev)
+            self._answer_dropped_part_events()
             for p in self.book.expired(time.monotonic()):
                 reason = "timeout_no_frame" if p.arrival is None else "timeout_inspection"
                 self._finish_claimed(p, Verdict.make_not_inspected(p.part_id, reason, frame_id=p.frame_id))
@@ -419,6 +421,22 @@ class Daemon:
                 self.metrics.set_plc_connected(self.plc.connected)
                 self.plc.set_status(ready=cam_ok and self._enabled and not self._stop.is_set(), camera_ok=cam_ok,
                                     fault=not cam_ok)
+
+    def _answer_dropped_part_events(self) -> None:
+        """PartIds whose event the link dropped from its full queue (the loop fell behind): each is answered
+        NotInspected "event_overflow" while the PLC still waits for it (within part_timeout_s of its
+        detection), else counted in valve_inspect_plc_results_dropped_total{reason="event_overflow"}
+        (the PLC's watchdog has rejected it by then). Never silently lost."""
+        for ev in self.plc.take_dropped_parts():
+            late = time.monotonic() - ev.at >= self.settings.pipeline.part_timeout_s
+            log.warning("plc_part_event_dropped", part_id=ev.part_id, answered=not late,
+                        age_ms=round((time.monotonic() - ev.at) * 1000.0, 1))
+            if late or not self.book.announce(ev.part_id, ev.at):
+                if late:
+                    self.metrics.plc_results_dropped.labels(reason="event_overflow").inc()
+                continue
+            self.stats.parts += 1
+            self._finish(ev.part_id, Verdict.make_not_inspected(ev.part_id, "event_overflow"))
 
     def _sync_plc_drops(self) -> None:
         """Mirror the link's dropped-result counts (by reason) into valve_inspect_plc_results_dropped_total."""

@@ -654,7 +654,8 @@ class PlcLink:
     """The daemon's side of the S7 interface; one owner thread does all Snap7 I/O.
 
     Thread-safe API: start(), stop(timeout), publish(verdict, arrival=None), set_status(...), touch(),
-    next_event(timeout) / the ``events`` queue, ``connected``, wait_connected(timeout), stats().
+    next_event(timeout) / the ``events`` queue, take_dropped_parts(), ``connected``, wait_connected(timeout),
+    stats().
 
         link = PlcLink(host="192.168.0.1", db=100)   # or PlcLink(PlcLinkConfig(...))
         link.start()
@@ -705,8 +706,10 @@ class PlcLink:
         self._stats: dict[str, Any] = dict(
             connects=0, reconnects=0, connect_failures=0, read_failures=0, write_failures=0,
             parts_detected=0, parts_missed_on_reconnect=0, results_written=0, results_dropped=0,
-            status_writes=0, events_dropped=0, last_error="", last_latency_ms=None, max_latency_ms=None,
+            status_writes=0, events_dropped=0, part_events_dropped=0, last_error="", last_latency_ms=None,
+            max_latency_ms=None,
         )
+        self._dropped_parts: collections.deque[PlcEvent] = collections.deque(maxlen=_ANNOUNCED_MAX)
         self._dropped: collections.Counter[str] = collections.Counter()
 
     # ---------------------------------------------------------------- app API
@@ -834,19 +837,38 @@ class PlcLink:
             self._stats[key] += n
 
     def _emit(self, event: PlcEvent) -> None:
+        """Queue an event for the app; when the queue is full the oldest event is dropped.
+
+        A dropped ``part`` event is never silently lost: its PartId and detection time are kept
+        (``take_dropped_parts()``), counted (``part_events_dropped``) and logged, so that the app can
+        still answer the part (NotInspected "event_overflow") or count it as lost.
+        """
         try:
             self.events.put_nowait(event)
         except queue.Full:
             try:
-                self.events.get_nowait()
+                old = self.events.get_nowait()
             except queue.Empty:
-                pass
-            self._count("events_dropped")
-            self._log.warning("plc_event_queue_full", dropped="oldest", hint="the app is not reading next_event()")
+                old = None
+            with self._lock:
+                self._stats["events_dropped"] += 1
+                if old is not None and old.kind == "part":
+                    self._stats["part_events_dropped"] += 1
+                    self._dropped_parts.append(old)
+            self._log.warning("plc_event_queue_full", dropped="oldest", dropped_kind=getattr(old, "kind", None),
+                              dropped_part_id=getattr(old, "part_id", None) or None,
+                              hint="the app is not reading next_event()")
             try:
                 self.events.put_nowait(event)
             except queue.Full:
                 pass
+
+    def take_dropped_parts(self) -> list[PlcEvent]:
+        """The ``part`` events dropped from the full event queue since the last call (oldest first)."""
+        with self._lock:
+            out = list(self._dropped_parts)
+            self._dropped_parts.clear()
+        return out
 
     def _run(self) -> None:
         backoff = self.config.reconnect_min_s

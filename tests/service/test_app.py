@@ -64,6 +64,10 @@ class FakePlc:
         except queue.Empty:
             return None
 
+    def take_dropped_parts(self) -> list:
+        out, self.dropped_parts = list(getattr(self, "dropped_parts", [])), []
+        return out
+
     def stop(self, timeout: float = 5.0) -> bool:
         self.stopped = True
         return True
