@@ -18,7 +18,7 @@ from service.plc import PlcEvent, PlcLink, unpack_result
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
 from tests.service.daemon_fixtures import wait_until
-from tests.service.test_app import FakeCamera, FakeModel, FakePlc, make_settings
+from tests.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings, valve_image  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -203,3 +203,115 @@ def test_an_invalid_record_is_dropped_and_the_link_stays_up(sim):
         assert link.connected and link.stats()["reconnects"] == 0 and outcome(sim, a) is None
     finally:
         link.stop()
+
+
+# ------------------------------------------------------------------------------------------- link loss, each path forced
+
+
+class _HeldModel(FakeModel):
+    """Inference waits until the test releases it: the test decides whether the link drops before or after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, slices):
+        self.started.set()
+        assert self.release.wait(10)
+        return super().run(slices)
+
+
+@pytest.fixture
+def line(sim, tmp_path, valve_image):  # noqa: F811
+    """A daemon (control loop and one worker running) with a real PlcLink to ``sim``; fake camera and model.
+    ``line.part(pid)`` announces a part on the PLC and delivers its frame once the daemon has triggered it."""
+    model = _HeldModel()
+    d = Daemon(make_settings(tmp_path, pipeline={"part_timeout_s": 4.0, "trigger_window_ms": 1000},
+                             plc={"sim_watchdog_s": 6.0}),
+               metrics=Metrics(CollectorRegistry()))
+    d.camera, d.model = FakeCamera(), model
+    d.thresholds = {"dirt": 0.5, "scratch": 0.5, "ec": 0.5}
+    d.plc = make_link(sim)
+    d.plc.start()
+    assert d.plc.wait_connected(5)
+    threads = [threading.Thread(target=d._control, daemon=True), threading.Thread(target=d._worker, daemon=True)]
+    for t in threads:
+        t.start()
+
+    def part() -> int:
+        pid = sim.new_part()
+        assert wait_until(lambda: pid in d.camera.triggers, 3.0), d.camera.triggers
+        d._on_camera_event(frame(valve_image, pid))
+        return pid
+
+    d.part = part
+    yield d
+    model.release.set()
+    d.request_stop()
+    d._jobs.put(None)
+    for t in threads:
+        t.join(3.0)
+    d.plc.stop()
+
+
+def _drops(d) -> dict:
+    d._sync_plc_drops()
+    return {r: d.metrics.value("valve_inspect_plc_results_dropped_total", {"reason": r})
+            for r in ("link_down", "stale_epoch") if d.metrics.value("valve_inspect_plc_results_dropped_total",
+                                                                      {"reason": r})}
+
+
+def test_result_ready_while_the_link_is_down_is_dropped_never_replayed(sim, line):
+    """Forced order: the part is announced and its inspection started, the cable is pulled, the result is
+    ready while the link is down (dropped: link_down), the cable comes back: the result is never written, the
+    PLC's watchdog rejects the part, and the next part is answered on the new connection."""
+    d = line
+    pid = d.part()
+    assert d.model.started.wait(5)
+    sim.stop_server()
+    assert wait_until(lambda: not d.plc.connected, 5.0)
+    d.model.release.set()
+    assert wait_until(lambda: d.plc.stats()["dropped_by_reason"].get("link_down") == 1, 3.0), d.plc.stats()
+    sim.start_server()
+    assert wait_until(lambda: d.plc.connected, 5.0)
+    nxt = d.part()
+    assert wait_until(lambda: outcome(sim, nxt) is not None and outcome(sim, pid) is not None, 8.0)
+    assert outcome(sim, pid).got == "timeout" and outcome(sim, nxt).got == "accept"
+    assert sim.stats()["late_results"] == 0 and sim.stats()["results"] == 1
+    assert _drops(d) == {"link_down": 1}
+
+
+def test_result_ready_after_the_reconnect_is_dropped_as_stale(sim, line):
+    """Forced order: inspection started, cable pulled and plugged back in, then the result is ready: it belongs
+    to the old connection (stale_epoch), is dropped and never written; the PLC's watchdog has the part."""
+    d = line
+    pid = d.part()
+    assert d.model.started.wait(5)
+    sim.stop_server()
+    assert wait_until(lambda: not d.plc.connected, 5.0)
+    sim.start_server()
+    assert wait_until(lambda: d.plc.connected, 5.0)
+    d.model.release.set()
+    assert wait_until(lambda: d.plc.stats()["dropped_by_reason"].get("stale_epoch") == 1, 3.0), d.plc.stats()
+    assert wait_until(lambda: outcome(sim, pid) is not None, 8.0)
+    assert outcome(sim, pid).got == "timeout" and sim.stats()["results"] == 0
+    assert _drops(d) == {"stale_epoch": 1}
+
+
+def test_result_written_before_the_link_drops_is_not_written_again(sim, line):
+    """Forced order: the result is written, then the cable is pulled and plugged back in: the part has exactly
+    one result (no replay after the reconnect) and nothing is counted dropped."""
+    d = line
+    d.model.release.set()
+    pid = d.part()
+    assert wait_until(lambda: outcome(sim, pid) is not None, 5.0)
+    sim.stop_server()
+    assert wait_until(lambda: not d.plc.connected, 5.0)
+    sim.start_server()
+    assert wait_until(lambda: d.plc.connected, 5.0)
+    nxt = d.part()
+    assert wait_until(lambda: outcome(sim, nxt) is not None, 5.0)
+    assert sim.stats()["results"] == 2 and sim.stats()["duplicate_results"] == 0
+    assert [o.part_id for o in sim.outcomes] == [pid, nxt]
+    assert _drops(d) == {}
