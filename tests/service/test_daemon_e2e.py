@@ -152,6 +152,7 @@ class LineRun:
     parts_seconds: float = 0.0
     illegal_writes: int = 0
     tail: str = ""
+    archive: Path | None = None
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelU
                         archive_dir=work / "archive")
     env = clean_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000")
     run = LineRun(classes=line_frames.classes, part_ids=[FIRST_PART_ID + i for i in range(PARTS)],
-                  model=inspection_model)
+                  model=inspection_model, archive=work / "archive")
     d: DaemonProcess | None = None
     try:
         with running_daemon(cfg, work, env=env) as d:
@@ -282,6 +283,59 @@ def test_the_verdict_bars_follow_from_the_held_out_figures():
         assert binom_cdf(bar - 1, m, p) <= ALPHA < binom_cdf(bar, m, p)
         assert 1.0 - binom_cdf(bar - 1, m, 0.25) < ALPHA  # a wrong-frame pairing fails (p < 1 %)
     assert (REQUIRED_DISPOSITION, REQUIRED_EXACT, REQUIRED_OWN_CLASS) == (13, 9, 9)
+
+
+def test_archive_holds_one_entry_per_rejected_part_with_the_documented_names(line_run: LineRun):
+    """After the run the reject archive ([archive] save: reject, not_inspected) holds, for each part the PLC
+    got a Reject or NotInspected for, exactly the three documented files
+    <UTC time>_p<PartId>_f<FrameId>_<label>[-<defect>...]{.png,_overlay.png,.json} (docs/operations.md,
+    "Reject archive"), the JSON agreeing with what the PLC received; accepted parts have no entry."""
+    import json
+    import re
+
+    run = line_run
+    stem_re = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)_p(-?\d+)_f(-?\d+)_([a-z_]+(?:-[a-z0-9]+)*)$")
+    files = sorted(p.name for p in run.archive.iterdir())
+    stems: dict[str, set[str]] = {}
+    for name in files:
+        for suffix in ("_overlay.png", ".png", ".json"):
+            if name.endswith(suffix):
+                stems.setdefault(name[: -len(suffix)], set()).add(suffix)
+                break
+        else:
+            pytest.fail(f"unexpected file in the archive: {name}")
+    archived = [r for r in run.results if r.kind in ("reject", "not_inspected")]
+    assert archived, "the run rejected nothing: the archive is not exercised"
+    # At SIGTERM the archive gets 1 s to write what is queued (stop must finish within 10 s); the rest is
+    # dropped and counted. The writer is slower than the line on a small loaded CPU, so the last few
+    # rejects may be among them: always the newest, and each one counted.
+    closed = [e for e in run.log if e.get("event") == "archive_closed"]
+    assert len(closed) == 1, run.tail
+    dropped = closed[0]["dropped"]
+    assert closed[0]["write_errors"] == 0 and closed[0]["written"] == len(stems), closed
+    assert len(stems) + dropped == len(archived), (files, [r.part_id for r in archived], closed)
+    archived = archived[:len(stems)]  # written in the order the PLC got them
+    by_part = {}
+    for stem, suffixes in stems.items():
+        assert suffixes == {".png", "_overlay.png", ".json"}, (stem, suffixes)
+        m = stem_re.match(stem)
+        assert m, stem
+        by_part[int(m.group(2))] = (stem, int(m.group(3)), m.group(4))
+    for r in archived:
+        stem, frame_id, label = by_part[r.part_id]
+        defects = [b.removeprefix("reject_") for b in r.set_bits if b.startswith("reject_")]
+        assert frame_id == r.frame_id and label == "-".join([r.kind, *defects]), (stem, r)
+        side = json.loads((run.archive / f"{stem}.json").read_text())
+        assert (side["part_id"], side["frame_id"], side["label"], side["defects"]) == (
+            r.part_id, r.frame_id, r.kind, defects), side
+        assert side["files"] == {"frame": f"{stem}.png", "overlay": f"{stem}_overlay.png"}
+        assert side["frame_shape"] == [2048, 2448] and side["overlay_error"] is None
+        for key, i in (("score_dirt", 0), ("score_scratch", 1), ("score_ec", 2)):
+            assert side["verdict"][key] == pytest.approx(r.scores[i], abs=1e-6)
+        for suffix in (".png", "_overlay.png"):
+            assert (run.archive / f"{stem}{suffix}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    accepted = {r.part_id for r in run.results if r.kind == "accept"}
+    assert not accepted & set(by_part)
 
 
 # ------------------------------------------------------------------------------------------------- status
