@@ -75,6 +75,9 @@ PARTS = 16
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Racy (another process may take it before it is bound again): only
+    for a port nothing should listen on. Servers bind port 0 and report the port they got instead: LinePlc,
+    PlcSimulator(port=0), and the daemon's metrics (metrics.port = 0, read back by DaemonProcess.metrics_port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -157,7 +160,7 @@ class LinePlc:
     """
 
     def __init__(self, port: int | None = None, heartbeat_s: float = 0.1) -> None:
-        self.port = port or free_port()
+        self.port = port or 0  # 0: the first start_server() binds a free port and keeps it for restarts
         self.heartbeat_s = heartbeat_s
         self._db = bytearray(DB_SIZE)
         self._server: Server | None = None
@@ -192,6 +195,8 @@ class LinePlc:
         server.register_area(SrvArea.DB, DB_NUMBER, self._db)
         server.set_events_callback(self._on_event)
         server.start_to(HOST, self.port)
+        if self.port == 0:
+            self.port = server.server_socket.getsockname()[1]
         self._server = server
 
     def stop_server(self) -> None:
@@ -336,7 +341,7 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def daemon_config(path: Path, *, images: Path, plc_port: int, metrics_port: int, model: str | Path,
+def daemon_config(path: Path, *, images: Path, plc_port: int, model: str | Path, metrics_port: int = 0,
                   archive_dir: Path | None = None, **overrides: dict[str, Any]) -> Path:
     """A client-mode config for the test line: emulator replaying ``images``, our PLC at 127.0.0.1:plc_port.
 
@@ -397,6 +402,14 @@ class DaemonProcess:
                 with contextlib.suppress(json.JSONDecodeError):
                     out.append(json.loads(line))
         return out
+
+    def metrics_port(self, timeout: float = 10.0) -> int:
+        """The port the daemon's metrics endpoint bound (config metrics.port = 0), from its metrics_serving log
+        event's url: no port is picked beforehand and released for the daemon to race for."""
+        ev = self.wait_event("metrics_serving", timeout)
+        if ev is None:
+            pytest.fail(f"the daemon did not log metrics_serving within {timeout} s\n{self.tail()}")
+        return int(ev["url"].rstrip("/").rsplit(":", 1)[1].split("/")[0])
 
     def named(self, event: str) -> list[dict]:
         return [e for e in self.events() if e.get("event") == event]

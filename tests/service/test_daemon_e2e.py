@@ -32,7 +32,6 @@ from tests.service.daemon_fixtures import (
     StatusWrite,
     clean_env,
     daemon_config,
-    free_port,
     inspection_model,  # noqa: F401 - session fixture
     line_frames,  # noqa: F401 - session fixture
     running_daemon,
@@ -159,7 +158,6 @@ class LineRun:
 def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelUnderTest) -> LineRun:  # noqa: F811
     """Run the daemon once over the 16 parts, then one more part in flight at SIGTERM."""
     work = tmp_path_factory.mktemp("e2e")
-    metrics_port = free_port()
     notify = NotifyListener(work / "notify.sock")
     plc = LinePlc()
     plc.set_result_seq(RESULT_SEQ_START)
@@ -167,7 +165,7 @@ def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelU
     plc.start()
     plc.set_enable(True)
     cfg = daemon_config(work / "cfg.toml", images=line_frames.frames, plc_port=plc.port,
-                        metrics_port=metrics_port, model=inspection_model.config_value,
+                        metrics_port=0, model=inspection_model.config_value,
                         archive_dir=work / "archive")
     env = clean_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000")
     run = LineRun(classes=line_frames.classes, part_ids=[FIRST_PART_ID + i for i in range(PARTS)],
@@ -175,6 +173,7 @@ def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelU
     d: DaemonProcess | None = None
     try:
         with running_daemon(cfg, work, env=env) as d:
+            metrics_port = d.metrics_port()
             first_ready = plc.wait_status(lambda s: s.ready, timeout=10.0)
             assert first_ready is not None, f"Ready never set\n{d.tail()}"
             run.running_from = min(s.t for s in plc.recorded()[1] if s.ready)
@@ -196,7 +195,7 @@ def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelU
     finally:
         if d is not None:
             d.kill()
-        time.sleep(0.2)  # the last datagrams
+        wait_until(lambda: any(m == "STOPPING=1" for _, m in list(notify.messages)), 2.0)  # the last datagram
         notify.close()
         plc.close()
     run.results, run.statuses = plc.recorded()

@@ -21,7 +21,6 @@ from tests.service.daemon_fixtures import (
     clean_env,
     daemon_config,
     dark_frame,
-    free_port,
     inspection_model,  # noqa: F401 - session fixture
     line_frames,  # noqa: F401 - session fixture
     run_cli,
@@ -61,12 +60,12 @@ def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_f
     Whether part 4's result lands before the drop is left to timing here (both outcomes are accepted); each
     order is forced, with the inspection held until the test releases it, in test_plc_drops.py
     (written before the drop / ready while down: link_down / ready after the reconnect: stale_epoch)."""
-    port = free_port()
     with LinePlc() as plc:
         plc.set_enable(True)
-        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port, metrics_port=port,
+        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port,
                             model=inspection_model.config_value)
         with running_daemon(cfg, tmp_path) as d:
+            port = d.metrics_port()
             assert plc.wait_status(lambda s: s.ready, timeout=10.0), d.tail()
             before = [plc.run_part(pid) for pid in (1, 2, 3)]
             assert all(r is not None for r in before), d.tail()
@@ -84,7 +83,8 @@ def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_f
             plc.set_result_seq(1000)
             assert d.wait_event("plc_link_down", timeout=5.0), d.tail()
             assert wait_until(lambda: metric(port, "valve_inspect_plc_connected") == 0.0, timeout=3.0)
-            time.sleep(1.0)  # down for a while; part 4's inspection is long finished
+            # down until part 4's inspection is finished and its result met the dead link (logged once answered)
+            assert wait_until(lambda: any(e.get("part_id") == 4 for e in d.named("part")), timeout=5.0), d.tail()
             assert d.alive()
             plc.start_server()
             restarted_at = time.monotonic()
@@ -126,13 +126,13 @@ def test_failed_camera_buffers_make_parts_not_inspected_and_the_line_continues(
         tmp_path, line_frames: LineFrames, inspection_model: ModelUnderTest):  # noqa: F811
     """With the emulator forced to fail its next 3 buffers (camera.features), those 3 parts are NotInspected,
     never Accept, counted in the metrics and logged, and the following parts are inspected normally."""
-    port = free_port()
     with LinePlc() as plc:
         plc.set_enable(True)
-        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port, metrics_port=port,
+        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port,
                             model=inspection_model.config_value,
                             camera={"features": {"ForceFailedBufferCount": 3, "ForceFailedBuffer": True}})
         with running_daemon(cfg, tmp_path) as d:
+            port = d.metrics_port()
             assert plc.wait_status(lambda s: s.ready, timeout=10.0), d.tail()
             results = [plc.run_part(pid) for pid in range(101, 107)]
             assert all(r is not None for r in results), d.tail()
@@ -168,12 +168,12 @@ def test_a_frame_without_a_valve_is_no_part_and_the_line_continues(tmp_path, lin
     link_replica(line_frames.frames / "part_000000.png", frames / "f0.png")
     dark_frame(frames / "f1.png")
     link_replica(line_frames.frames / "part_000001.png", frames / "f2.png")
-    port = free_port()
     with LinePlc() as plc:
         plc.set_enable(True)
-        cfg = daemon_config(tmp_path / "cfg.toml", images=frames, plc_port=plc.port, metrics_port=port,
+        cfg = daemon_config(tmp_path / "cfg.toml", images=frames, plc_port=plc.port,
                             model=inspection_model.config_value)
         with running_daemon(cfg, tmp_path) as d:
+            port = d.metrics_port()
             assert plc.wait_status(lambda s: s.ready, timeout=10.0), d.tail()
             results = [plc.run_part(pid) for pid in (11, 12, 13, 14)]  # f0, f1 (empty), f2, f0 again
             assert all(r is not None for r in results), d.tail()
@@ -239,10 +239,9 @@ def test_model_hash_mismatch_exits_2_before_touching_the_line(tmp_path, line_fra
     data[len(data) // 2] ^= 0xFF  # one flipped byte: a damaged copy
     onnx.write_bytes(bytes(data))
     shutil.copyfile(inspection_model.path.with_suffix(".json"), model_dir / "model.json")
-    port = free_port()
     with LinePlc() as plc:
         plc.set_enable(True)
-        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port, metrics_port=port,
+        cfg = daemon_config(tmp_path / "cfg.toml", images=line_frames.frames, plc_port=plc.port,
                             model=onnx)
         log_env = clean_env()
         proc = run_cli("run", "--config", str(cfg), env=log_env, timeout=60)

@@ -315,3 +315,26 @@ def test_result_written_before_the_link_drops_is_not_written_again(sim, line):
     assert sim.stats()["results"] == 2 and sim.stats()["duplicate_results"] == 0
     assert [o.part_id for o in sim.outcomes] == [pid, nxt]
     assert _drops(d) == {}
+
+
+def test_line_plc_binds_a_free_port_itself_and_keeps_it_across_a_restart():
+    """The test PLC binds port 0 (no free_port() picked, released and raced for) and re-binds the same port
+    when the cable is plugged back in, so a link reconnects to it."""
+    from tests.service.daemon_fixtures import LinePlc
+
+    plc = LinePlc()
+    assert plc.port == 0
+    with plc:
+        port = plc.port
+        assert port > 0
+        link = PlcLink(host="127.0.0.1", port=port, db=100, poll_interval_s=0.01, reconnect_min_s=0.05,
+                       reconnect_max_s=0.2).start()
+        try:
+            assert link.wait_connected(5)
+            plc.stop_server()
+            assert wait_until(lambda: not link.connected, 5.0)
+            plc.start_server()
+            assert plc.port == port
+            assert wait_until(lambda: link.connected, 5.0) and link.stats()["reconnects"] == 1
+        finally:
+            link.stop()
