@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiles": ("models.tiles:main", "cut real images into S x S tiles at native resolution; image verdicts from tiles"),
     "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
+    "realdata": ("models.experiments.realdata:main", "the paper's slicing on KolektorSDD/Magnetic-tile: tiles, "
+                 "train (seeds), summary.json"),
     "results": ("models.results:main", "regenerate one table of docs/results.md (cached runs, seeds, timing)"),
 }
 

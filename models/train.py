@@ -13,7 +13,7 @@ and on by default, each recorded in config.json and switchable off:
   defect slices are a few per cent of a line's slices;
 * a cosine learning-rate schedule from ``--lr`` to ``--lr`` / 100 over the epochs
   (``--schedule constant`` for the paper's fixed rate);
-* BatchNorm recalibration (``--bn-recal N``, 0 = off): before each validation the BN running
+* BatchNorm recalibration (``--bn-recal N``, default 256, 0 = off): before each validation the BN running
   statistics are recomputed over up to N training images without augmentation (a cumulative
   average, not the lagging momentum average), so eval-mode predictions match train mode; the weights
   saved are the recalibrated ones. At the end ``bn_check`` in config.json compares, on those images,
@@ -136,7 +136,7 @@ class TrainConfig:
     augment: bool = True
     balance: bool = True
     schedule: str = "cosine"
-    bn_recal: int = 1024
+    bn_recal: int = 256
     epoch_size: int | None = None
     threads: int | None = None
     workers: int = 0

@@ -1,0 +1,262 @@
+"""``valve-model realdata``: the paper's slicing protocol on KolektorSDD and Magnetic-tile, end to end.
+
+One command per step, each cached and resumable (a re-run skips what is done, resumes a training that
+was interrupted, and retrains nothing whose configuration is unchanged):
+
+    valve-model realdata tiles   [--datasets ...]                # cut the split's parts into tiles
+    valve-model realdata train   [--datasets ...] [--seeds 0,1,2] [--jobs 2]   # train + image verdicts
+    valve-model realdata summary                                 # docs/results/summary.json + docs/results.md
+
+Protocol (:data:`PROTOCOL`, per dataset and label mode; recorded in every run's config.json and in the
+summary): the seeded grouped train/test split of models.real_data (train:test 2:3, seed 0); each image
+cut into 192 x 192 tiles (models.tiles) at ``scale`` (KolektorSDD 0.5, half the native pixel density;
+Magnetic-tile 1.0, native); ``valve-model train`` with its default recipe (class-balanced draws, cosine
+schedule, BN recalibration, weights chosen on balanced validation accuracy over a grouped 20 %
+validation share of the training parts); image verdicts by the daemon's rule (any tile defective),
+scored on the test parts (models.tiles.evaluate_images). Two label modes side by side:
+
+    mask    slice labels derived from the masks (the paper labels its slices)
+    image   image labels only: every tile of a defect image carries its label (no mask is read)
+
+Nothing trained here ships (the datasets' licences); runs live under ``runs/realdata`` (not committed);
+the summary and the doc section are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+PROG = "valve-model realdata"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "datasets"
+DEFAULT_RUNS = REPO / "runs" / "realdata"
+DEFAULT_DOC = REPO / "docs" / "results.md"
+DEFAULT_SUMMARY = REPO / "docs" / "results" / "summary.json"
+DATASETS = ("kolektorsdd", "magnetic-tile")
+LABEL_MODES = ("mask", "image")
+SECTION = "realdata"
+
+#: tiles and training per dataset (the train recipe's defaults do the rest)
+PROTOCOL: dict[str, dict] = {
+    "kolektorsdd": {"tiles": {"size": 192, "stride": 96, "scale": 0.5},
+                    "train": {"preset": "compact", "attention": "iam", "epochs": 12, "batch_size": 16,
+                              "epoch_size": 512}},
+    "magnetic-tile": {"tiles": {"size": 192, "stride": 96, "scale": 1.0},
+                      "train": {"preset": "compact", "attention": "iam", "epochs": 12, "batch_size": 16,
+                                "epoch_size": 768}},
+}
+
+
+def tiles_dir(runs: Path, dataset: str, labels: str, part: str) -> Path:
+    return runs / "tiles" / f"{dataset}-{labels}" / part
+
+
+def run_dir(runs: Path, dataset: str, labels: str, seed: int) -> Path:
+    return runs / f"{dataset}-{labels}" / f"seed{seed}"
+
+
+def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
+    """Write the train and test tiles of one dataset and label mode (skipped when present)."""
+    from models.data import load_samples
+    from models.tiles import MANIFEST_NAME, TileSpec, write_tiles
+
+    spec = TileSpec(labels=labels, **PROTOCOL[dataset]["tiles"])
+    for part in ("train", "test"):
+        out = tiles_dir(runs, dataset, labels, part)
+        if (out / MANIFEST_NAME).is_file():
+            m = json.loads((out / MANIFEST_NAME).read_text())
+            if m["spec"] == spec.__dict__:
+                continue
+            raise SystemExit(f"{out} was written with another tile spec ({m['spec']}); remove it to rewrite")
+        data = load_samples(data_root / dataset, f"{dataset}-{part}")
+        m = write_tiles(data, out, spec, source=f"{dataset}-{part}:{data_root / dataset}")
+        print(f"{dataset}/{labels}/{part}: {len(m['images'])} images -> {m['tile_counts']}", file=sys.stderr)
+
+
+def train_args(dataset: str, labels: str, seed: int, runs: Path, threads: int, device: str) -> list[str]:
+    t = PROTOCOL[dataset]["train"]
+    args = ["--data", str(tiles_dir(runs, dataset, labels, "train")), "--format", "folders",
+            "--out", str(run_dir(runs, dataset, labels, seed)), "--seed", str(seed), "--threads", str(threads),
+            "--device", device]
+    for key, value in t.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, device: str) -> dict:
+    """Train (or resume) one run, then score its image verdicts on the test tiles; returns the metrics."""
+    from models.tiles import evaluate_images
+
+    out = run_dir(runs, dataset, labels, seed)
+    metrics_path = out / "image_metrics.json"
+    log = out.parent / f"seed{seed}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = out / "train_state.pt"
+    cmd = [sys.executable, "-m", "models.cli", "train", *train_args(dataset, labels, seed, runs, threads, device)]
+    if state.is_file():
+        done = json.loads((out / "config.json").read_text())
+        epochs = sum(1 for line in (out / "log.jsonl").read_text().splitlines() if line.strip())
+        if epochs >= PROTOCOL[dataset]["train"]["epochs"] and metrics_path.is_file() and "bn_check" in done:
+            return json.loads(metrics_path.read_text())
+        cmd = [sys.executable, "-m", "models.cli", "train", "--out", str(out), "--resume",
+               "--epochs", str(PROTOCOL[dataset]["train"]["epochs"]), "--threads", str(threads), "--device", device]
+    t0 = time.time()
+    with log.open("a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if rc != 0:
+        raise SystemExit(f"training {out} failed (exit {rc}); see {log}")
+    m = evaluate_images(out, tiles_dir(runs, dataset, labels, "test"), metrics_path)
+    m["train_wall_s"] = round(time.time() - t0, 1)
+    metrics_path.write_text(json.dumps(m, indent=1))
+    return m
+
+
+def mean_std(values: list[float | None]) -> dict:
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "n": 0, "values": values}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v),
+            "values": values}
+
+
+def summarise(runs: Path, seeds: list[int]) -> dict:
+    """summary.json: per dataset, the primary protocol (mask labels) and, beside it, image labels only."""
+    out: dict = {}
+    for dataset in DATASETS:
+        entry: dict = {}
+        for labels in LABEL_MODES:
+            found = [(s, run_dir(runs, dataset, labels, s) / "image_metrics.json") for s in seeds]
+            found = [(s, json.loads(p.read_text())) for s, p in found if p.is_file()]
+            if not found:
+                continue
+            cfgs = [json.loads((run_dir(runs, dataset, labels, s) / "config.json").read_text()) for s, _ in found]
+            entry[labels] = {
+                "protocol": (f"{PROTOCOL[dataset]['tiles']['size']}x{PROTOCOL[dataset]['tiles']['size']} tiles, "
+                             f"stride {PROTOCOL[dataset]['tiles']['stride']}, scale {PROTOCOL[dataset]['tiles']['scale']}"
+                             f" ({'slice labels from the masks' if labels == 'mask' else 'image labels only'}); "
+                             f"image verdict = any tile defective; compact IRA-CNN (IAM), "
+                             f"{PROTOCOL[dataset]['train']['epochs']} epochs of {PROTOCOL[dataset]['train']['epoch_size']} "
+                             "class-balanced draws, batch 16, cosine lr, BN recalibration, weights on balanced "
+                             "validation accuracy; seeded grouped split train:test 2:3 (seed 0)"),
+                "seeds": [s for s, _ in found],
+                "accuracy": mean_std([m["accuracy"] for _, m in found]),
+                "balanced_accuracy": mean_std([m["balanced_accuracy"] for _, m in found]),
+                "ap": mean_std([m["ap"] for _, m in found]),
+                "defect_vs_good_accuracy": mean_std([m["defect_vs_good_accuracy"] for _, m in found]),
+                "defect_iou": mean_std([m.get("defect_iou") for _, m in found]),
+                "miou_paper": mean_std([m.get("miou_paper") for _, m in found]),
+                "bn_check_gap_points": [c.get("bn_check", {}).get("gap_points") for c in cfgs],
+                "best_epochs": [c.get("bn_check", {}).get("epoch") for c in cfgs],
+                "test_images": found[0][1]["images"],
+                "train_wall_s": [m.get("train_wall_s") for _, m in found],
+            }
+        if entry:
+            primary = entry.get("mask") or entry.get("image")
+            out[dataset] = {**{k: primary[k] for k in ("protocol", "seeds", "accuracy", "ap", "defect_iou",
+                                                        "miou_paper")},
+                            "label_modes": entry}
+    return out
+
+
+def pct(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    s = f"{100 * stat['mean']:.1f}"
+    return s + (f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else "") + f" (n={stat['n']})"
+
+
+def doc_section(summary: dict) -> str:
+    from models.results import machine
+
+    info = machine()
+    lines = [
+        "## Real data by the paper's slicing (`valve-model realdata`)", "",
+        f"Written by `valve-model realdata summary` on {time.strftime('%Y-%m-%d')} ({info['cpus']} CPUs, "
+        f"{info['cpu']}, torch {info['torch']}); numbers in `docs/results/summary.json`. Protocol: "
+        "`models/experiments/realdata.py` (PROTOCOL).", "",
+        "| dataset | labels | seeds | accuracy % | balanced acc % | AP % | defect vs good % | BN gap (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, d in summary.items():
+        for labels, e in d["label_modes"].items():
+            lines.append(f"| {dataset} | {labels} | {', '.join(map(str, e['seeds']))} | {pct(e['accuracy'])} | "
+                         f"{pct(e['balanced_accuracy'])} | {pct(e['ap'])} | {pct(e['defect_vs_good_accuracy'])} | "
+                         f"{', '.join('-' if g is None else str(g) for g in e['bn_check_gap_points'])} |")
+    lines += ["", "Protocols:", ""]
+    for dataset, d in summary.items():
+        for labels, e in d["label_modes"].items():
+            lines.append(f"- {dataset}, {labels}: {e['protocol']}; {e['test_images']} test images.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("step", choices=("tiles", "train", "summary"))
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (smoke runs)")
+    p.add_argument("--epoch-size", type=int, default=None, help="override the protocol's draws per epoch")
+    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
+    p.add_argument("--runs", default=str(DEFAULT_RUNS))
+    p.add_argument("--doc", default=str(DEFAULT_DOC))
+    p.add_argument("--summary", default=str(DEFAULT_SUMMARY))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runs, data_root = Path(args.runs), Path(args.data_root)
+    datasets = [d for d in args.datasets.split(",") if d]
+    labels = [x for x in args.labels.split(",") if x]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for d in PROTOCOL:
+        if args.epochs is not None:
+            PROTOCOL[d]["train"]["epochs"] = args.epochs
+        if args.epoch_size is not None:
+            PROTOCOL[d]["train"]["epoch_size"] = args.epoch_size
+    if args.step == "tiles":
+        for d in datasets:
+            for lab in labels:
+                make_tiles(runs, data_root, d, lab)
+        return 0
+    if args.step == "train":
+        for d in datasets:
+            for lab in labels:
+                make_tiles(runs, data_root, d, lab)
+        jobs = [(d, lab, s) for d in datasets for lab in labels for s in seeds]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {pool.submit(train_one, d, lab, s, runs, args.threads, args.device): (d, lab, s)
+                       for d, lab, s in jobs}
+            for f, (d, lab, s) in futures.items():
+                m = f.result()
+                print(f"{d}/{lab}/seed{s}: accuracy {m['accuracy']:.4f}, AP {m['ap']}, "
+                      f"balanced {m['balanced_accuracy']:.4f}", flush=True)
+        return 0
+    from models.results import write_section
+
+    summary = summarise(runs, seeds)
+    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
+    write_section(Path(args.doc), SECTION, doc_section(summary))
+    print(json.dumps({k: {"accuracy": v["accuracy"]["mean"], "ap": v["ap"]["mean"]} for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
