@@ -46,16 +46,16 @@ def balance_good(folder: Path, seed: int) -> dict[str, int]:
 
 
 def part_level(frames: Path, model_path: Path) -> dict:
-    """Part verdicts on rendered frames through the daemon's own pipeline (service.app.inspect_frame, default
+    """Part verdicts on rendered frames through the daemon's own pipeline (service.pipeline.inspect_frame, default
     thresholds) against the manifest: what the PLC would see for each part."""
     import time
     from collections import Counter
 
     import cv2
 
-    from service.app import inspect_frame
     from service.config import Thresholds
     from service.infer import InferenceModel
+    from service.pipeline import inspect_frame
     from service.records import Frame
     from service.roi import RoiParams
     from service.sim.synth import read_manifest

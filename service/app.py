@@ -5,6 +5,9 @@
     inference worker: ROI -> 8 slices -> ONNX (probs + Grad-CAM++) -> Otsu -> decide -> Verdict
     Verdict -> PartBook (exactly once per PartId) -> PLC link, metrics, log, reject archive
 
+The stages of one frame are service.pipeline.inspect_frame, the part book service.parts.PartBook, the
+demo's frames service.sim.demo; this module builds the components, runs the threads, and is the CLI.
+
 Rules this module enforces:
 - Every announced PartId gets exactly one result (PartBook.claim): the first of inspection,
   camera failure, overflow, timeout or shutdown wins; a late inspection is counted and dropped.
@@ -19,13 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import queue
 import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,159 +34,19 @@ from typing import Any
 import numpy as np
 
 from service import notify
-from service.config import Settings, load_config
-from service.errors import CameraError, FatalError, GrabTimeout, NoPartError, ValveInspectError
+from service.config import GPU_PROVIDERS, Settings, load_config
+from service.errors import CameraError, FatalError, GrabTimeout, ValveInspectError
 from service.logs import configure_logging, get_logger
 from service.metrics import Metrics
+from service.parts import OpenPart, PartBook
+from service.pipeline import inspect_frame
 from service.records import Frame, Verdict
+from service.sim.demo import demo_frames
 
 log = get_logger("service.app")
 
-STOP_BUDGET_S = 8.0
-DEMO_ARCHIVE_QUOTA_MB = 200  # the embedded demo (no --config) writes its rejects to ~/.cache  # SIGTERM -> exit, inside systemd's 10 s
-
-
-# ------------------------------------------------------------------------------------ part book
-
-
-@dataclass
-class _Part:
-    part_id: int
-    announced: float
-    deadline: float
-    frame_id: int = 0
-    arrival: float | None = None
-
-
-class PartBook:
-    """Open parts by PartId; ``claim`` hands each one out exactly once.
-
-    A part's deadline is ``timeout_s`` after it was announced; once its frame arrived it gets
-    ``timeout_s`` more for the inspection. ``expired`` claims the overdue ones.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._open: OrderedDict[int, _Part] = OrderedDict()
-        self._lock = threading.Lock()
-        self.duplicates = 0
-        self.late = 0
-
-    def announce(self, part_id: int, at: float) -> bool:
-        with self._lock:
-            if part_id in self._open:
-                self.duplicates += 1
-                return False
-            self._open[part_id] = _Part(part_id, at, at + self.timeout_s)
-            return True
-
-    def frame_arrived(self, part_id: int, arrival: float, frame_id: int) -> bool:
-        with self._lock:
-            p = self._open.get(part_id)
-            if p is None or p.arrival is not None:
-                return False
-            p.arrival, p.frame_id = arrival, frame_id
-            p.deadline = max(p.deadline, arrival + self.timeout_s)
-            return True
-
-    def oldest_without_frame(self) -> int | None:
-        """The oldest announced part still waiting for its frame (diagnostics)."""
-        with self._lock:
-            for p in self._open.values():
-                if p.arrival is None:
-                    return p.part_id
-            return None
-
-    def time_left(self, part_id: int, now: float) -> float | None:
-        """Seconds until the open part's deadline (negative when overdue), None when it is closed."""
-        with self._lock:
-            p = self._open.get(part_id)
-            return None if p is None else p.deadline - now
-
-    def waiting_for_frame(self, part_id: int) -> bool:
-        with self._lock:
-            p = self._open.get(part_id)
-            return p is not None and p.arrival is None
-
-    def claim(self, part_id: int) -> _Part | None:
-        with self._lock:
-            p = self._open.pop(part_id, None)
-            if p is None:
-                self.late += 1
-            return p
-
-    def expired(self, now: float) -> list[_Part]:
-        with self._lock:
-            out = [p for p in self._open.values() if p.deadline <= now]
-            for p in out:
-                del self._open[p.part_id]
-            return out
-
-    def drain(self) -> list[_Part]:
-        with self._lock:
-            out = list(self._open.values())
-            self._open.clear()
-            return out
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._open)
-
-
-# ------------------------------------------------------------------------------------ settings
-
-
-def roi_params_from(settings: Settings):
-    """The ROI stage's parameters (service.roi.RoiParams.from_settings, which Settings also builds)."""
-    from service.roi import RoiParams
-
-    return RoiParams.from_settings(settings.roi)
-
-
-def plc_link_config(settings: Settings):
-    """The PLC link's parameters (service.plc.PlcLinkConfig.from_settings, which Settings also builds)."""
-    from service.plc import PlcLinkConfig
-
-    return PlcLinkConfig.from_settings(settings.plc)
-
-
-def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dict[str, float],
-                  observe=None) -> tuple[Verdict, dict | None]:
-    """The inspection pipeline for one frame: ROI -> 8 slices -> ONNX -> Otsu -> decide.
-
-    The daemon's worker and the offline part-level evaluation (models.demo_model) both call this.
-    ``observe(stage, seconds)`` receives the roi / infer / segment times. A frame without an
-    inspectable valve gives NoPart (no extras); otherwise the extras carry the slice batch, the
-    prediction, the masks and the stage timings (what the archive draws).
-    """
-    from service.decide import decide
-    from service.roi import extract
-    from service.segment import masks_for
-
-    def note(stage: str, seconds: float) -> None:
-        if observe is not None:
-            observe(stage, seconds)
-
-    t0 = time.monotonic()
-    try:
-        batch = extract(frame.image, roi_params)
-    except NoPartError as exc:
-        note("roi", time.monotonic() - t0)
-        log.info("no_part", part_id=part_id, frame_id=frame.frame_id, reason=exc.reason, detail=str(exc))
-        ms = (time.monotonic() - frame.arrival) * 1000.0
-        return Verdict.make_no_part(part_id, exc.reason, frame_id=frame.frame_id, inspect_ms=ms), None
-    t1 = time.monotonic()
-    note("roi", t1 - t0)
-    pred = model.run(batch.slices)
-    t2 = time.monotonic()
-    note("infer", t2 - t1)
-    masks = masks_for(pred.saliency, pred.predicted, model.segmented)
-    t3 = time.monotonic()
-    note("segment", t3 - t2)
-    verdict = decide(part_id, frame.frame_id, pred, masks, thresholds, model.segmented,
-                     inspect_ms=(t3 - frame.arrival) * 1000.0)
-    timings = {"roi_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3}
-    return verdict, {"batch": batch, "pred": pred, "masks": masks, "timings": timings}
+STOP_BUDGET_S = 8.0  # SIGTERM -> exit, inside systemd's 10 s
+DEMO_ARCHIVE_QUOTA_MB = 200  # the embedded demo (no --config) writes its rejects to ~/.cache
 
 
 # ------------------------------------------------------------------------------------ the daemon
@@ -250,14 +111,16 @@ class Daemon:
         self.http = None
         self._pinger = None
         self._threads: list[threading.Thread] = []
-        self.roi_params = roi_params_from(settings)
+        from service.roi import RoiParams
+
+        self.roi_params = RoiParams.from_settings(settings.roi)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Daemon:
         from service.camera import Camera
         from service.infer import InferenceModel
-        from service.plc import PlcLink
+        from service.plc import PlcLink, PlcLinkConfig
 
         s = self.settings
         # 1. The model: a bad model file is fatal, before anything touches the line.
@@ -266,8 +129,6 @@ class Daemon:
         from service.decide import validate_thresholds
 
         self.thresholds = validate_thresholds(s.model.thresholds.model_dump(), self.model.classes)
-        from service.infer import GPU_PROVIDERS
-
         gpu = self.model.provider in GPU_PROVIDERS
         self.metrics.set_model_info(self.model.sha256, self.model.provider, self.model.preset)
         log.info("model_loaded", provider=self.model.provider, sha256=self.model.sha256, preset=self.model.preset,
@@ -301,7 +162,7 @@ class Daemon:
         self.metrics.simulation_mixed.set(1 if s.mixed_simulation else 0)
         if s.mixed_simulation:  # allowed by the loader only with simulation.mix_with_real_hardware = true
             self._warn_mixed()
-        self.plc = PlcLink(plc_link_config(s))
+        self.plc = PlcLink(PlcLinkConfig.from_settings(s.plc))
         self.plc.set_status(ready=False, camera_ok=False, model_ok=True, gpu_active=gpu, fault=False,
                             simulated=bool(simulated))
         self.plc.start()
@@ -369,6 +230,11 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop was asked for (request_stop(), a signal, or stop() itself)."""
+        return self._stop.is_set()
 
     def healthy(self) -> bool:
         """For the systemd watchdog: the control loop runs and the worker is not stuck."""
@@ -596,7 +462,7 @@ class Daemon:
             return
         self._finish_claimed(p, verdict, frame, extras)
 
-    def _finish_claimed(self, p: _Part, verdict: Verdict, frame: Frame | None = None,
+    def _finish_claimed(self, p: OpenPart, verdict: Verdict, frame: Frame | None = None,
                         extras: dict | None = None) -> None:
         arrival = frame.arrival if frame is not None else p.arrival
         t0 = time.monotonic()
@@ -626,33 +492,6 @@ class Daemon:
                 mask = batch.slices_to_frame(extras["masks"].astype(np.uint8), interpolation="nearest") > 0
                 outlines = batch.slice_polygons()
             self.archive.submit(frame.image, verdict, saliency=sal, mask=mask, outlines=outlines, copy=False)
-
-
-# ------------------------------------------------------------------------------------ demo
-
-
-def demo_frames(parts: int = 24, seed: int = 20261124) -> tuple[Path, list[str]]:
-    """Synthetic frames for the embedded demo, rendered once into the cache directory."""
-    from service.sim.synth import write_dataset
-
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "valve-inspect" / "demo"
-    out = base / f"seed{seed}-n{parts}"
-    manifest = out / "manifest.jsonl"
-    if not manifest.is_file():
-        log.info("demo_rendering_frames", parts=parts, seed=seed, out=str(out))
-        t0 = time.monotonic()
-        tmp = base / f".tmp-{os.getpid()}"
-        write_dataset(tmp, parts=parts, seed=seed, overwrite=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.replace(out)
-        log.info("demo_frames_ready", seconds=round(time.monotonic() - t0, 1), out=str(out))
-    from service.sim.plc_sim import load_manifest
-
-    return out / "frames", load_manifest(manifest)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -714,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             if end is not None and time.monotonic() >= end:
                 break
     finally:
-        daemon.stop("signal" if daemon._stop.is_set() else "duration")
+        daemon.stop("signal" if daemon.stop_requested else "duration")
     return 0
 
 

@@ -1,7 +1,7 @@
 """``valve-inspect bench``: the whole daemon path at increasing part rates.
 
 For each rate the real Daemon runs in-process: the pylon camera emulator replaying the demo frames
-(service.app.demo_frames), the in-process PLC simulator (a real Snap7 server on a free 127.0.0.1 port,
+(service.sim.demo.demo_frames), the in-process PLC simulator (a real Snap7 server on a free 127.0.0.1 port,
 ``rate`` parts/s, its own watchdog), the PLC link, ROI -> ONNX -> Otsu -> decide, results written back to
 the simulator. Metrics HTTP and the reject archive are off; the Metrics object has a fresh registry.
 No torch anywhere on this path.
@@ -56,11 +56,12 @@ from typing import Any
 
 import numpy as np
 
-from service.app import Daemon, demo_frames
+from service.app import Daemon
 from service.errors import FatalError, ValveInspectError
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.records import Verdict
+from service.sim.demo import demo_frames
 
 DEFAULT_RATES = (4.0, 8.0, 12.0, 16.0, 20.0, 23.0)
 STAGES = ("roi", "infer", "segment")

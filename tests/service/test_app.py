@@ -1,6 +1,7 @@
-"""service.app: PartBook's exactly-once bookkeeping, and the Daemon's wiring with test doubles for the PLC
-link, the camera and the model (the real ROI, decide and metrics run). The daemon as a whole, with the real
-camera emulator and a real Snap7 server, is in test_daemon_e2e.py and test_daemon_faults.py.
+"""service.parts and service.app: PartBook's exactly-once bookkeeping, and the Daemon's wiring with test
+doubles for the PLC link, the camera and the model (the real ROI, decide and metrics run). The daemon as a
+whole, with the real camera emulator and a real Snap7 server, is in test_daemon_e2e.py and
+test_daemon_faults.py.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from service.app import Daemon, PartBook, plc_link_config, roi_params_from
+from service.app import Daemon
 from service.camera import GrabFailure
 from service.config import load_config
 from service.errors import CameraRemoved, GrabFailed, GrabTimeout
 from service.metrics import Metrics
-from service.plc import PlcEvent
+from service.parts import PartBook
+from service.plc import PlcEvent, PlcLinkConfig
 from service.records import Frame, Prediction, Verdict
+from service.roi import RoiParams
 from service.sim.synth import render_part
 from tests.service.daemon_fixtures import write_toml
 
@@ -246,14 +249,14 @@ def test_partbook_drain_returns_and_forgets_every_open_part():
 
 
 def test_roi_and_plc_link_config_follow_the_settings(tmp_path):
-    """roi_params_from maps [roi] onto RoiParams (grid from the sizes) and plc_link_config maps [plc] (ms -> s)."""
+    """RoiParams.from_settings maps [roi] (grid from the sizes) and PlcLinkConfig.from_settings maps [plc] (ms -> s)."""
     s = make_settings(tmp_path, roi={"roi_width": 768, "roi_height": 384, "slice_size": 192, "threshold": 55},
                       plc={"mode": "client", "host": "10.0.0.5", "port": 1234, "poll_ms": 20,
                            "heartbeat_timeout_s": 4.0}, camera={"source": "pylon"})
-    roi = roi_params_from(s)
+    roi = RoiParams.from_settings(s.roi)
     assert (roi.cols, roi.rows, roi.slice_size, roi.threshold) == (4, 2, 192, 55)
     assert roi.length_range == (600.0, 960.0)
-    cfg = plc_link_config(s)
+    cfg = PlcLinkConfig.from_settings(s.plc)
     assert (cfg.host, cfg.port, cfg.db, cfg.poll_interval_s) == ("10.0.0.5", 1234, 100, 0.02)
     assert cfg.plc_heartbeat_timeout_s == 4.0 and cfg.app_watchdog_s == 4.0
 
@@ -581,8 +584,6 @@ def test_stop_also_answers_parts_the_link_announced_after_the_control_loop_ended
 def test_hardware_trigger_frame_pairs_with_the_part_id_read_at_arrival_only_while_it_waits():
     """Hardware trigger: a frame goes to the latest announced PartId if it waits for a frame, else it is dropped."""
     import types
-
-    from service.app import Daemon, PartBook
 
     d = Daemon.__new__(Daemon)
     d.settings = types.SimpleNamespace(camera=types.SimpleNamespace(trigger="hardware"),

@@ -240,17 +240,17 @@ CONFIGS = st.fixed_dictionaries({}, optional={name: _table(name, f.annotation)
 
 def _build_components(s: Settings, tmp: Path) -> None:
     """What the daemon builds from the settings before it touches hardware (none of it connects)."""
-    from service.app import Daemon, plc_link_config
+    from service.app import Daemon
     from service.archive import RejectArchive
     from service.camera import Camera
     from service.decide import validate_thresholds
     from service.metrics import Metrics
-    from service.plc import PlcLink
+    from service.plc import PlcLink, PlcLinkConfig
     from service.sim.plc_sim import PlcSimulator
 
     daemon = Daemon(s, metrics=Metrics())  # ROI parameters, the part book, the frame queue
     assert daemon.roi_params.n_slices == (s.roi.roi_width // s.roi.slice_size) * (s.roi.roi_height // s.roi.slice_size)
-    PlcLink(plc_link_config(s))
+    PlcLink(PlcLinkConfig.from_settings(s.plc))
     Camera(s.camera, metrics=Metrics(), device_factory=lambda _s: None)
     if s.plc.mode == "simulated":
         PlcSimulator(host=s.plc.host, port=s.plc.port, db=s.plc.db, rate=s.plc.sim_rate_hz,

@@ -5,7 +5,7 @@
   valid verdict (including those of the ``make_*`` helpers and of ``service.decide``).
 * pack_result (service.plc): a record that slipped past Verdict's check (fields set behind its back) is
   refused before any byte reaches the PLC.
-* PartBook (service.app): under threads racing claim / expired / drain, each PartId has exactly one winner.
+* PartBook (service.parts): under threads racing claim / expired / drain, each PartId has exactly one winner.
 * Never Accept uninspected (service.decide._check, service.app's worker): a part whose inspection was
   incomplete or raised is NotInspected.
 """
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import pytest
 
-from service.app import PartBook
 from service.decide import decide
+from service.parts import PartBook
 from service.plc import pack_result
 from service.records import Prediction, Verdict
 from tests.service.daemon_fixtures import wait_until
