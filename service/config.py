@@ -59,7 +59,7 @@ from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from service.errors import ConfigError
-from service.plc import DB_RANGE, DEFAULT_DB, ISO_ON_TCP_PORT, RACK_RANGE, SIMULATOR_PORT, SLOT_RANGE
+from service.plc.layout import DB_RANGE, DEFAULT_DB, ISO_ON_TCP_PORT, RACK_RANGE, SIMULATOR_PORT, SLOT_RANGE
 from service.roi import THRESHOLD_MAX, THRESHOLD_MIN
 
 try:  # Python >= 3.11
@@ -70,7 +70,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ENV_PREFIX = "VALVE_INSPECT_"
 ENV_DELIMITER = "__"
 
-#: plc.port = 0 resolves to these (defined in service.plc).
+#: plc.port = 0 resolves to these (defined in service.plc.layout).
 PLC_CLIENT_PORT = ISO_ON_TCP_PORT
 PLC_SIMULATED_PORT = SIMULATOR_PORT
 

@@ -1,4 +1,5 @@
-"""service.plc: the interface table, packing, generated artifacts, and PlcLink against a real Snap7 server."""
+"""service.plc: the interface table, packing, and PlcLink against a real Snap7 server; the artifacts that
+tools/plc_artifacts.py generates from the table."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import service.plc as plc
+import tools.plc_artifacts as artifacts
 from service.errors import ConfigError
 from service.plc import (
     DB_SIZE,
@@ -23,11 +25,9 @@ from service.plc import (
     PlcInputs,
     PlcLink,
     VisionStatus,
-    classic_layout,
     pack_inputs,
     pack_result,
     pack_status,
-    parse_udt_source,
     unpack_inputs,
     unpack_result,
     unpack_status,
@@ -36,6 +36,7 @@ from service.plc import (
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
 from tests.service.daemon_fixtures import free_port, wait_until
+from tools.plc_artifacts import classic_layout, parse_udt_source
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -106,34 +107,38 @@ def test_layout_offsets_are_what_tia_assigns_in_a_standard_access_db():
 
 def test_docs_table_and_tia_sources_agree_with_layout():
     """docs/plc-interface.md's table and deploy/plc's UDT and DB sources are what LAYOUT generates."""
-    assert plc.artifact_problems() == []
-    udt = (plc.REPO_ROOT / plc.UDT_PATH).read_text(encoding="utf-8")
+    assert artifacts.artifact_problems() == []
+    udt = (artifacts.REPO_ROOT / artifacts.UDT_PATH).read_text(encoding="utf-8")
     assert parse_udt_source(udt) == [(f.name, f.s7type) for f in LAYOUT]
-    db = (plc.REPO_ROOT / plc.DB_PATH).read_text(encoding="utf-8")
+    db = (artifacts.REPO_ROOT / artifacts.DB_PATH).read_text(encoding="utf-8")
     assert 'DATA_BLOCK "Vision"' in db and "S7_Optimized_Access := 'FALSE'" in db
     assert "NON_RETAIN" in db and '"VisionInterface"' in db
-    docs = (plc.REPO_ROOT / plc.DOCS_PATH).read_text(encoding="utf-8")
+    docs = (artifacts.REPO_ROOT / artifacts.DOCS_PATH).read_text(encoding="utf-8")
     for f in LAYOUT:
         assert f"| {f.address} | DB100." in docs and f"| {f.name} | {f.s7type} |" in docs
 
 
 def test_artifact_check_reports_a_drifted_docs_table(tmp_path):
     """--check names the file and the fix when the docs table no longer matches LAYOUT."""
-    for rel in (plc.UDT_PATH, plc.DB_PATH, plc.DOCS_PATH):
+    for rel in (artifacts.UDT_PATH, artifacts.DB_PATH, artifacts.DOCS_PATH):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text((plc.REPO_ROOT / rel).read_text(encoding="utf-8"), encoding="utf-8")
-    docs = tmp_path / plc.DOCS_PATH
+        (tmp_path / rel).write_text((artifacts.REPO_ROOT / rel).read_text(encoding="utf-8"), encoding="utf-8")
+    docs = tmp_path / artifacts.DOCS_PATH
     docs.write_text(docs.read_text(encoding="utf-8").replace("| 26 | DB100.DBD26", "| 28 | DB100.DBD28"),
                     encoding="utf-8")
-    problems = plc.artifact_problems(tmp_path)
+    problems = artifacts.artifact_problems(tmp_path)
     assert len(problems) == 1 and "docs/plc-interface.md" in problems[0] and "--write" in problems[0]
-    assert plc.main(["--check", "--root", str(tmp_path)]) == 1
+    assert artifacts.main(["--check", "--root", str(tmp_path)]) == 1
 
 
 def test_module_doctests_pass():
-    """The examples in service.plc's docstrings hold."""
-    result = doctest.testmod(plc)
-    assert result.attempted > 5 and result.failed == 0
+    """The examples in service.plc's docstrings (and the artifact tool's) hold."""
+    import service.plc.codec
+    import service.plc.layout
+    import service.plc.link
+
+    results = [doctest.testmod(m) for m in (service.plc.layout, service.plc.codec, service.plc.link, artifacts)]
+    assert sum(r.attempted for r in results) > 5 and sum(r.failed for r in results) == 0
 
 
 # ------------------------------------------------------------------------------------------- packing

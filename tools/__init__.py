@@ -1,0 +1,1 @@
+"""Repository tools (artifact generators, checks): not part of the installed runtime."""
