@@ -1,86 +1,13 @@
-"""The camera: a Basler through pypylon (or pylon's camera emulator), grabbing on its own thread.
-
-    cam = Camera(settings.camera, on_event=handle, metrics=metrics).start()
-    cam.trigger(part_id=1234)          # camera.trigger = "software": one frame per call
-    ...                                # handle(Frame | GrabFailure) runs on the grab thread
-    cam.close()
-
-Design:
-
-* One grab thread per Camera calls RetrieveResult in short slices (POLL_MS) and hands each result
-  on at once, so grabbing never waits for inference. Events go to ``on_event`` (called on the grab
-  thread; it must not block: put the event on the pipeline's own bounded queue) or, without a
-  callback, to an internal bounded queue read with get(); when that queue is full the oldest event
-  is dropped and counted (``dropped``, valve_inspect_frames_dropped_total).
-* Events: a ``Frame`` (service.records) for each good buffer; a ``GrabFailure`` when a buffer
-  failed (GrabFailed: pylon's error code and description), an expected frame did not arrive
-  (GrabTimeout) or the camera was lost (CameraRemoved / CameraError). A failure carries the
-  ``part_id`` it was for, when known, so the application reports that part NotInspected.
-* ``Frame.frame_id`` is the buffer's BlockID as the device numbers it (GigE: 1..65535 then wraps;
-  USB and the emulator start at 0; it restarts after a reconnect, on the emulator after a
-  resynchronisation too). Where the transport has no BlockID (pylon reports 2**64-1) it is our own
-  count of buffers since start().
-* ``Frame.part_id``: with the software trigger, trigger(part_id) tags the buffer that trigger
-  produced (see "Pairing" below); a trigger whose frame has not arrived after ``grab_timeout_ms``
-  becomes a GrabTimeout failure for that part. With the hardware trigger and free-run, part_id is
-  None: the application pairs frames with PartIds.
-* Pairing (software trigger). Guarantee: a Frame or GrabFailure carries a part_id only when it is
-  the buffer that part's own trigger produced. Where that cannot be established the buffer is
-  discarded and the part gets a failure (NotInspected); a buffer is never given to another part.
-  Each trigger gets a sequence number within the current stream (a stream starts when the device
-  is connected and at each resynchronisation). The first buffer of a stream belongs to the stream's
-  first trigger and anchors the camera's frame counter (BlockID: it counts every frame the camera
-  sends, failed buffers included); a later buffer belongs to the anchor's trigger plus the
-  counter's advance (GigE's 16-bit BlockID wraps 65535 -> 1). Then:
-  - a buffer whose trigger already timed out (it came late) is discarded, logged
-    (camera_late_frame_discarded) and counted (``late_frames_discarded``); the next part's buffer
-    is still its own, so one late frame costs exactly one part (its own, already NotInspected);
-  - triggers the counter skipped (frames lost without even a failed buffer) become GrabFailed
-    failures for their parts (``frames_lost``; valve_inspect_camera_failed_buffers_total too);
-  - a buffer no trigger accounts for (none waiting, the counter went back or past the last
-    trigger, a counted stream without BlockID) is discarded (``unmatched_frames_discarded``) and
-    the stream is resynchronised.
-  Resynchronisation (``resyncs``): StopGrabbing, which executes AcquisitionStop and cancels and
-  frees every queued buffer, then StartGrabbing. It is done where the counter cannot tell a late
-  buffer from the next one: a trigger timed out before the stream's first buffer arrived, or the
-  transport has no BlockID (pylon reports 2**64-1; buffers are then paired first in, first out,
-  which is exact only while no trigger of the stream has failed), or pylon failed inside the
-  software trigger (whether it fired is unknown). Every trigger still waiting then becomes a
-  failure for its part, trigger() raises CameraError until the new stream runs, and later parts are
-  unaffected. A trigger refused as not ready (GrabTimeout from trigger()) never fired and leaves
-  no trace in the count. Measured on the emulator: BlockID starts at 0 and counts +1 per frame,
-  failed buffers included; it restarts at 0 after StopGrabbing/StartGrabbing (so does the image
-  replay) but not after AcquisitionStop/Start; a buffer triggered before StopGrabbing is never
-  delivered after it. Assumptions: each trigger yields at most one buffer (no frame bursts), in
-  trigger order; nothing of a stopped stream is delivered after StartGrabbing; the first frame of a
-  stream is not lost without trace (no counter to show it yet).
-* Timeouts: software trigger, a frame missing grab_timeout_ms after its trigger fired (the wait
-  for trigger readiness is trigger()'s own, with the same limit); free-run, no frame
-  for grab_timeout_ms; hardware trigger, none (an idle line is normal). Three timeouts in a row
-  are treated as a lost camera.
-* Lost camera: device removal (IsCameraDeviceRemoved, e.g. a cable pulled or a GigE heartbeat
-  timeout) or an exception from pylon while grabbing. The device is destroyed, every pending
-  trigger becomes a failure, and the grab thread re-creates it (re-enumerates, opens, re-applies
-  the configuration) after reconnect_min_s, doubling up to reconnect_max_s, until it is back.
-  A configuration the camera rejects is a ConfigError: fatal at start(), retried (and logged)
-  when it happens during a reconnect (e.g. a replaced camera of another model).
-* Configuration order: ``pfs_file`` (pylon.FeaturePersistence.Load), then Width/Height/
-  PixelFormat Mono8, then the emulator's image source, then AcquisitionMode Continuous and the
-  trigger, then ``features`` in
-  file order (by node type; a string value goes through the node's FromString). A node name
-  that is not found exactly is matched case-insensitively (environment variable keys arrive
-  lower-case).
-
-pypylon is imported lazily, inside PylonDevice, so importing this module is cheap.
+"""The grabber: :class:`Camera` grabs on its own thread, pairs each buffer with its trigger's PartId and
+recovers from a lost camera; :class:`GrabFailure` is the event for a grab that gave no usable image.
+The design (events, pairing, timeouts, recovery, configuration order) is in docs/camera.md.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import difflib
 import math
-import os
 import queue
 import threading
 import time
@@ -88,10 +15,11 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.camera.device import NO_BLOCK_ID, Device, PylonDevice, RawGrab
 from service.errors import BadFrame, CameraError, CameraRemoved, ConfigError, GrabFailed, GrabTimeout
 from service.logs import get_logger
 from service.records import Frame
@@ -100,14 +28,12 @@ if TYPE_CHECKING:
     from service.config import CameraSettings
     from service.metrics import Metrics
 
-log = get_logger(__name__)
+log = get_logger("service.camera")  # one logger name for the camera (as before the split)
 
-EMULATOR_CLASS = "BaslerCamEmu"
 #: RetrieveResult slice: how quickly the grab thread notices close(), removal and timeouts.
 POLL_MS = 100
 #: Consecutive grab timeouts after which the camera is re-created.
 TIMEOUTS_BEFORE_RECONNECT = 3
-_NO_BLOCK_ID = 2**64 - 1
 
 #: Cameras with a running grab thread, closed at interpreter exit: a daemon thread still inside
 #: pylon's RetrieveResult when Python finalises aborts the process ("exception not rethrown").
@@ -127,9 +53,6 @@ def _register_atexit() -> None:
     if not _atexit_registered:
         atexit.register(_close_live_cameras)
         _atexit_registered = True
-
-
-# ------------------------------------------------------------------------------------------ records
 
 
 @dataclass(frozen=True)
@@ -174,320 +97,12 @@ class GrabFailure:
 CameraEvent = Frame | GrabFailure
 
 
-@dataclass(frozen=True)
-class RawGrab:
-    """One retrieved buffer, copied out of pylon's buffer pool (the device layer's result)."""
-
-    ok: bool
-    image: np.ndarray | None
-    block_id: int
-    timestamp: int = 0
-    error_code: int = 0
-    description: str = ""
-    #: what the device reported: pixel format name, and the bytes the buffer holds (None: not reported)
-    pixel_format: str = "Mono8"
-    payload_size: int | None = None
-
-
-class Device(Protocol):
-    """What Camera needs from an opened, configured, grabbing device (PylonDevice, or a test double)."""
-
-    info: dict[str, str]
-
-    def retrieve(self, timeout_ms: int) -> RawGrab | None: ...  # None: nothing within timeout_ms
-    def trigger(self, timeout_ms: int) -> None: ...  # GrabTimeout: not ready, did not fire
-    def resync(self) -> None: ...  # stop the stream (queued buffers discarded), start a new one
-    def is_removed(self) -> bool: ...
-    def get_feature(self, name: str) -> Any: ...
-    def set_feature(self, name: str, value: Any) -> None: ...
-    def execute(self, name: str) -> None: ...
-    def close(self) -> None: ...
-
-
 def backoff_delays(min_s: float, max_s: float) -> Iterator[float]:
     """min_s, 2*min_s, 4*min_s, ... capped at max_s, forever."""
     delay = min_s
     while True:
         yield delay
         delay = min(delay * 2.0, max_s)
-
-
-# ------------------------------------------------------------------------------------- pylon device
-
-
-def _short(exc: BaseException) -> str:
-    """GenICam messages end in ': XxxException thrown in node ... (file ..., line ...)'; keep the reason."""
-    text = str(exc).strip()
-    head = text.split(" : ", 1)[0].strip()
-    return head or text
-
-
-class PylonDevice:
-    """An InstantCamera opened, configured from CameraSettings and grabbing (GrabStrategy_OneByOne).
-
-    Raises (from the constructor):
-        CameraError: no matching camera, or it cannot be opened / started.
-        ConfigError: the camera rejects the configuration (names the key and the fix).
-    """
-
-    def __init__(self, settings: CameraSettings) -> None:
-        if settings.source == "emulator" and not os.environ.get("PYLON_CAMEMU"):
-            os.environ["PYLON_CAMEMU"] = "1"  # before the transport layer enumerates
-        from pypylon import genicam, pylon
-
-        self._pylon, self._genicam = pylon, genicam
-        self.settings = settings
-        self._names: dict[str, str] | None = None
-        tl = pylon.TlFactory.GetInstance()
-        dev_info = self._find(tl)
-        self.info = {"model": dev_info.GetModelName(), "serial": dev_info.GetSerialNumber(),
-                     "device_class": dev_info.GetDeviceClass()}
-        try:
-            self.cam = pylon.InstantCamera(tl.CreateDevice(dev_info))
-            # No default configuration: pylon's AcquireContinuousConfiguration would overwrite the pfs file.
-            self.cam.RegisterConfiguration(pylon.ConfigurationEventHandler(), pylon.RegistrationMode_ReplaceAll,
-                                           pylon.Cleanup_Delete)
-            self.cam.Open()
-        except genicam.GenericException as exc:
-            raise CameraError(f"cannot open camera {self.info['model']} ({self.info['serial']}): {_short(exc)}; "
-                              "is another program (pylon Viewer) using it?") from None
-        try:
-            self._configure()
-            self.cam.StartGrabbing(pylon.GrabStrategy_OneByOne, pylon.GrabLoop_ProvidedByUser)
-        except genicam.GenericException as exc:
-            self.close()
-            raise CameraError(f"cannot start grabbing on {self.info['model']} ({self.info['serial']}): "
-                              f"{_short(exc)}") from None
-        except BaseException:
-            self.close()
-            raise
-
-    def _find(self, tl: Any) -> Any:
-        s = self.settings
-        devices = list(tl.EnumerateDevices())
-        emulator = s.source == "emulator"
-        found = [d for d in devices if (d.GetDeviceClass() == EMULATOR_CLASS) == emulator]
-        if s.serial:
-            found = [d for d in found if d.GetSerialNumber() == s.serial]
-        if found:
-            return found[0]
-        seen = ", ".join(f"{d.GetModelName()} ({d.GetSerialNumber()})" for d in devices) or "none"
-        what = "camera emulator" if emulator else "Basler camera"
-        which = f" with serial {s.serial!r}" if s.serial else ""
-        fix = (f"the emulator needs PYLON_CAMEMU >= 1 (it is {os.environ.get('PYLON_CAMEMU')!r})" if emulator
-               else "check power and cable, the network adapter's IP settings (pylon IP Configurator) and "
-                    "camera.serial")
-        raise CameraError(f"no {what}{which} found (cameras seen: {seen}); {fix}")
-
-    # ---------------------------------------------------------------------------------- features
-
-    def _lookup(self, name: str, key: str) -> Any:
-        nm = self.cam.GetNodeMap()
-        node = nm.GetNode(name)
-        if node is not None and node.IsValid():
-            return node
-        if self._names is None:
-            self._names = {}
-            for n in nm.GetNodes():
-                real = n.GetNode().GetName()
-                self._names.setdefault(real.lower(), real)
-        real = self._names.get(name.lower())
-        if real is not None:
-            return nm.GetNode(real)
-        close = difflib.get_close_matches(name, list(self._names.values()), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{key}: the camera ({self.info['model']}) has no feature named {name!r}{hint} "
-                          "(check the name in pylon Viewer's feature tree, or remove it)")
-
-    def _set(self, name: str, value: Any, key: str) -> None:
-        genicam = self._genicam
-        node = self._lookup(name, key)
-        iface = node.GetNode().GetPrincipalInterfaceType()
-        if not genicam.IsWritable(node):
-            raise ConfigError(f"{key}: the camera's {name} is not writable now (read-only, or locked by another "
-                              "feature such as an Auto mode or a selector); remove it or unlock it first")
-        kinds = {genicam.intfIInteger: "an integer", genicam.intfIFloat: "a number", genicam.intfIBoolean:
-                 "true/false", genicam.intfIEnumeration: "one of " + ", ".join(self._symbolics(node)),
-                 genicam.intfIString: "a string", genicam.intfICommand: "true (executes the command)"}
-        wrong = ConfigError(f"{key} = {value!r}: {name} takes {kinds.get(iface, 'no value')}")
-        try:
-            if iface == genicam.intfICommand:
-                if value is not True and value is not False:
-                    raise wrong
-                if value:
-                    node.Execute()
-            elif isinstance(value, str):
-                node.FromString(value)
-            elif iface == genicam.intfIInteger:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise wrong
-                node.SetValue(int(value))
-            elif iface == genicam.intfIFloat:
-                if isinstance(value, bool):
-                    raise wrong
-                node.SetValue(float(value))
-            elif iface == genicam.intfIBoolean:
-                if not isinstance(value, bool):
-                    raise wrong
-                node.SetValue(value)
-            else:
-                raise wrong
-        except genicam.GenericException as exc:
-            raise ConfigError(f"{key} = {value!r}: the camera rejected it: {_short(exc)}{self._range(node, iface)}") \
-                from None
-
-    def _symbolics(self, node: Any) -> list[str]:
-        try:
-            return list(node.GetSymbolics())
-        except Exception:
-            return []
-
-    def _range(self, node: Any, iface: Any) -> str:
-        g = self._genicam
-        try:
-            if iface == g.intfIInteger:
-                return f" (allowed {node.GetMin()}..{node.GetMax()}, step {node.GetInc()})"
-            if iface == g.intfIFloat:
-                return f" (allowed {node.GetMin()}..{node.GetMax()})"
-            if iface == g.intfIEnumeration:
-                return f" (one of {', '.join(self._symbolics(node))})"
-        except Exception:
-            pass
-        return ""
-
-    def _has(self, name: str) -> bool:
-        node = self.cam.GetNodeMap().GetNode(name)
-        return node is not None and node.IsValid() and self._genicam.IsAvailable(node)
-
-    def _configure(self) -> None:
-        s, pylon, genicam = self.settings, self._pylon, self._genicam
-        if s.pfs_file:
-            try:
-                pylon.FeaturePersistence.Load(s.pfs_file, self.cam.GetNodeMap(), True)
-            except genicam.GenericException as exc:
-                raise ConfigError(f"camera.pfs_file: {s.pfs_file} cannot be loaded into {self.info['model']}: "
-                                  f"{_short(exc)} (save it from this camera model in pylon Viewer)") from None
-        self._geometry()
-        if s.source == "emulator":
-            if s.images:
-                self._set("TestImageSelector", "Off", "camera.images")
-                self._set("ImageFileMode", "On", "camera.images")
-                self._set("ImageFilename", os.path.abspath(s.images), "camera.images")
-            else:
-                self._set("ImageFileMode", "Off", "camera.images")
-                log.info("camera_emulator_test_pattern", hint="camera.images is empty: the emulator's test image")
-        if self._has("AcquisitionMode"):  # a camera's power-on default may be SingleFrame
-            self._set("AcquisitionMode", "Continuous", "camera (AcquisitionMode Continuous)")
-        self._trigger()
-        for name, value in s.features.items():
-            self._set(name, value, f"camera.features.{name}")
-
-    def _geometry(self) -> None:
-        s = self.settings
-        pf = self.cam.GetNodeMap().GetNode("PixelFormat")
-        if "Mono8" not in self._symbolics(pf):
-            raise ConfigError(f"camera.source: {self.info['model']} has no Mono8 pixel format; valve-inspect needs "
-                              "a monochrome camera")
-        if pf.ToString() != "Mono8":
-            self._set("PixelFormat", "Mono8", "camera (PixelFormat Mono8)")
-        for key, name, offset in (("camera.width", "Width", "OffsetX"), ("camera.height", "Height", "OffsetY")):
-            value = getattr(s, key.split(".")[1])
-            node = self._lookup(name, key)
-            if value > node.GetMax() and self._has(offset) and self._genicam.IsWritable(
-                    self.cam.GetNodeMap().GetNode(offset)):
-                self.cam.GetNodeMap().GetNode(offset).SetValue(0)  # the maximum shrinks with the offset
-            if not node.GetMin() <= value <= node.GetMax() or (value - node.GetMin()) % node.GetInc():
-                raise ConfigError(f"{key} = {value}: {self.info['model']} allows {node.GetMin()}..{node.GetMax()} "
-                                  f"in steps of {node.GetInc()}")
-            if node.GetValue() != value:
-                self._set(name, value, key)
-
-    def _trigger(self) -> None:
-        mode = self.settings.trigger
-        key = f"camera.trigger = {mode!r}"
-        selectors = self._symbolics(self.cam.GetNodeMap().GetNode("TriggerSelector"))
-        if "FrameStart" not in selectors:
-            raise ConfigError(f"{key}: the camera has no FrameStart trigger (TriggerSelector: {', '.join(selectors)})")
-        for other in ("AcquisitionStart", "FrameBurstStart"):  # only the frame trigger may be active
-            if other in selectors:
-                self._set("TriggerSelector", other, key)
-                self._set("TriggerMode", "Off", key)
-        self._set("TriggerSelector", "FrameStart", key)
-        if mode == "free-run":
-            self._set("TriggerMode", "Off", key)
-            return
-        self._set("TriggerMode", "On", key)
-        if mode == "software":
-            self._set("TriggerSource", "Software", key)
-        else:
-            self._set("TriggerSource", "Line1", key)
-            self._set("TriggerActivation", "RisingEdge", key)
-
-    # ------------------------------------------------------------------------------------ grabbing
-
-    def retrieve(self, timeout_ms: int) -> RawGrab | None:
-        res = self.cam.RetrieveResult(int(timeout_ms), self._pylon.TimeoutHandling_Return)
-        if res is None or not res.IsValid():
-            return None
-        try:
-            block_id = int(res.GetBlockID())
-            if res.GrabSucceeded():
-                # The camera's own word on the buffer; Camera._deliver checks it against the settings.
-                pixel_type = res.GetPixelType()
-                name = "Mono8" if pixel_type == self._pylon.PixelType_Mono8 else f"pixel type 0x{pixel_type:08X}"
-                image = res.GetArray()  # a copy: the buffer goes back to pylon below
-                return RawGrab(True, image, block_id, int(res.GetTimeStamp()), pixel_format=name,
-                               payload_size=int(res.GetPayloadSize()))
-            return RawGrab(False, None, block_id, int(res.GetTimeStamp()), int(res.GetErrorCode()),
-                           str(res.GetErrorDescription()).strip())
-        finally:
-            res.Release()
-
-    def trigger(self, timeout_ms: int) -> None:
-        pylon = self._pylon
-        try:
-            if not self.cam.WaitForFrameTriggerReady(int(timeout_ms), pylon.TimeoutHandling_Return):
-                raise GrabTimeout(f"camera not ready for a trigger within {timeout_ms} ms (exposure or readout "
-                                  "of the previous frame still running: parts come faster than the camera)")
-            self.cam.ExecuteSoftwareTrigger()
-        except self._genicam.GenericException as exc:
-            raise CameraError(f"software trigger failed: {_short(exc)}") from None
-
-    def resync(self) -> None:
-        """StopGrabbing (AcquisitionStop; queued and in-transfer buffers are cancelled and freed), StartGrabbing."""
-        pylon = self._pylon
-        try:
-            self.cam.StopGrabbing()
-            self.cam.StartGrabbing(pylon.GrabStrategy_OneByOne, pylon.GrabLoop_ProvidedByUser)
-        except self._genicam.GenericException as exc:
-            raise CameraError(f"cannot restart grabbing: {_short(exc)}") from None
-
-    def is_removed(self) -> bool:
-        return bool(self.cam.IsCameraDeviceRemoved())
-
-    def get_feature(self, name: str) -> Any:
-        node = self._lookup(name, name)
-        return node.GetValue() if hasattr(node, "GetValue") else node.ToString()
-
-    def set_feature(self, name: str, value: Any) -> None:
-        self._set(name, value, name)
-
-    def execute(self, name: str) -> None:
-        self._set(name, True, name)
-
-    def close(self) -> None:
-        cam = getattr(self, "cam", None)
-        if cam is None:
-            return
-        self.cam = None
-        for step in ("StopGrabbing", "Close", "DestroyDevice"):
-            try:
-                getattr(cam, step)()
-            except Exception as exc:  # a removed device throws here; nothing left to do about it
-                log.debug("camera_close_step_failed", step=step, error=_short(exc))
-
-
-# ------------------------------------------------------------------------------------------- Camera
 
 
 class _Pending:
@@ -826,7 +441,7 @@ class Camera:
     def _deliver(self, grab: RawGrab, now: float) -> None:
         self._timeouts_in_row = 0
         self._last_frame_t = now
-        frame_id = grab.block_id if grab.block_id != _NO_BLOCK_ID else self._own_count
+        frame_id = grab.block_id if grab.block_id != NO_BLOCK_ID else self._own_count
         self._own_count += 1
         self._last_frame_id = frame_id
         entry: _Pending | None = None
@@ -908,7 +523,7 @@ class Camera:
         """
         if self._resync_reason is not None:  # a trigger of this stream may or may not have fired
             return "unmatched", None, [], None
-        has_id = block_id != _NO_BLOCK_ID
+        has_id = block_id != NO_BLOCK_ID
         if self._anchor is None:
             # No trigger of this stream has timed out (that resynchronises while there is no anchor), so
             # every earlier trigger got its buffer: this one is the oldest waiting trigger's.
