@@ -40,7 +40,7 @@ from service.logs import configure_logging, get_logger
 from service.metrics import Metrics
 from service.parts import OpenPart, PartBook
 from service.pipeline import inspect_frame
-from service.records import Frame, Verdict
+from service.records import DEFECTS_TABLE, Frame, Verdict
 from service.sim.demo import demo_frames
 
 log = get_logger("service.app")
@@ -478,9 +478,8 @@ class Daemon:
         timings = (extras or {}).get("timings", {})
         log.info("part", part_id=verdict.part_id, frame_id=verdict.frame_id, verdict=verdict.label,
                  defects=list(verdict.defects), reason=verdict.reason or None,
-                 scores={"dirt": round(verdict.score_dirt, 4), "scratch": round(verdict.score_scratch, 4),
-                         "ec": round(verdict.score_ec, 4)},
-                 area_px={"dirt": verdict.dirt_area_px, "scratch": verdict.scratch_area_px},
+                 scores={d.name: round(getattr(verdict, d.score), 4) for d in DEFECTS_TABLE if d.score},
+                 area_px={d.name: getattr(verdict, d.area) for d in DEFECTS_TABLE if d.area},
                  inspect_ms=round(verdict.inspect_ms, 2),
                  latency_ms=round(latency * 1000.0, 2) if latency is not None else None,
                  **{k: round(v, 2) for k, v in timings.items()})

@@ -91,7 +91,8 @@ MANAGED_FEATURES = {
 _LINE_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("valve_inspect_line_file", default=False)
 
 _GENICAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: ONNX Runtime providers that run on a GPU (one list for config validation and service.infer).
+#: ONNX Runtime providers that run on a GPU, the one list for config validation and service.infer:
+#: require_gpu accepts a session only when its first provider is one of these.
 GPU_PROVIDERS = frozenset({
     "CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider",
     "ROCMExecutionProvider", "MIGraphXExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider",

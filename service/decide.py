@@ -33,13 +33,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from service.errors import ConfigError
-from service.records import Prediction, Verdict
+from service.records import DEFECTS_TABLE, UNKNOWN_DEFECT, Prediction, Verdict
 
 GOOD = "good"
+# From service.records' defect table:
 #: defect class -> the Verdict field its reject bit lives in; other non-good classes map to reject_unknown.
-DEFECT_FLAGS = {"dirt": "reject_dirt", "scratch": "reject_scratch", "ec": "reject_ec"}
-SCORE_FIELDS = {"dirt": "score_dirt", "scratch": "score_scratch", "ec": "score_ec"}
-AREA_FIELDS = {"dirt": "dirt_area_px", "scratch": "scratch_area_px"}
+DEFECT_FLAGS = {d.name: d.reject for d in DEFECTS_TABLE if d is not UNKNOWN_DEFECT}
+#: defect class -> the Verdict field of its highest slice probability / of its segmented pixels.
+SCORE_FIELDS = {d.name: d.score for d in DEFECTS_TABLE if d.score is not None}
+AREA_FIELDS = {d.name: d.area for d in DEFECTS_TABLE if d.area is not None}
 PROB_ATOL = 1e-5
 SUM_ATOL = 1e-3
 
@@ -187,16 +189,12 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
              "thresholds": {c: limits[c] for c in classes if c != GOOD}}
 
     if rejecting:
-        flags = {fld: False for fld in DEFECT_FLAGS.values()}
-        unknown = False
+        flags = {d.reject: False for d in DEFECTS_TABLE}
         for name in rejecting:
-            if name in DEFECT_FLAGS:
-                flags[DEFECT_FLAGS[name]] = True
-            else:
-                unknown = True
+            flags[DEFECT_FLAGS.get(name, UNKNOWN_DEFECT.reject)] = True
         text = "reject: " + "; ".join(notes) + (f"; {below_note}" if below_note else "")
-        return Verdict(part_id=part_id, frame_id=frame_id, reject_unknown=unknown, inspect_ms=inspect_ms,
-                       reason=text, extra=extra, **flags, **fields)
+        return Verdict(part_id=part_id, frame_id=frame_id, inspect_ms=inspect_ms, reason=text, extra=extra,
+                       **flags, **fields)
     text = f"all {len(slices)} slices good" + (f"; {below_note}" if below_note else "")
     return Verdict(part_id=part_id, frame_id=frame_id, accept=True, inspect_ms=inspect_ms, reason=text,
                    extra=extra, **fields)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.config import GPU_PROVIDERS as _GPU_PROVIDERS
+from service.config import GPU_PROVIDERS
 from service.errors import ConfigError, GpuRequiredError, ModelContractError, ModelError, ModelHashMismatch
 from service.logs import get_logger
 from service.records import Prediction
@@ -61,8 +61,6 @@ SEGMENTED_KEYS = ("segmented", "segmented_classes", "segmented_mask")
 MODEL_FORMAT = "valve-inspect/model/1"  # model.json "format", when present
 INFO_JSON_KEYS = ("preset", "attention", "opset")
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-#: providers that run on a GPU; require_gpu accepts a session only when its first provider is one of these.
-GPU_PROVIDERS = _GPU_PROVIDERS
 SHIPPED_PACKAGE = "service"
 SHIPPED_RELPATH = ("data", "model.onnx")
 

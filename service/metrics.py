@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from service.records import VERDICT_LABELS, Verdict
+from service.records import DEFECTS, VERDICT_LABELS, Verdict
 
-DEFECTS = ("dirt", "scratch", "ec", "unknown")
 STAGES = ("grab", "roi", "infer", "segment", "plc")
 
 #: Per-stage durations: 0.5 ms (a ROI cut) .. 2.5 s (a stuck grab).

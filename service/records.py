@@ -52,14 +52,60 @@ class Prediction:
         return self.probs.argmax(axis=1)
 
 
+#: The exclusive outcomes of a part, in the order of their bits (accept, any reject_*, no_part, not_inspected).
 VERDICT_LABELS = ("accept", "reject", "no_part", "not_inspected")
-DEFECT_BITS = (("dirt", "reject_dirt"), ("scratch", "reject_scratch"), ("ec", "reject_ec"),
-               ("unknown", "reject_unknown"))
+
+
+@dataclass(frozen=True)
+class Defect:
+    """One defect class the runtime reports, and the Verdict fields that carry it.
+
+    Args:
+        name: the class name (as in model.json), and the metrics' ``defect`` label.
+        reject: the Verdict field of its reject bit (RejectDirt ... in the PLC's DB).
+        score: the Verdict field of its highest slice probability, None when not reported.
+        area: the Verdict field of its segmented pixels, None when not reported.
+    """
+
+    name: str
+    reject: str
+    score: str | None = None
+    area: str | None = None
+
+
+#: The defect table: every other module derives its defect names and fields from it.
+DEFECTS_TABLE: tuple[Defect, ...] = (
+    Defect("dirt", "reject_dirt", "score_dirt", "dirt_area_px"),
+    Defect("scratch", "reject_scratch", "score_scratch", "scratch_area_px"),
+    Defect("ec", "reject_ec", "score_ec"),
+    Defect("unknown", "reject_unknown"),  # any other non-good class of a future model (service.decide)
+)
+#: The reject bucket of a defect class the table does not name.
+UNKNOWN_DEFECT = DEFECTS_TABLE[-1]
+#: The defect names, in table order (the metrics' ``defect`` label values).
+DEFECTS = tuple(d.name for d in DEFECTS_TABLE)
 
 
 def defect_names(result) -> tuple[str, ...]:
     """The defect classes whose reject_* bit is set on a Verdict (or the PLC's view of one)."""
-    return tuple(name for name, attr in DEFECT_BITS if getattr(result, attr))
+    return tuple(d.name for d in DEFECTS_TABLE if getattr(result, d.reject))
+
+
+def outcome_consistent(result) -> bool:
+    """Exactly one of accept / reject(s) / no_part / not_inspected is set (a Verdict, or the PLC's view of one)."""
+    return sum([bool(result.accept), bool(defect_names(result)), bool(result.no_part),
+                bool(result.not_inspected)]) == 1
+
+
+def outcome_label(result) -> str:
+    """accept | reject | no_part | not_inspected from a result's bits (for a consistent result, its one outcome)."""
+    if result.accept:
+        return "accept"
+    if result.no_part:
+        return "no_part"
+    if result.not_inspected:
+        return "not_inspected"
+    return "reject"
 
 
 @dataclass(frozen=True)
@@ -89,22 +135,15 @@ class Verdict:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        rejected = self.reject_dirt or self.reject_scratch or self.reject_ec or self.reject_unknown
-        if self.accept and (rejected or self.no_part or self.not_inspected):
+        if self.accept and (self.defects or self.no_part or self.not_inspected):
             raise ValueError(f"part {self.part_id}: accept cannot be combined with a reject, no_part or not_inspected")
-        if sum([self.accept, rejected, self.no_part, self.not_inspected]) != 1:
+        if not outcome_consistent(self):
             raise ValueError(f"part {self.part_id}: a verdict is exactly one of accept, reject, no_part, not_inspected")
 
     @property
     def label(self) -> str:
         """accept | reject | no_part | not_inspected (the metrics' verdict label)."""
-        if self.accept:
-            return "accept"
-        if self.no_part:
-            return "no_part"
-        if self.not_inspected:
-            return "not_inspected"
-        return "reject"
+        return outcome_label(self)
 
     @property
     def defects(self) -> tuple[str, ...]:

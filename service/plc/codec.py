@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from snap7 import util as s7util
@@ -23,7 +24,7 @@ from service.plc.layout import (
     STATUS_START,
     fields_in,
 )
-from service.records import Verdict, defect_names
+from service.records import Verdict, defect_names, outcome_consistent, outcome_label
 
 
 @dataclass(frozen=True)
@@ -47,26 +48,8 @@ class VisionStatus:
     simulated: bool = False
 
 
-@dataclass(frozen=True)
-class PlcResult:
-    """Bytes 12..49 as the PLC sees them (the simulator's and the tests' view of a written result)."""
-
-    result_seq: int = 0
-    result_part_id: int = 0
-    frame_id: int = 0
-    accept: bool = False
-    reject_dirt: bool = False
-    reject_scratch: bool = False
-    reject_ec: bool = False
-    reject_unknown: bool = False
-    no_part: bool = False
-    not_inspected: bool = False
-    dirt_area_px: int = 0
-    scratch_area_px: int = 0
-    score_dirt: float = 0.0
-    score_scratch: float = 0.0
-    score_ec: float = 0.0
-    inspect_ms: float = 0.0
+class _ResultOutcome:
+    """What a PlcResult says about the part, from its verdict bits (the rules of service.records)."""
 
     @property
     def defects(self) -> tuple[str, ...]:
@@ -75,20 +58,32 @@ class PlcResult:
     @property
     def consistent(self) -> bool:
         """Exactly one of accept / reject(s) / no_part / not_inspected, as docs/plc-interface.md requires."""
-        return sum([self.accept, bool(self.defects), self.no_part, self.not_inspected]) == 1
+        return outcome_consistent(self)
 
     @property
     def label(self) -> str:
         """accept | reject | no_part | not_inspected | invalid (bits inconsistent)."""
-        if not self.consistent:
-            return "invalid"
-        if self.accept:
-            return "accept"
-        if self.no_part:
-            return "no_part"
-        if self.not_inspected:
-            return "not_inspected"
-        return "reject"
+        return outcome_label(self) if self.consistent else "invalid"
+
+
+#: Python type and zero of each S7 type in LAYOUT.
+_PY_TYPES: dict[str, tuple[type, Any]] = {"Bool": (bool, False), "Int": (int, 0), "DInt": (int, 0),
+                                           "Real": (float, 0.0)}
+
+PlcResult = make_dataclass(
+    "PlcResult",
+    [(f.attr, _PY_TYPES[f.s7type][0], dataclass_field(default=_PY_TYPES[f.s7type][1]))
+     for f in fields_in(RESULT_START, RESULT_SIZE)],
+    bases=(_ResultOutcome,), frozen=True)
+PlcResult.__module__ = __name__  # make_dataclass's module= needs Python 3.12
+PlcResult.__doc__ = """Bytes 12..49 as the PLC sees them (the simulator's and the tests' view of a written result).
+
+One field per LAYOUT member of the result region, in address order (result_seq, result_part_id, frame_id,
+accept, reject_dirt, ..., inspect_ms), each defaulting to zero; defects / consistent / label as a Verdict's.
+
+>>> PlcResult(result_seq=3, reject_dirt=True, reject_ec=True).label, PlcResult(accept=True, no_part=True).label
+('reject', 'invalid')
+"""
 
 
 def wrap_int(n: int) -> int:
@@ -193,11 +188,6 @@ def unpack_status(data: bytes | bytearray, base: int = STATUS_START) -> tuple[in
     return hb, VisionStatus(**d)
 
 
-def _verdict_bits_ok(v: Verdict) -> bool:
-    rejected = v.reject_dirt or v.reject_scratch or v.reject_ec or v.reject_unknown
-    return sum([bool(v.accept), bool(rejected), bool(v.no_part), bool(v.not_inspected)]) == 1
-
-
 def pack_result(verdict: Verdict, seq: int, inspect_ms: float | None = None) -> bytearray:
     """A Verdict and its ResultSeq -> the 38 bytes at DB offset 12 (one db_write).
 
@@ -208,7 +198,7 @@ def pack_result(verdict: Verdict, seq: int, inspect_ms: float | None = None) -> 
     >>> len(buf), buf[24 - RESULT_START], buf[:8].hex()
     (38, 1, '0000000100000005')
     """
-    if not _verdict_bits_ok(verdict):
+    if not outcome_consistent(verdict):  # a record changed behind Verdict's check
         raise ValueError(f"part {verdict.part_id}: a result is exactly one of accept, reject, no_part, "
                          f"not_inspected (got {verdict!r}); build it with service.records.Verdict")
     area_max = 2**31 - 1

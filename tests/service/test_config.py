@@ -288,10 +288,19 @@ def test_check_config_console_script(tmp_path):
 
 def test_require_gpu_accepts_every_gpu_provider_the_runtime_knows(tmp_path):
     """require_gpu validation and the inference session use one GPU provider list (ROCm passes, CPU-only fails)."""
-    from service.config import GPU_PROVIDERS
-    from service.infer import GPU_PROVIDERS as INFER_GPU
+    import ast
 
-    assert INFER_GPU is GPU_PROVIDERS
+    import service.infer
+    from service.config import GPU_PROVIDERS
+
+    root = Path(__file__).resolve().parents[2]
+    defined = [p.relative_to(root).as_posix() for p in sorted((root / "service").rglob("*.py"))
+               for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+               if isinstance(node, (ast.Assign, ast.AnnAssign))
+               and "GPU_PROVIDERS" in [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+                                       if isinstance(t, ast.Name)]]
+    assert defined == ["service/config.py"]  # one definition; service.infer imports it
+    assert service.infer.GPU_PROVIDERS is GPU_PROVIDERS
     ok = write(tmp_path, '[model]\nrequire_gpu = true\nproviders = ["ROCMExecutionProvider", "CPUExecutionProvider"]\n',
                "rocm.toml")
     assert load_config(ok, env={}).model.require_gpu

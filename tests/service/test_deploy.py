@@ -491,8 +491,8 @@ def test_latency_alert_threshold_is_100_ms_on_a_histogram_bucket_bound():
 
 
 def test_cpu_fallback_alert_treats_every_gpu_provider_as_gpu():
-    """ValveInspectModelOnCpu's provider regex matches every provider service.infer counts as GPU, not the CPU."""
-    from service.infer import GPU_PROVIDERS
+    """ValveInspectModelOnCpu's provider regex matches every provider the runtime counts as GPU, not the CPU."""
+    from service.config import GPU_PROVIDERS
 
     m = re.search(r'provider!~"([^"]+)"', RULES.read_text(encoding="utf-8"))
     assert m, "ValveInspectModelOnCpu must select provider!~\"<GPU providers>\""

@@ -9,6 +9,7 @@ import structlog.testing
 from onnx import TensorProto
 
 from service import infer
+from service.config import GPU_PROVIDERS
 from service.errors import ConfigError, GpuRequiredError, ModelContractError, ModelError, ModelHashMismatch
 from service.infer import InferenceModel, resolve_providers, shipped_model_path
 from service.records import Prediction
@@ -209,7 +210,7 @@ def gpu_that_fails_to_initialise(monkeypatch) -> list:
 
     def session(path, sess_options=None, providers=None, **kw):
         asked.append(list(providers or []))
-        left = [p for p in providers or [] if (p if isinstance(p, str) else p[0]) not in infer.GPU_PROVIDERS]
+        left = [p for p in providers or [] if (p if isinstance(p, str) else p[0]) not in GPU_PROVIDERS]
         return real(path, sess_options=sess_options, providers=left or ["CPUExecutionProvider"], **kw)
 
     monkeypatch.setattr(ort, "InferenceSession", session)

@@ -11,8 +11,8 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.logs import configure_logging, get_logger
-from service.metrics import DEFECTS, LATENCY_BUCKETS, STAGES, Metrics
-from service.records import VERDICT_LABELS, Verdict
+from service.metrics import LATENCY_BUCKETS, STAGES, Metrics
+from service.records import DEFECTS, VERDICT_LABELS, Verdict
 
 
 @pytest.fixture
