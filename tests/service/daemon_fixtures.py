@@ -8,8 +8,9 @@
   independently of ``service.plc``.
 * :class:`DaemonProcess` / :func:`running_daemon`: the daemon as a subprocess (``python -m service.cli
   run --config FILE``), JSON log on stdout into a file, always killed in a ``finally``.
-* Session fixtures: ``line_frames`` (16 synthetic parts, 4 of each class, rendered once by
-  ``service.sim.synth.write_dataset``) and ``inspection_model`` (the shipped, trained demo model when
+* What the session fixtures in conftest.py build: ``line_frames`` (:func:`render_line_frames`, 16
+  synthetic parts, 4 of each class, rendered once by ``service.sim.synth.write_dataset``) and
+  ``inspection_model`` (:func:`build_inspection_model`: the shipped, trained demo model when
   service/data/model.onnx exists; otherwise an *untrained* compact IRA-CNN exported in a subprocess,
   good for plumbing only: ``inspection_model.trained`` is False and the verdict-vs-manifest checks skip).
 
@@ -514,34 +515,19 @@ class ModelUnderTest:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
 
-#: Session fixtures are imported into several test modules, and pytest keeps one instance per module that
-#: defines (imports) them; this cache makes the expensive ones exist once per session all the same.
-_SESSION: dict[str, Any] = {}
-
-
-@pytest.fixture(scope="session")
-def line_frames(tmp_path_factory) -> LineFrames:
-    """16 synthetic parts (4 good, 4 dirt, 4 scratch, 4 ec, shuffled), rendered once per session."""
-    if "line_frames" not in _SESSION:
-        root = tmp_path_factory.mktemp("line")
-        rows = write_dataset(root, PARTS, seed=SEED, mix="good=1,dirt=1,scratch=1,ec=1")
-        _SESSION["line_frames"] = LineFrames(root=root, frames=root / "frames", classes=[r["class"] for r in rows])
-    return _SESSION["line_frames"]
-
-
 def shipped_model() -> Path:
     return Path(service.__file__).resolve().parent / "data" / "model.onnx"
 
 
-@pytest.fixture(scope="session")
-def inspection_model(tmp_path_factory) -> ModelUnderTest:
-    """The shipped demo model when present (trained), else an untrained compact model for plumbing tests."""
-    if "inspection_model" not in _SESSION:
-        _SESSION["inspection_model"] = _inspection_model(tmp_path_factory)
-    return _SESSION["inspection_model"]
+def render_line_frames(root: Path) -> LineFrames:
+    """16 synthetic parts (4 good, 4 dirt, 4 scratch, 4 ec, shuffled) under ``root`` (conftest's line_frames)."""
+    rows = write_dataset(root, PARTS, seed=SEED, mix="good=1,dirt=1,scratch=1,ec=1")
+    return LineFrames(root=root, frames=root / "frames", classes=[r["class"] for r in rows])
 
 
-def _inspection_model(tmp_path_factory) -> ModelUnderTest:
+def build_inspection_model(tmp_path_factory) -> ModelUnderTest:
+    """The shipped demo model when present (trained), else an untrained compact model for plumbing tests
+    (conftest's inspection_model)."""
     shipped = shipped_model()
     if shipped.is_file() and shipped.with_suffix(".json").is_file():
         return ModelUnderTest(path=shipped, config_value="", trained=True)

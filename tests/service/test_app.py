@@ -25,7 +25,6 @@ from service.parts import PartBook
 from service.plc import PlcEvent, PlcLinkConfig
 from service.records import Frame, Prediction, Verdict
 from service.roi import RoiParams
-from service.sim.synth import render_part
 from tests.service.daemon_fixtures import write_toml
 
 pytestmark = pytest.mark.timeout(30)
@@ -160,12 +159,6 @@ def drain_worker(d: Daemon) -> None:
     d._jobs.put(None, timeout=10.0)
     t.join(20.0)
     assert not t.is_alive()
-
-
-@pytest.fixture(scope="module")
-def valve_image() -> np.ndarray:
-    image, _, _ = render_part(np.random.default_rng(5), "good")
-    return image
 
 
 def frame(image: np.ndarray, part_id: int | None, frame_id: int = 7) -> Frame:

@@ -32,8 +32,6 @@ from tests.service.daemon_fixtures import (
     StatusWrite,
     clean_env,
     daemon_config,
-    inspection_model,  # noqa: F401 - session fixture
-    line_frames,  # noqa: F401 - session fixture
     running_daemon,
     samples,
     scrape,
@@ -155,7 +153,7 @@ class LineRun:
 
 
 @pytest.fixture(scope="module")
-def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelUnderTest) -> LineRun:  # noqa: F811
+def line_run(tmp_path_factory, line_frames: LineFrames, inspection_model: ModelUnderTest) -> LineRun:
     """Run the daemon once over the 16 parts, then one more part in flight at SIGTERM."""
     work = tmp_path_factory.mktemp("e2e")
     notify = NotifyListener(work / "notify.sock")

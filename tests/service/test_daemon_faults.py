@@ -21,8 +21,6 @@ from tests.service.daemon_fixtures import (
     clean_env,
     daemon_config,
     dark_frame,
-    inspection_model,  # noqa: F401 - session fixture
-    line_frames,  # noqa: F401 - session fixture
     run_cli,
     running_daemon,
     samples,
@@ -51,8 +49,8 @@ def link_replica(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_frames: LineFrames,  # noqa: F811
-                                                                inspection_model: ModelUnderTest):  # noqa: F811
+def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_frames: LineFrames,
+                                                                inspection_model: ModelUnderTest):
     """The PLC's server drops while a part is being inspected and comes back: no result for a part announced
     before the drop (nor for one written while the link was down) appears after it, later parts get results
     again with ResultSeq continuing from the value in the DB, and the reconnect is counted.
@@ -123,7 +121,7 @@ def test_plc_restart_mid_run_never_replays_results_and_recovers(tmp_path, line_f
 
 @pytest.mark.slow
 def test_failed_camera_buffers_make_parts_not_inspected_and_the_line_continues(
-        tmp_path, line_frames: LineFrames, inspection_model: ModelUnderTest):  # noqa: F811
+        tmp_path, line_frames: LineFrames, inspection_model: ModelUnderTest):
     """With the emulator forced to fail its next 3 buffers (camera.features), those 3 parts are NotInspected,
     never Accept, counted in the metrics and logged, and the following parts are inspected normally."""
     with LinePlc() as plc:
@@ -159,8 +157,8 @@ def test_failed_camera_buffers_make_parts_not_inspected_and_the_line_continues(
 
 
 @pytest.mark.slow
-def test_a_frame_without_a_valve_is_no_part_and_the_line_continues(tmp_path, line_frames: LineFrames,  # noqa: F811
-                                                                   inspection_model: ModelUnderTest):  # noqa: F811
+def test_a_frame_without_a_valve_is_no_part_and_the_line_continues(tmp_path, line_frames: LineFrames,
+                                                                   inspection_model: ModelUnderTest):
     """An empty fixture (a dark frame in the replay) gives that part NoPart alone; the parts before and
     after it are inspected."""
     frames = tmp_path / "frames"
@@ -228,8 +226,8 @@ def test_invalid_config_is_refused_by_run_and_check_config_naming_the_key(tmp_pa
 
 
 @pytest.mark.slow
-def test_model_hash_mismatch_exits_2_before_touching_the_line(tmp_path, line_frames: LineFrames,  # noqa: F811
-                                                              inspection_model: ModelUnderTest):  # noqa: F811
+def test_model_hash_mismatch_exits_2_before_touching_the_line(tmp_path, line_frames: LineFrames,
+                                                              inspection_model: ModelUnderTest):
     """A model.onnx whose sha256 differs from its model.json makes `run` exit 2 with both hashes on stderr,
     before it connects to the PLC, opens the camera or serves metrics."""
     model_dir = tmp_path / "model"
@@ -258,8 +256,8 @@ def test_model_hash_mismatch_exits_2_before_touching_the_line(tmp_path, line_fra
 
 
 @pytest.mark.slow
-def test_metrics_port_in_use_exits_1_with_a_message_not_a_traceback(tmp_path, line_frames: LineFrames,  # noqa: F811
-                                                                     inspection_model: ModelUnderTest):  # noqa: F811
+def test_metrics_port_in_use_exits_1_with_a_message_not_a_traceback(tmp_path, line_frames: LineFrames,
+                                                                     inspection_model: ModelUnderTest):
     """A metrics.port that is already taken makes `run` exit 1 naming the port and the keys to change, without a
     traceback and before it connects to the PLC."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy, LinePlc() as plc:

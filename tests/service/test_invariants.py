@@ -27,7 +27,7 @@ from service.parts import PartBook
 from service.plc import pack_result
 from service.records import Prediction, Verdict
 from tests.service.daemon_fixtures import wait_until
-from tests.service.test_app import FakeModel, drain_worker, frame, make_daemon, part_event, valve_image  # noqa: F401
+from tests.service.test_app import FakeModel, drain_worker, frame, make_daemon, part_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,7 +231,7 @@ class _ShortModel(FakeModel):
 @pytest.mark.parametrize("model, reason", [(_ShortModel(), "7 of 8 slices inspected"),
                                            (FakeModel(error=RuntimeError("CUDA error")), "inspection_error")],
                          ids=["truncated_batch", "inference_raised"])
-def test_daemon_never_accepts_a_part_whose_inspection_was_incomplete_or_raised(tmp_path, valve_image, model, reason):  # noqa: F811
+def test_daemon_never_accepts_a_part_whose_inspection_was_incomplete_or_raised(tmp_path, valve_image, model, reason):
     """Through the daemon's worker: a good valve whose batch came back short, or whose inference raised, is
     published NotInspected with the reason, never Accept."""
     d = make_daemon(tmp_path, model=model)

@@ -10,7 +10,7 @@ import pytest
 
 from service.app import _Job
 from service.segment import masks_for, otsu_mask
-from tests.service.test_app import FakeModel, frame, make_daemon, part_event, valve_image  # noqa: F401
+from tests.service.test_app import FakeModel, frame, make_daemon, part_event
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,7 +112,7 @@ def _stop_workers(d, threads) -> None:
         assert not t.is_alive()
 
 
-def test_two_workers_inspect_at_once_and_every_part_gets_exactly_one_result(tmp_path, valve_image):  # noqa: F811
+def test_two_workers_inspect_at_once_and_every_part_gets_exactly_one_result(tmp_path, valve_image):
     """pipeline.workers = 2: both workers inspect (the first two inferences only finish together), and each
     of the 12 PartIds is published exactly once, with its own frame."""
     model = _TogetherModel(["dirt"] + ["good"] * 7)
@@ -132,7 +132,7 @@ def test_two_workers_inspect_at_once_and_every_part_gets_exactly_one_result(tmp_
     assert d.stats.inspected == 12 and d.book.late == 0 and len(d.book) == 0
 
 
-def test_two_workers_finishing_the_same_part_publish_one_result(tmp_path, valve_image):  # noqa: F811
+def test_two_workers_finishing_the_same_part_publish_one_result(tmp_path, valve_image):
     """Two jobs for one PartId (a duplicated frame) inspected by both workers at the same moment: exactly one
     result is published, the other is counted late and dropped."""
     model = _TogetherModel()

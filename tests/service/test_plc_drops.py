@@ -18,7 +18,7 @@ from service.plc import PlcEvent, PlcLink, unpack_result
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
 from tests.service.daemon_fixtures import wait_until
-from tests.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings, valve_image  # noqa: F401
+from tests.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -223,7 +223,7 @@ class _HeldModel(FakeModel):
 
 
 @pytest.fixture
-def line(sim, tmp_path, valve_image):  # noqa: F811
+def line(sim, tmp_path, valve_image):
     """A daemon (control loop and one worker running) with a real PlcLink to ``sim``; fake camera and model.
     ``line.part(pid)`` announces a part on the PLC and delivers its frame once the daemon has triggered it."""
     model = _HeldModel()
