@@ -40,6 +40,8 @@ DEFAULT_SEGMENTED = ("dirt", "scratch")
 PRESETS = ("paper", "compact")
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
+#: the head's pooling of the last feature map (IRAHead)
+HEAD_POOLS = ("flatten", "gap", "gmp", "mix")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ class ModelConfig:
         classes: class names in logit order.
         width: channel multiplier applied to the stem and the three blocks.
         head_width: units of the two hidden FC layers.
-        head_pool: ``flatten`` (paper) or ``gap`` (compact).
+        head_pool: ``flatten`` (paper), ``gap`` (compact), ``gmp`` (global max pool) or ``mix``
+            (``sigmoid(a) * GMP + (1 - sigmoid(a)) * GAP`` with a trainable ``a``, a0 = 0: the IAM's
+            eq (5) mix as the head's pooling); see docs/trainability.md.
         input_size: the side of the square input (192 in the paper).
         dropout: dropout before each hidden FC output (training only).
         reduction: attention MLP reduction ratio (2 in the paper).
@@ -75,8 +79,8 @@ class ModelConfig:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention {self.attention!r}: choose one of {', '.join(ATTENTION_KINDS)}")
-        if self.head_pool not in ("flatten", "gap"):
-            raise ValueError(f"head_pool must be 'flatten' or 'gap', not {self.head_pool!r}")
+        if self.head_pool not in HEAD_POOLS:
+            raise ValueError(f"head_pool must be one of {', '.join(HEAD_POOLS)}, not {self.head_pool!r}")
         if len(self.classes) < 2:
             raise ValueError("a classifier needs at least two classes")
         if self.input_size % 8:
@@ -166,25 +170,43 @@ class IRABlock(nn.Module):
 class IRAHead(nn.Module):
     """pool -> FC -> ReLU -> Dropout -> FC -> ReLU -> Dropout -> FC K.
 
-    ``pool`` is ``flatten`` (paper: 24*24*256 inputs to the first FC) or ``gap``.
+    ``pool`` is ``flatten`` (paper: 24*24*256 inputs to the first FC), ``gap`` (mean over the
+    positions), ``gmp`` (max over the positions: a small defect is not averaged away) or ``mix``
+    (``w * GMP + (1 - w) * GAP``, ``w = sigmoid(alpha)`` = e^a/(e^a+1), alpha trainable from 0,
+    as the IAM's eq (5)). GMP takes the first position of the maximum per channel (``max(dim)``),
+    so its gradient is exactly one-hot there, in autograd and in :meth:`forward_with_grad` alike.
     """
 
     def __init__(self, channels: int, spatial: int, hidden: int, num_classes: int, pool: str,
                  dropout: float) -> None:
         super().__init__()
+        if pool not in HEAD_POOLS:
+            raise ValueError(f"head pool must be one of {', '.join(HEAD_POOLS)}, not {pool!r}")
         self.pool_kind = pool
         self.spatial = spatial
         n_in = channels * spatial * spatial if pool == "flatten" else channels
+        if pool == "mix":
+            self.alpha = nn.Parameter(torch.zeros(1))  # a0 = 0: GMP and GAP weighted 1/2 each
         self.fc1 = nn.Linear(n_in, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.fc3 = nn.Linear(hidden, num_classes)
         self.drop = nn.Dropout(dropout)
         self.act = nn.ReLU()
 
-    def pool(self, f: torch.Tensor) -> torch.Tensor:
+    def _pool_and_argmax(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled (B, N_in), argmax position per channel (B, C) or None)."""
         if self.pool_kind == "flatten":
-            return torch.flatten(f, 1)  # (B, C*H*W)
-        return f.mean(dim=(2, 3))  # (B, C)
+            return torch.flatten(f, 1), None  # (B, C*H*W)
+        if self.pool_kind == "gap":
+            return f.mean(dim=(2, 3)), None  # (B, C)
+        mx, idx = torch.flatten(f, 2).max(dim=2)  # (B, C), (B, C)
+        if self.pool_kind == "gmp":
+            return mx, idx
+        w = torch.sigmoid(self.alpha)
+        return w * mx + (1.0 - w) * f.mean(dim=(2, 3)), idx
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        return self._pool_and_argmax(f)[0]
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         z1 = self.fc1(self.pool(f))
@@ -198,7 +220,7 @@ class IRAHead(nn.Module):
         Eval mode only (dropout is the identity). ``class_idx`` defaults to the argmax.
         Returns (logits (B, K), class_idx (B,), grad (B, C, H, W)).
         """
-        p = self.pool(f)
+        p, idx = self._pool_and_argmax(f)
         z1 = self.fc1(p)
         h1 = self.act(z1)
         z2 = self.fc2(h1)
@@ -213,10 +235,18 @@ class IRAHead(nn.Module):
         g = g @ self.fc1.weight  # (B, N_in): d s / d pool(f)
         b, c, h, w = f.shape
         if self.pool_kind == "flatten":
-            grad = g.reshape(b, c, h, w)
-        else:
-            grad = (g / float(h * w)).reshape(b, c, 1, 1).expand(b, c, h, w)
-        return logits, class_idx, grad
+            return logits, class_idx, g.reshape(b, c, h, w)
+        if self.pool_kind == "gap":
+            return logits, class_idx, (g / float(h * w)).reshape(b, c, 1, 1).expand(b, c, h, w)
+        # GMP: the gradient reaches only the argmax position of each channel (a one-hot of plain ops)
+        positions = torch.arange(h * w, device=f.device).reshape(1, 1, h * w)
+        onehot = (positions == idx.unsqueeze(2)).to(g.dtype)  # (B, C, H*W)
+        if self.pool_kind == "gmp":
+            grad = g.unsqueeze(2) * onehot
+        else:  # mix: (1 - w) / (H W) everywhere plus w at the argmax
+            wt = torch.sigmoid(self.alpha)
+            grad = g.unsqueeze(2) * (wt * onehot + (1.0 - wt) / float(h * w))
+        return logits, class_idx, grad.reshape(b, c, h, w)
 
 
 class IRACNN(nn.Module):

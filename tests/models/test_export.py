@@ -107,6 +107,21 @@ def test_onnx_matches_autograd_reference(tmp_path, preset, attention):
     print(f"{preset}/{attention}: logits max-abs {dl:.3g}, saliency max-abs {ds:.3g}")
 
 
+@pytest.mark.parametrize("head_pool", ["gmp", "mix"])
+def test_onnx_max_pool_heads_match_autograd_reference(tmp_path, head_pool):
+    """The GMP and alpha-mixed GAP/GMP heads export too: ORT logits and in-graph Grad-CAM++ (the head's
+    explicit backprop, one-hot at each channel's argmax) match the autograd reference within 1e-4."""
+    model = _calibrated(preset_config("compact", "iam", head_pool=head_pool), seed=13)
+    if head_pool == "mix":
+        with torch.no_grad():
+            model.classifier.alpha.fill_(0.6)
+    path = tmp_path / "model.onnx"
+    export.export_onnx(model, path)
+    x = export.check_slices(2, 192, seed=5)
+    logits, probs, sal = _run(export.ort_session(path), x)
+    _assert_matches_reference(model, x, logits, probs, sal)
+
+
 def test_torch_graph_module_equals_autograd_reference():
     """SaliencyGraph in torch (explicit head backprop) equals the autograd reference to float rounding."""
     model = _calibrated(_small_cfg("paper", "iam"), seed=2)

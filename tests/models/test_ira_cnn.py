@@ -148,3 +148,64 @@ def test_explicit_head_backprop_equals_autograd():
         (ref,) = torch.autograd.grad(out.gather(1, cls.view(-1, 1)).sum(), leaf)
         torch.testing.assert_close(logits, out.detach())
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("pool", ["gmp", "mix"])
+def test_max_pool_heads_backprop_equals_autograd(pool):
+    """forward_with_grad is exact for the GMP and the alpha-mixed GAP/GMP heads: on a ReLU map with
+    ties (a dead channel, many zeros), for the argmax and for a given class, with alpha moved off 0."""
+    torch.manual_seed(4)
+    cfg = preset_config("compact", head_pool=pool)
+    model = build_model(cfg).eval()
+    if pool == "mix":
+        with torch.no_grad():
+            model.classifier.alpha.fill_(0.7)
+    f = torch.relu(torch.randn(3, cfg.block_channels[-1], 24, 24))
+    f[:, 0] = 0.0  # a dead channel: every position ties at the maximum
+    for class_idx in (None, torch.tensor([1, 0, 3])):
+        logits, cls, grad = model.classifier.forward_with_grad(f, class_idx)
+        leaf = f.clone().requires_grad_(True)
+        out = model.head(leaf)
+        (ref,) = torch.autograd.grad(out.gather(1, cls.view(-1, 1)).sum(), leaf)
+        torch.testing.assert_close(logits, out.detach())
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+        if class_idx is not None:
+            assert cls.tolist() == class_idx.tolist()
+
+
+def test_gmp_gradient_sits_at_the_argmax_and_mix_spreads_the_rest():
+    """GMP: the gradient is non-zero only at one (the argmax) position per channel. Mix with
+    w = sigmoid(alpha): (1 - w) g / (H W) everywhere plus w g at the argmax, g = d s / d pooled."""
+    torch.manual_seed(5)
+    gmp = build_model(preset_config("compact", head_pool="gmp")).eval()
+    f = torch.rand(2, gmp.config.block_channels[-1], 24, 24)
+    _, _, grad = gmp.classifier.forward_with_grad(f)
+    flat_f, flat_g = f.flatten(2), grad.flatten(2)
+    assert ((flat_g != 0).sum(dim=2) <= 1).all()
+    nonzero = flat_g.abs().argmax(dim=2)
+    has = (flat_g != 0).any(dim=2)
+    assert (nonzero[has] == flat_f.argmax(dim=2)[has]).all()
+
+    mix = build_model(preset_config("compact", head_pool="mix")).eval()
+    with torch.no_grad():
+        mix.classifier.alpha.fill_(-0.4)
+    w = torch.sigmoid(torch.tensor(-0.4))
+    _, cls, grad = mix.classifier.forward_with_grad(f)
+    pooled = (w * f.flatten(2).amax(dim=2) + (1 - w) * f.mean(dim=(2, 3))).requires_grad_(True)
+    h = mix.classifier
+    s = h.fc3(torch.relu(h.fc2(torch.relu(h.fc1(pooled))))).gather(1, cls.view(-1, 1)).sum()
+    (g,) = torch.autograd.grad(s, pooled)  # (B, C): d s / d pooled
+    expect = (g * (1 - w) / (24 * 24)).unsqueeze(2).expand(-1, -1, 24 * 24).clone()
+    expect.scatter_add_(2, f.flatten(2).argmax(dim=2, keepdim=True), (w * g).unsqueeze(2))
+    torch.testing.assert_close(grad.flatten(2), expect, rtol=1e-5, atol=1e-7)
+
+
+def test_mix_head_alpha_starts_at_zero_and_trains():
+    """The mix head's alpha is a parameter starting at 0 (GMP and GAP 1/2 each) that receives a gradient;
+    an unknown head pool names the choices."""
+    model = build_model(preset_config("compact", head_pool="mix"))
+    assert model.classifier.alpha.item() == 0.0
+    model(torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)).sum().backward()
+    assert model.classifier.alpha.grad is not None and model.classifier.alpha.grad.abs().item() > 0
+    with pytest.raises(ValueError, match="gmp, mix"):
+        preset_config("compact", head_pool="lse")
