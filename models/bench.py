@@ -113,7 +113,7 @@ def eager_step(model: IRACNN, segmented: np.ndarray) -> Callable[[np.ndarray], t
         logits, maps = saliency(model, torch.from_numpy(frame), "gradcam++")
         probs = torch.softmax(logits, dim=1).numpy()
         logits_np, maps_np = logits.numpy(), maps.numpy()
-        return logits_np, probs, maps_np, masks_for(maps_np, logits_np.argmax(1), segmented)
+        return logits_np, probs, maps_np, masks_for(maps_np, logits_np.argmax(1), segmented, slices=frame)
 
     return step
 
@@ -133,7 +133,7 @@ def eager_full_step(model: IRACNN, segmented: np.ndarray) -> Callable[[np.ndarra
         maps = scale_map(weighted_map("gradcam++", acts.detach(), acts.grad), size).numpy()
         logits_np = logits.detach().numpy()
         probs = torch.softmax(logits.detach(), dim=1).numpy()
-        return logits_np, probs, maps, masks_for(maps, logits_np.argmax(1), segmented)
+        return logits_np, probs, maps, masks_for(maps, logits_np.argmax(1), segmented, slices=frame)
 
     return step
 
@@ -188,7 +188,7 @@ def onnx_step(session, segmented: np.ndarray) -> Callable[[np.ndarray], tuple]:
 
     def step(frame: np.ndarray) -> tuple:
         logits, probs, maps = session.run(["logits", "probs", "saliency"], {"slices": frame})
-        return logits, probs, maps, masks_for(maps, logits.argmax(1), segmented)
+        return logits, probs, maps, masks_for(maps, logits.argmax(1), segmented, slices=frame)
 
     return step
 
@@ -203,7 +203,7 @@ def torchcam_step(model: IRACNN, segmented: np.ndarray, cam) -> Callable[[np.nda
         maps = cam(class_idx=cls.tolist(), scores=scores)[0]  # (B, h, w), torchcam-normalised
         maps_np = scale_map(maps.detach().float(), size).numpy()
         logits = scores.detach().numpy()
-        return logits, torch.softmax(scores.detach(), 1).numpy(), maps_np, masks_for(maps_np, cls.numpy(), segmented)
+        return logits, torch.softmax(scores.detach(), 1).numpy(), maps_np, masks_for(maps_np, cls.numpy(), segmented, slices=frame)
 
     return step
 

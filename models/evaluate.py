@@ -1,9 +1,11 @@
 """``valve-model evaluate``: classification and segmentation metrics of a run on a dataset, and a report.
 
 For every image: the model's logits and softmax, the saliency map (``models.saliency``, Grad-CAM++
-by default) of the *predicted* class, and a mask: ``service.segment.otsu_mask`` of that map when
-the predicted class is segmented (``segmented_classes`` of the model's classes: dirt, scratch),
-empty otherwise -- exactly what the runtime does.
+by default) of the *predicted* class, and a mask by ``service.segment.masks_for`` (``--segmentation``:
+``refined``, the runtime's default, or the paper's plain ``otsu``) when the predicted class is
+segmented (``segmented_classes`` of the model's classes: dirt, scratch), empty otherwise -- exactly
+what the runtime does. Scores: defect-only IoU (``iou``) beside the paper's eq. 18 mIoU
+(``miou_paper``, the mean of the defect and the background IoU).
 
 Segmentation is scored on the images that have a mask file and whose *true* class is segmented,
 end to end: a dirt image predicted as good gets an empty mask and scores IoU 0. The scores are
@@ -62,7 +64,9 @@ from models.metrics import (
     scores_from_counts,
 )
 from models.saliency import METHODS, saliency
-from service.segment import masks_for, otsu_mask
+from service.segment import DEFAULT_METHOD as DEFAULT_SEGMENTATION
+from service.segment import METHODS as SEGMENTATION_METHODS
+from service.segment import masks_for, otsu_mask, refined_mask
 
 PROG = "valve-model evaluate"
 
@@ -152,13 +156,15 @@ def _pick_overlays(correct: dict[int, list], wrong: list, n: int) -> list:
 def evaluate(run: str | Path, data: str | Path, fmt: str = "folders", method: str = "gradcam++",
              out: str | Path | None = None, batch_size: int = 32, threads: int | None = None,
              limit: int | None = None, device: str = "cpu", overlays: int = 12,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, segmentation: str = DEFAULT_SEGMENTATION) -> dict:
     """Evaluate a run (directory or .safetensors) on a dataset; write the report to ``out`` if given.
 
     Returns the metrics dictionary written to metrics.json. Raises DataError/EvalError on user errors.
     """
     if method not in METHODS:
         raise EvalError(f"unknown saliency method {method!r}: choose one of {', '.join(METHODS)}")
+    if segmentation not in SEGMENTATION_METHODS:
+        raise EvalError(f"unknown --segmentation {segmentation!r}: choose one of {', '.join(SEGMENTATION_METHODS)}")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, not {batch_size}")
     if limit is not None and limit < 1:
@@ -174,14 +180,15 @@ def evaluate(run: str | Path, data: str | Path, fmt: str = "folders", method: st
         torch.set_num_threads(threads)
     try:
         return _evaluate(Path(run), Path(data), fmt, method, None if out is None else Path(out), batch_size,
-                         limit, device, overlays, progress)
+                         limit, device, overlays, progress, segmentation)
     finally:
         if threads:
             torch.set_num_threads(previous_threads)
 
 
 def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | None, batch_size: int,
-              limit: int | None, device: str, n_overlays: int, progress: bool | None) -> dict:
+              limit: int | None, device: str, n_overlays: int, progress: bool | None,
+              segmentation: str = DEFAULT_SEGMENTATION) -> dict:
     t_start = time.perf_counter()
     try:
         weights = resolve_weights(run)
@@ -216,12 +223,13 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         maps_np = maps.float().cpu().numpy()
         pred = probs.argmax(axis=1)
-        masks = masks_for(maps_np, pred, seg_flags)
+        masks = masks_for(maps_np, pred, seg_flags, slices=images, method=segmentation)
         for i, s in enumerate(batch):
-            # Otsu over the image, not the letterbox's padding
+            # masks over the image, not the letterbox's padding
             if seg_flags[pred[i]] and (box := content_box(s.path, size)) is not None:
                 masks[i] = False
-                masks[i][box] = otsu_mask(maps_np[i][box])
+                masks[i][box] = (refined_mask(images[i][box], maps_np[i][box]) if segmentation == "refined"
+                                 else otsu_mask(maps_np[i][box]))
             t, p = int(s.label), int(pred[i])
             y_true.append(t)
             y_pred.append(p)
@@ -284,6 +292,7 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
                  "images": len(data.samples), "evaluated": len(samples), "limit": limit,
                  "counts": data.counts(samples), "input_policy": INPUT_POLICY},
         "saliency": method,
+        "segmentation_method": segmentation,
         "device": device,
         "classification": cls_metrics,
         "pr_curves": {name: {"precision": c["precision"], "recall": c["recall"], "thresholds": c["thresholds"],
@@ -295,8 +304,11 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
             "segmented_images_without_mask": no_mask,
             "mask_region": "the image content: on a letterboxed input the padding is left out of Otsu and of "
                            "the predicted mask (it is not image); the whole input otherwise",
-            "definition": "images with a mask file whose true class is segmented; the predicted mask is Otsu "
-                          "on the predicted class's saliency, empty when that class is not segmented. "
+            "method": segmentation,
+            "definition": "images with a mask file whose true class is segmented; the predicted mask is "
+                          f"service.segment's {segmentation!r} mask of the predicted class's saliency, empty when "
+                          "that class is not segmented; iou = defect-only IoU, miou_paper = eq. 18 (mean of "
+                          "defect and background IoU). "
                           "mean = average of per-image scores; pooled = scores of pixel counts summed "
                           "over all images; both-empty masks score 1.",
             "per_class": seg_table(seg_counts),
@@ -355,11 +367,13 @@ def report_markdown(m: dict) -> str:
     for title, table in (("All scored images (end to end)", seg["per_class"]),
                          ("Correctly classified images only", seg["correctly_classified"])):
         lines += [f"**{title}**", "",
-                  "| class | images | PA | IoU | precision | recall | F-score | PA pooled | IoU pooled |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| class | images | PA | defect IoU | mIoU (eq. 18) | precision | recall | F-score | PA pooled | "
+                  "IoU pooled |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, agg in table.items():
             mean, pooled = agg["mean"], agg["pooled"]
             lines.append(f"| {name} | {agg['n']} | {_f(mean['pixel_accuracy'])} | {_f(mean['iou'])} | "
+                         f"{_f(mean.get('miou_paper'))} | "
                          f"{_f(mean['precision'])} | {_f(mean['recall'])} | {_f(mean['f_score'])} | "
                          f"{_f(pooled['pixel_accuracy'])} | {_f(pooled['iou'])} |")
         lines.append("")
@@ -395,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--format", default="folders", choices=sorted(FORMATS), help="dataset format (default folders)")
     p.add_argument("--saliency", default="gradcam++", choices=METHODS, help="saliency method (default gradcam++)")
+    p.add_argument("--segmentation", default=DEFAULT_SEGMENTATION, choices=SEGMENTATION_METHODS,
+                   help=f"mask method (default {DEFAULT_SEGMENTATION}: the map's region, the slice's pixels; otsu: the "
+                        "paper's Otsu of the map)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -408,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         m = evaluate(args.run, args.data, args.format, args.saliency, args.out, args.batch_size, args.threads,
-                     args.limit, args.device)
+                     args.limit, args.device, segmentation=args.segmentation)
     except (DataError, EvalError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     seg = m["segmentation"]["per_class"].get("all", {}).get("mean", {})
     print(json.dumps({"report": str(Path(args.out) / "report.md"), "accuracy": m["classification"]["accuracy"],
-                      "macro_f": m["classification"]["macro"]["f_measure"], "mean_iou": seg.get("iou")}))
+                      "macro_f": m["classification"]["macro"]["f_measure"], "defect_iou": seg.get("iou"),
+                      "miou_paper": seg.get("miou_paper"), "segmentation": args.segmentation}))
     return 0

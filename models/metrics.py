@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SEG_KEYS = ("pixel_accuracy", "iou", "precision", "recall", "f_score")
+SEG_KEYS = ("pixel_accuracy", "iou", "precision", "recall", "f_score", "background_iou", "miou_paper")
 
 
 def _div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
@@ -158,15 +158,23 @@ def pixel_counts(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def scores_from_counts(counts: np.ndarray) -> dict[str, float]:
-    """TP, FP, FN, TN -> PA, IoU, precision, recall, F (eqs 17-18); both-empty is perfect."""
+    """TP, FP, FN, TN -> PA, IoU, precision, recall, F (eqs 17-18); both-empty is perfect.
+
+    ``iou`` is the defect-only IoU, TP / (TP + FP + FN); ``background_iou`` the same for the background,
+    TN / (TN + FN + FP); ``miou_paper`` their mean, the paper's eq. 18 (which a mask of all background
+    scores about 0.5 on on a small defect: report it beside the defect-only IoU, never alone).
+    """
     tp, fp, fn, tn = (float(v) for v in counts)
     pa = float(_div(tp + tn, tp + fp + fn + tn))
+    bg = float(_div(tn, tn + fn + fp)) if tn + fn + fp else 1.0
     if tp + fp + fn == 0:  # nothing predicted, nothing true
-        return {"pixel_accuracy": pa, "iou": 1.0, "precision": 1.0, "recall": 1.0, "f_score": 1.0}
+        return {"pixel_accuracy": pa, "iou": 1.0, "precision": 1.0, "recall": 1.0, "f_score": 1.0,
+                "background_iou": bg, "miou_paper": (1.0 + bg) / 2}
     p = float(_div(tp, tp + fp))
     r = float(_div(tp, tp + fn))
-    return {"pixel_accuracy": pa, "iou": float(_div(tp, tp + fp + fn)), "precision": p, "recall": r,
-            "f_score": float(_div(2 * p * r, p + r))}
+    iou = float(_div(tp, tp + fp + fn))
+    return {"pixel_accuracy": pa, "iou": iou, "precision": p, "recall": r,
+            "f_score": float(_div(2 * p * r, p + r)), "background_iou": bg, "miou_paper": (iou + bg) / 2}
 
 
 def segmentation_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -885,7 +885,7 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
     from models.figures import OverlayItem
     from models.ira_cnn import segmented_classes
     from models.saliency import saliency
-    from service.segment import masks_for, otsu_mask
+    from service.segment import masks_for, refined_mask
 
     with (rep / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -917,11 +917,11 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
         probs = torch.softmax(logits.float(), dim=1).numpy()
         maps_np = maps.float().numpy()
         pred = probs.argmax(axis=1)
-        masks = masks_for(maps_np, pred, seg_flags)
-        for j, x in enumerate(samples):  # as evaluate does: Otsu over the image, not the letterbox padding
+        masks = masks_for(maps_np, pred, seg_flags, slices=images)
+        for j, x in enumerate(samples):  # as evaluate does: masks over the image, not the letterbox padding
             if seg_flags[pred[j]] and (box := content_box(x.path, size)) is not None:
                 masks[j] = False
-                masks[j][box] = otsu_mask(maps_np[j][box])
+                masks[j][box] = refined_mask(images[j][box], maps_np[j][box])
         out = []
         for i, (r, x) in enumerate(zip(sel, samples, strict=True)):
             if classes[pred[i]] != r["pred"]:

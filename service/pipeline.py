@@ -1,4 +1,4 @@
-"""One frame through the inspection stages: ROI -> 8 slices -> ONNX -> Otsu -> decide -> Verdict.
+"""One frame through the inspection stages: ROI -> 8 slices -> ONNX -> masks -> decide -> Verdict.
 
 The daemon's workers (service.app) and the offline part-level evaluation (models.demo_model) both call
 :func:`inspect_frame`, so the line and the evaluation cannot drift apart. Each stage is timed.
@@ -44,7 +44,7 @@ def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dic
     pred = model.run(batch.slices)
     t2 = time.monotonic()
     note("infer", t2 - t1)
-    masks = masks_for(pred.saliency, pred.predicted, model.segmented)
+    masks = masks_for(pred.saliency, pred.predicted, model.segmented, slices=batch.slices)
     t3 = time.monotonic()
     note("segment", t3 - t2)
     verdict = decide(part_id, frame.frame_id, pred, masks, thresholds, model.segmented,

@@ -14,7 +14,7 @@ from models.evaluate import EvalError, evaluate
 from models.metrics import segmentation_scores
 from models.saliency import saliency
 from models.train import TrainConfig, train
-from service.segment import otsu_mask
+from service.segment import otsu_mask, refined_mask
 from tests.models.helpers import make_folders_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,22 +77,28 @@ def test_evaluate_cli_writes_report_metrics_and_figures(run, eval_data, tmp_path
 
 
 def test_predictions_and_iou_match_a_direct_computation(run, eval_data):
-    """Predicted classes and per-image IoU equal model + saliency + otsu_mask applied by hand."""
-    m = evaluate(run, eval_data, method="gradcam", threads=1)
+    """Predicted classes and per-image IoU equal model + saliency + the mask method applied by hand (otsu,
+    and the default refined)."""
+    m = evaluate(run, eval_data, method="gradcam", threads=1, segmentation="otsu")
+    refined = evaluate(run, eval_data, method="gradcam", threads=1)
     model = load(run)
     data = load_samples(eval_data)
     imgs = torch.from_numpy(np.stack([read_image(s.path, 48) for s in data.samples])).unsqueeze(1)
     logits, maps = saliency(model, imgs, "gradcam")
     pred = logits.argmax(1).numpy()
     cm = np.zeros((4, 4), int)
-    ious = []
-    for s, p, mp in zip(data.samples, pred, maps.numpy(), strict=True):
+    ious, ious_refined = [], []
+    for s, p, mp, img in zip(data.samples, pred, maps.numpy(), imgs[:, 0].numpy(), strict=True):
         cm[s.label, p] += 1
         if s.mask is not None:
             mask = otsu_mask(mp) if p in (1, 2) else np.zeros_like(mp, bool)
             ious.append(segmentation_scores(mask, read_mask(s.mask, 48))["iou"])
+            mask = refined_mask(img, mp) if p in (1, 2) else np.zeros_like(mp, bool)
+            ious_refined.append(segmentation_scores(mask, read_mask(s.mask, 48))["iou"])
     assert m["classification"]["confusion_matrix"] == cm.tolist()
     assert m["segmentation"]["per_class"]["all"]["mean"]["iou"] == pytest.approx(np.mean(ious))
+    assert refined["segmentation"]["per_class"]["all"]["mean"]["iou"] == pytest.approx(np.mean(ious_refined))
+    assert (m["segmentation"]["method"], refined["segmentation"]["method"]) == ("otsu", "refined")
 
 
 @pytest.mark.parametrize("method", ["cam", "gradcam"])

@@ -102,7 +102,22 @@ def test_segmentation_empty_masks_both_sides_is_perfect():
     """Empty prediction and empty truth agree perfectly: every score is 1."""
     z = np.zeros((5, 5), bool)
     assert segmentation_scores(z, z) == {"pixel_accuracy": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0,
-                                         "f_score": 1.0}
+                                         "f_score": 1.0, "background_iou": 1.0, "miou_paper": 1.0}
+
+
+def test_paper_miou_is_the_mean_of_defect_and_background_iou():
+    """Eq. 18 averages the defect and the background IoU: an all-background guess on a 4-pixel defect in
+    100 pixels scores defect IoU 0 but mIoU 0.48 (hence defect-only IoU beside it)."""
+    true = np.zeros((10, 10), bool)
+    true[0, :4] = True
+    s = segmentation_scores(np.zeros_like(true), true)
+    assert s["iou"] == 0.0 and s["background_iou"] == pytest.approx(96 / 100)
+    assert s["miou_paper"] == pytest.approx(0.48)
+    pred = true.copy()
+    pred[1, :4] = True  # 4 TP, 4 FP, 92 TN
+    s = segmentation_scores(pred, true)
+    assert s["iou"] == pytest.approx(0.5) and s["background_iou"] == pytest.approx(92 / 96)
+    assert s["miou_paper"] == pytest.approx((0.5 + 92 / 96) / 2)
 
 
 def test_segmentation_one_side_empty_scores_zero():

@@ -389,7 +389,14 @@ def test_frame_is_inspected_by_the_worker_and_its_verdict_published(tmp_path, va
     drain_worker(d)
     (v,) = d.plc.published
     assert v.part_id == 31 and v.frame_id == 9 and v.reject_dirt and not v.accept
-    assert v.dirt_area_px == 40 * 40 and v.score_dirt == pytest.approx(0.97)
+    # the area is the refined mask of slice 0: the model's 40 x 40 blob says where, the slice which pixels
+    from service.roi import extract
+    from service.segment import refined_mask
+
+    sal = np.zeros((192, 192), np.float32)
+    sal[60:100, 60:100] = 1.0
+    expected = int(refined_mask(extract(valve_image, d.roi_params).slices[0, 0], sal).sum())
+    assert v.dirt_area_px == expected and expected > 0 and v.score_dirt == pytest.approx(0.97)
     assert d.stats.inspected == 1 and parts_metric(d, "reject") == 1
     for stage in ("roi", "infer", "segment", "plc"):
         assert d.metrics.value("valve_inspect_stage_seconds_count", {"stage": stage}) == 1

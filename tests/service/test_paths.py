@@ -69,9 +69,12 @@ def test_masks_for_segments_only_the_segmented_predicted_classes():
     """Per slice: Otsu where the predicted class is segmented (dirt, scratch), empty for good and ec."""
     sal = np.stack([three_level_map()] * 4)
     predicted = np.array([0, 1, 2, 3])  # good, dirt, scratch, ec
-    masks = masks_for(sal, predicted, np.array([False, True, True, False]))
+    masks = masks_for(sal, predicted, np.array([False, True, True, False]), method="otsu")
     assert masks.shape == (4, 10, 10) and masks.dtype == bool
     assert [int(m.sum()) for m in masks] == [0, 20, 20, 0]
+    refined = masks_for(sal, predicted, np.array([False, True, True, False]),
+                        slices=np.full((4, 1, 10, 10), 100, np.uint8))
+    assert [int(m.sum()) for m in refined] == [0, 0, 0, 0]  # a flat slice has nothing that departs from it
 
 
 # ------------------------------------------------------------------------------------------- workers > 1
