@@ -19,6 +19,11 @@ and on by default, each recorded in config.json and switchable off:
   saved are the recalibrated ones. At the end ``bn_check`` in config.json compares, on those images,
   the accuracy with batch statistics (train-mode BN, dropout off) and with the running statistics
   (eval mode): the gap must be within 1 point;
+* speed (docs/trainability.md): the model in channels_last memory format and the training forward
+  under bfloat16 autocast where the CPU has bf16 instructions (avx512_bf16 / amx_bf16) or the GPU
+  supports it (``--precision auto``, the default; ``fp32`` to turn it off): 40 % less time per step
+  on this project's CPU with the same training loss; validation, BN statistics, evaluation and export
+  stay in float32;
 * weights chosen on the validation side's **balanced** accuracy (mean recall over classes; ties:
   lower validation loss, then the earlier epoch), not plain accuracy, which a model calling
   everything good scores high on imbalanced data.
@@ -102,6 +107,7 @@ CURVES_NAME = "curves.png"
 RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
 STATE_FORMAT = 1
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
 #: the cosine schedule ends at lr * LR_FLOOR
 LR_FLOOR = 0.01
 
@@ -138,6 +144,7 @@ class TrainConfig:
     schedule: str = "cosine"
     bn_recal: int = 256
     epoch_size: int | None = None
+    precision: str = "auto"
     threads: int | None = None
     workers: int = 0
     device: str = "cpu"
@@ -193,6 +200,8 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
     if config.epoch_size is not None and not config.balance:
         raise TrainError("--epoch-size sets the draws of class-balanced sampling; drop --no-balance or --epoch-size")
+    if config.precision not in PRECISIONS:
+        raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
     if config.bn_recal < 0:
         raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
     if config.resume and config.force:
@@ -218,6 +227,27 @@ def model_config_for(config: TrainConfig, classes: tuple[str, ...]) -> ModelConf
         return preset_config(config.preset, config.attention, classes=classes, **overrides)
     except ValueError as exc:
         raise TrainError(f"invalid model options: {exc}") from None
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU executes bfloat16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> bf16 where the device runs it natively, else fp32; bf16 on a device without it is an error."""
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    if name == "auto":
+        return "bf16" if native else "fp32"
+    if name == "bf16" and not native:
+        raise TrainError(f"--precision bf16, but this {device.type} has no native bfloat16 (CPU flags avx512_bf16 "
+                         "or amx_bf16): use --precision fp32 or auto")
+    return name
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +347,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
               optimizer: torch.optim.Optimizer | None = None, bar: tqdm | None = None,
-              per_class: dict | None = None) -> tuple[float, float]:
+              per_class: dict | None = None, bf16: bool = False) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy).
 
     ``per_class``, when given, is filled with {label: [correct, total]} (for the balanced accuracy).
@@ -328,8 +358,10 @@ def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: tor
     with torch.set_grad_enabled(training):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and training):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
             if training:
                 if not torch.isfinite(loss):
                     raise TrainError(f"the training loss became {loss.item()}: lower --lr or check the data")
@@ -493,7 +525,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     clean_run_dir(out, config)
 
     seed_everything(config.seed)
-    model = build_model(mcfg).to(device)
+    precision = resolve_precision(config.precision, device)
+    model = build_model(mcfg).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -535,6 +568,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
                 "bn_recal": config.bn_recal, "epoch_size": config.epoch_size,
+                "precision": precision, "precision_option": config.precision,
+                "memory_format": "channels_last",
                 "bn_recalibration": (f"BN running statistics recomputed over {len(recal_idx)} training images "
                                      "(no augmentation) before each validation and save" if config.bn_recal
                                      else "off (momentum 0.1 running averages)"),
@@ -584,7 +619,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr,
                    leave=False, dynamic_ncols=True) if show_bar else None
         try:
-            train_loss, train_acc = run_epoch(model, loader, loss_fn, device, optimizer, bar)
+            train_loss, train_acc = run_epoch(model, loader, loss_fn, device, optimizer, bar,
+                                              bf16=precision == "bf16")
         finally:
             if bar is not None:
                 bar.close()
@@ -680,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the number of training images)")
     p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "
                                                 f"before each validation (default {d.bn_recal}; 0 = off)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="training forward in bfloat16 autocast: auto (default: where the CPU/GPU runs bf16 "
+                        "natively), bf16, or fp32")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -691,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
              "width", "head_width", "input_size", "augment", "balance", "schedule", "bn_recal",
-             "epoch_size")
+             "epoch_size", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.resume:

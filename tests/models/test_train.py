@@ -251,3 +251,16 @@ def test_a_group_counts_for_its_rarest_class():
     keep, held = stratified_split(labels, 0.5, seed=0, groups=groups)
     held_groups = {groups[i] for i in held}
     assert len(held_groups & {"a", "c"}) == 1 and len(held_groups & {"b", "d"}) == 1, held_groups
+
+
+def test_precision_auto_follows_the_cpu_and_bf16_without_it_is_refused(monkeypatch):
+    """auto is bf16 only where the CPU runs it natively; asking for bf16 elsewhere names the fix."""
+    import models.train as tr
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: True)
+    assert tr.resolve_precision("auto", cpu) == "bf16" and tr.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(tr, "cpu_has_bf16", lambda: False)
+    assert tr.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(tr.TrainError, match="--precision fp32 or auto"):
+        tr.resolve_precision("bf16", cpu)
