@@ -131,8 +131,11 @@ def run_soak(*, rate: float, duration: float, sample_every: float, warmup: float
     from service.sim.plc_sim import PlcSimulator
 
     probe = bench_settings(rate=rate, plc_port=1, images=images, model=model, threads=threads, workers=workers)
+    # the simulator scores part i against manifest[i]: as many entries as parts can come, no more (a list of
+    # millions of strings would be the bench's own memory, not the daemon's)
+    repeats = int(rate * (duration + 60.0) / max(1, len(classes))) + 2
     sim = PlcSimulator(host="127.0.0.1", port=0, db=probe.plc.db, rate=rate, watchdog_s=probe.plc.sim_watchdog_s,
-                       manifest=classes * 1_000_000, enable=False, report_every=0)
+                       manifest=classes * repeats, enable=False, report_every=0)
     sim.start()
     daemon: Daemon | None = None
     samples: list[dict[str, Any]] = []
