@@ -48,10 +48,10 @@ SECTION = "realdata"
 #: tiles and training per dataset (the train recipe's defaults do the rest)
 PROTOCOL: dict[str, dict] = {
     "kolektorsdd": {"tiles": {"size": 192, "stride": 96, "scale": 0.5},
-                    "train": {"preset": "compact", "attention": "iam", "epochs": 12, "batch_size": 16,
+                    "train": {"preset": "compact", "attention": "iam", "epochs": 20, "batch_size": 16,
                               "epoch_size": 512}},
     "magnetic-tile": {"tiles": {"size": 192, "stride": 96, "scale": 1.0},
-                      "train": {"preset": "compact", "attention": "iam", "epochs": 12, "batch_size": 16,
+                      "train": {"preset": "compact", "attention": "iam", "epochs": 20, "batch_size": 16,
                                 "epoch_size": 768}},
 }
 
@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: at 192 px one job with 2 "
+                                                        "threads beats two 1-thread jobs, docs/trainability.md)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training (default 2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (smoke runs)")
     p.add_argument("--epoch-size", type=int, default=None, help="override the protocol's draws per epoch")
