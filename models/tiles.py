@@ -304,12 +304,88 @@ def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_
     return out
 
 
-def evaluate_images(run_dir: Path, tiles_dir: Path, out: Path | None = None, **kwargs) -> dict:
-    """Image-level metrics of a run on a tiles folder (usually the test part); written to ``out``."""
+#: (saliency method, mask method) rows of the segmentation table: the paper's three with Otsu, and ours
+SEGMENTATION_ROWS = (("cam", "otsu"), ("gradcam", "otsu"), ("gradcam++", "otsu"), ("gradcam++", "refined"))
+
+
+def _canvas(im: dict, size: int) -> tuple[int, int]:
+    """The padded image size the tiles were cut from."""
+    return max(im["height"], size), max(im["width"], size)
+
+
+def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_probs: dict[str, np.ndarray],
+                       rows: Sequence[tuple[str, str]] = SEGMENTATION_ROWS, weights: str = "model.safetensors",
+                       batch_size: int = 32) -> dict:
+    """Defect-only IoU and the paper's eq. 18 mIoU of stitched tile masks on the defective images with a mask.
+
+    Per image: the masks of the tiles predicted defective (by the image rule's tile class: the tile's
+    most probable class when it is not good), each from that class's saliency (``models.saliency``)
+    and a mask method of service.segment, OR-ed into the image at the tiles' places; the true mask is
+    the tiles' masks put back the same way. Mean over images, per (saliency, mask) row.
+    """
+    import torch
+
+    from models.checkpoint import load
+    from models.metrics import pixel_counts, scores_from_counts
+    from models.saliency import saliency
+    from service.segment import otsu_mask, refined_mask
+
+    size = int(manifest["spec"]["size"])
+    classes = manifest["classes"]
+    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir))
+    per_row: dict[str, dict[str, list[float]]] = {f"{s}/{m}": {"iou": [], "miou": []} for s, m in rows}
+    images = [im for im in manifest["images"] if im["label"] != classes[good] and im.get("mask")]
+    for im in images:
+        h, w = _canvas(im, size)
+        truth = np.zeros((h, w), bool)
+        for t in im["tiles"]:
+            mpath = Path(tiles_dir) / t["file"].replace(".png", "_mask.png")
+            if mpath.is_file():
+                truth[t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= read_mask(mpath)
+        flagged = [t for t in im["tiles"] if int(np.argmax(tile_probs[t["file"]])) != good]
+        preds = {key: np.zeros((h, w), bool) for key in per_row}
+        for i in range(0, len(flagged), batch_size):
+            chunk = flagged[i:i + batch_size]
+            x_np = np.stack([read_image(Path(tiles_dir) / t["file"]) for t in chunk])
+            x = torch.from_numpy(x_np).unsqueeze(1)
+            cls = torch.tensor([int(np.argmax(tile_probs[t["file"]])) for t in chunk])
+            maps_by = {}
+            for sal_method in {s for s, _ in rows}:
+                _, maps = saliency(model, x, sal_method, class_idx=cls)
+                maps_by[sal_method] = maps.float().numpy()
+            for j, t in enumerate(chunk):
+                for sal_method, mask_method in rows:
+                    m = maps_by[sal_method][j]
+                    mask = refined_mask(x_np[j], m) if mask_method == "refined" else otsu_mask(m)
+                    preds[f"{sal_method}/{mask_method}"][t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= mask
+        for key, pred in preds.items():
+            sc = scores_from_counts(pixel_counts(pred[:im["height"], :im["width"]], truth[:im["height"], :im["width"]]))
+            per_row[key]["iou"].append(sc["iou"])
+            per_row[key]["miou"].append(sc["miou_paper"])
+    return {"images": len(images), "definition": "defective test images with a mask; mean over images of the "
+                                                  "defect-only IoU and of eq. 18 (mean of defect and background IoU)",
+            "rows": {k: {"defect_iou": float(np.mean(v["iou"])) if v["iou"] else None,
+                         "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for k, v in per_row.items()}}
+
+
+def evaluate_images(run_dir: Path, tiles_dir: Path, out: Path | None = None, segmentation: bool = True,
+                    **kwargs) -> dict:
+    """Image-level metrics of a run on a tiles folder (usually the test part); written to ``out``.
+
+    With ``segmentation`` the stitched masks are scored too (:func:`image_segmentation`); the summary's
+    ``defect_iou`` and ``miou_paper`` are those of the runtime's method (Grad-CAM++ + refined).
+    """
     manifest = read_tiles_manifest(tiles_dir)
-    scored = image_scores(manifest, tile_probabilities(run_dir, tiles_dir, manifest, **kwargs))
+    probs = tile_probabilities(run_dir, tiles_dir, manifest, **kwargs)
+    scored = image_scores(manifest, probs)
     metrics = {"run": str(run_dir), "tiles": str(tiles_dir), "spec": manifest["spec"],
                **image_metrics(scored), "per_image": scored["images"]}
+    if segmentation:
+        seg = image_segmentation(run_dir, tiles_dir, manifest, probs, weights=kwargs.get("weights", "model.safetensors"))
+        metrics["segmentation"] = seg
+        metrics["defect_iou"] = seg["rows"]["gradcam++/refined"]["defect_iou"]
+        metrics["miou_paper"] = seg["rows"]["gradcam++/refined"]["miou_paper"]
     if out is not None:
         Path(out).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return metrics

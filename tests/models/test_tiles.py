@@ -146,3 +146,34 @@ def test_kolektorsdd_pairs_stay_in_one_group_on_made_up_data(tmp_path):
     write_tiles(data, tmp_path / "t", TileSpec())
     groups = {s.path.name.split("__")[0]: s.group for s in load_samples(tmp_path / "t", "folders").samples}
     assert groups["kos01+kos26"] == "kos01+kos26" and len(set(groups.values())) == 2
+
+
+def test_stitched_masks_score_the_defect_image_against_its_true_mask(toy, tmp_path):
+    """A trained-free compact model on the toy tiles: every row of the segmentation table is scored on the
+    one defective image, IoUs lie in [0, 1] and eq. 18 is at least half the background IoU."""
+    import torch
+
+    from models.checkpoint import save_weights
+    from models.ira_cnn import build_model, preset_config
+    from models.tiles import SEGMENTATION_ROWS, image_segmentation, read_tiles_manifest
+
+    write_tiles(toy, tmp_path / "t", TileSpec())
+    manifest = read_tiles_manifest(tmp_path / "t")
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_weights(run / "model.safetensors", build_model(preset_config("compact", classes=("good", "crack"))))
+    # every tile flagged as crack, so each row has masks to score
+    probs = {t["file"]: np.array([0.1, 0.9]) for im in manifest["images"] for t in im["tiles"]}
+    seg = image_segmentation(run, tmp_path / "t", manifest, probs)
+    assert seg["images"] == 1 and set(seg["rows"]) == {f"{s}/{m}" for s, m in SEGMENTATION_ROWS}
+    for row in seg["rows"].values():
+        assert 0.0 <= row["defect_iou"] <= 1.0 and 0.0 <= row["miou_paper"] <= 1.0
+    # a perfect predictor would reach 1: the true mask put back from the tiles is the 20 x 20 square
+    from models.data import read_mask
+    back = np.zeros((300, 400), bool)
+    im = next(im for im in manifest["images"] if im["label"] == "crack")
+    for t in im["tiles"]:
+        mp = tmp_path / "t" / t["file"].replace(".png", "_mask.png")
+        if mp.is_file():
+            back[t["y"]:t["y"] + 192, t["x"]:t["x"] + 192] |= read_mask(mp)
+    assert back.sum() == 400 and back[250:270, 330:350].all()
