@@ -360,7 +360,8 @@ class LogSettings(_Section):
     """[log]: structlog output on stdout (journald keeps it)."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console at a terminal, json otherwise (journald, Docker)")
 
     @field_validator("level", "format", mode="before")
     @classmethod

@@ -21,7 +21,11 @@ the contract, K != len(classes), or a warm-up run whose outputs have the wrong s
 
 Execution providers come from the configuration, in order of preference. Names ONNX Runtime does
 not know are a ``ConfigError``; known providers this build or machine does not offer are skipped
-(logged). ONNX Runtime itself may still fall back to the CPU when a GPU provider fails to
+(logged). ``get_available_providers()`` lists what the wheel was built with (onnxruntime-gpu always
+lists CUDA), not what can load, so a GPU provider is first probed the way ONNX Runtime loads it
+(``provider_load_problem``: the NVIDIA driver and a visible device, cuDNN, the provider's shared
+library with its CUDA dependencies); one that cannot load is skipped with the reason, instead of
+ONNX Runtime printing its error and falling back. ONNX Runtime itself may still fall back to the CPU when a GPU provider fails to
 initialise (missing CUDA libraries, no device), so the provider actually used is read back from
 the session (``InferenceModel.provider``) and, with ``require_gpu=True``, a CPU session is refused
 with ``GpuRequiredError``.
@@ -31,10 +35,12 @@ This module never imports torch or onnx (the runtime has neither).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.resources
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -208,12 +214,76 @@ def _json_output_names(outputs: Any) -> list[str]:
 # ---------------------------------------------------------------------------------- providers
 
 
-def resolve_providers(requested: Sequence[ProviderSpec]) -> tuple[list[ProviderSpec], list[str]]:
-    """Config providers -> (the ones to ask ONNX Runtime for, in order; the skipped names).
+#: Providers that live in their own shared library beside onnxruntime's, and need the CUDA driver.
+_PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                       "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
+#: Loaded by ONNX Runtime at session creation, not a link-time dependency of the provider library.
+_CUDNN_LIBRARY = "libcudnn.so.9"
+
+
+def _load_library(name: str) -> ctypes.CDLL:
+    """dlopen ``name`` (a path, or a name found on the loader's search path); raises OSError."""
+    return ctypes.CDLL(name)
+
+
+def _cuda_device_problem() -> str | None:
+    """None when the NVIDIA driver loads and sees at least one device, else why not."""
+    try:
+        cuda = _load_library("libcuda.so.1")
+    except OSError as exc:
+        return f"no NVIDIA driver (libcuda.so.1 cannot be loaded: {exc})"
+    rc = cuda.cuInit(0)
+    if rc != 0:
+        return f"the NVIDIA driver sees no usable GPU (cuInit returned CUDA error {rc})"
+    count = ctypes.c_int(0)
+    rc = cuda.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value < 1:
+        return f"the NVIDIA driver sees no GPU (cuDeviceGetCount: error {rc}, {count.value} devices)"
+    return None
+
+
+def provider_load_problem(name: str) -> str | None:
+    """Why ONNX Runtime could not start provider ``name`` on this machine, or None when it can (as far as
+    loading goes; other providers are not probed and return None).
+
+    The same steps as ONNX Runtime's own loader, without its error output: the NVIDIA driver with a
+    visible device, cuDNN 9, then the provider's shared library, whose loading resolves the CUDA
+    libraries it links (cuBLAS, cuBLASLt, cuRAND, the CUDA runtime) on the same search path.
+    """
+    library = _PROVIDER_LIBRARIES.get(name)
+    if library is None or not sys.platform.startswith("linux"):
+        return None
+    problem = _cuda_device_problem()
+    if problem:
+        return problem
+    try:
+        _load_library(_CUDNN_LIBRARY)
+    except OSError as exc:
+        return f"cuDNN 9 cannot be loaded ({exc})"
+    path = Path(ort.__file__).parent / "capi" / library
+    try:
+        _load_library(str(path))
+    except OSError as exc:
+        return f"{library} cannot be loaded: {exc} (CUDA {_ort_cuda_version()} libraries missing?)"
+    return None
+
+
+def _ort_cuda_version() -> str:
+    """The CUDA version this onnxruntime was built against, e.g. "13.0" ("?" when unknown)."""
+    try:
+        from onnxruntime.capi import build_and_package_info
+    except ImportError:
+        return "?"
+    return str(getattr(build_and_package_info, "cuda_version", "?") or "?")
+
+
+def resolve_providers(requested: Sequence[ProviderSpec]) -> tuple[list[ProviderSpec], dict[str, str]]:
+    """Config providers -> (the ones to ask ONNX Runtime for, in order; {skipped name: why}).
 
     Each entry is a provider name or (name, options). Names ONNX Runtime does not know at all
-    are a ConfigError (a typo); known names this build/machine does not offer are skipped. When
-    nothing is left, the CPU provider is used (``require_gpu`` then refuses, if set).
+    are a ConfigError (a typo); known names this build does not offer, or whose libraries cannot
+    load on this machine (``provider_load_problem``), are skipped. When nothing is left, the CPU
+    provider is used (``require_gpu`` then refuses, if set).
     """
     if isinstance(requested, str) or not isinstance(requested, Sequence) or not requested:
         raise ConfigError(f"inference providers must be a non-empty list of ONNX Runtime provider names, "
@@ -222,7 +292,7 @@ def resolve_providers(requested: Sequence[ProviderSpec]) -> tuple[list[ProviderS
     known = set(ort.get_all_providers())
     available = set(ort.get_available_providers())
     chosen: list[ProviderSpec] = []
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     for spec in requested:
         if isinstance(spec, str):
             name = spec
@@ -237,15 +307,18 @@ def resolve_providers(requested: Sequence[ProviderSpec]) -> tuple[list[ProviderS
             raise ConfigError(f"unknown ONNX Runtime execution provider {name!r}. Fix: use one of "
                               f"{', '.join(sorted(known))} (available in this installation: "
                               f"{', '.join(ort.get_available_providers())}).")
-        if name not in available:
-            skipped.append(name)
+        if any((c if isinstance(c, str) else c[0]) == name for c in chosen) or name in skipped:
             continue
-        if any((c if isinstance(c, str) else c[0]) == name for c in chosen):
+        if name not in available:
+            skipped[name] = f"not in this onnxruntime build ({ort.__version__})"
+            continue
+        problem = provider_load_problem(name)
+        if problem:
+            skipped[name] = problem
             continue
         chosen.append(spec)
     if skipped:
-        log.info("inference_providers_skipped", skipped=skipped, available=sorted(available),
-                 reason="not available in this onnxruntime build")
+        log.info("inference_providers_skipped", skipped=skipped, available=sorted(available))
     if not chosen:
         log.warning("inference_providers_none_available", requested=[s if isinstance(s, str) else s[0]
                                                                       for s in requested],
@@ -318,8 +391,13 @@ class InferenceModel:
         if self.provider != wanted:
             log.warning("inference_provider_fallback", wanted=wanted, provider=self.provider,
                         hint="ONNX Runtime could not initialise the preferred provider (see its log above)")
+            self.provider_reason = f"{wanted} failed to initialise in ONNX Runtime (see its log above)"
+        elif self.skipped_providers:
+            self.provider_reason = "; ".join(f"{n} skipped: {why}" for n, why in self.skipped_providers.items())
+        else:
+            self.provider_reason = "the first provider in [model] providers"
         log.info("inference_session", model=str(path), sha256=self.sha256, provider=self.provider,
-                 providers=list(self.providers),
+                 reason=self.provider_reason, providers=list(self.providers),
                  requested=[p if isinstance(p, str) else p[0] for p in providers],
                  intra_op_threads=intra_op_threads, preset=self.preset)
         self._check_graph_io()

@@ -1,12 +1,14 @@
-"""Logging: structlog, configured once, one JSON object per line on stdout (journald keeps it).
+"""Logging: structlog, configured once: one JSON object per line on stdout for journald and Docker,
+human-readable lines at a terminal.
 
-    configure_logging(level="info", fmt="json")     # once, at start-up ([log] section)
+    configure_logging(level="info", fmt="auto")     # once, at start-up ([log] section)
     log = get_logger(__name__)                       # anywhere, also at import time
     log.info("camera_connected", serial="0815-0000")
 
 A JSON line: ``{"event": "camera_connected", "serial": "0815-0000", "level": "info",
 "logger": "service.camera", "timestamp": "2025-01-01T12:00:00.000000Z"}``. ``fmt="console"``
-renders the same fields for humans. Records from the standard library's ``logging`` (e.g.
+renders the same fields for humans (in colour at a terminal); ``fmt="auto"`` (the default) picks
+"console" when the stream is a TTY and "json" otherwise (journald, Docker, a pipe). Records from the standard library's ``logging`` (e.g.
 python-snap7) go through the same renderer, so stdout stays one format.
 
 Loggers are not cached, so configure_logging() may come after get_logger() and
@@ -23,6 +25,17 @@ import structlog
 import structlog.tracebacks
 
 LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("auto", "json", "console")
+
+
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """"auto" -> "console" when ``stream`` is a terminal, else "json"; "json"/"console" stay as they are."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "console" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
 
 
 def _shared_processors() -> list[Any]:
@@ -33,28 +46,33 @@ def _shared_processors() -> list[Any]:
     ]
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> str:
     """Configure structlog (and route the standard library's logging through it).
 
     Args:
         level: debug | info | warning | error; lower levels are dropped cheaply.
-        fmt: "json" (one object per line) or "console" (human-readable, no colours).
+        fmt: "json" (one object per line), "console" (human-readable; colours when ``stream`` is a
+            terminal) or "auto" (console at a terminal, else json).
         stream: where lines go; default sys.stdout.
+
+    Returns:
+        The format in use, "json" or "console".
     """
     level = level.lower()
     if level not in LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
-    if fmt not in ("json", "console"):
-        raise ValueError(f"log format {fmt!r} is not 'json' or 'console'")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
     numeric = getattr(logging, level.upper())
     out = sys.stdout if stream is None else stream
+    fmt = resolve_format(fmt, out)
     if fmt == "json":
         renderer: Any = structlog.processors.JSONRenderer(sort_keys=False)
         # Tracebacks as structured JSON, without local variables (large arrays, secrets).
         tail: list[Any] = [structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False))]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = structlog.dev.ConsoleRenderer(colors=resolve_format("auto", out) == "console")
         tail = []
     structlog.configure(
         processors=[*_shared_processors(), structlog.processors.StackInfoRenderer(), *tail, renderer],
@@ -74,6 +92,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    return fmt
 
 
 class _NamedLogger:

@@ -72,7 +72,7 @@ def test_no_file_gives_the_embedded_demo_defaults():
     assert s.model.thresholds.model_dump() == {"dirt": 0.5, "scratch": 0.5, "ec": 0.5}
     assert s.pipeline.overflow == "not-inspected" and s.metrics.port == 9108
     assert s.archive.dir == "/var/cache/test/valve-inspect/archive"
-    assert s.log.level == "info" and s.log.format == "json"
+    assert s.log.level == "info" and s.log.format == "auto"
 
 
 def test_example_file_loads_lists_every_key_and_matches_the_defaults(tmp_path):

@@ -1,6 +1,7 @@
 """service.infer against real ONNX Runtime sessions on small contract-conforming (and bent) toy models."""
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -207,6 +208,7 @@ def gpu_that_fails_to_initialise(monkeypatch) -> list:
     asked: list = []
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(infer, "provider_load_problem", lambda name: None)  # its libraries load
 
     def session(path, sess_options=None, providers=None, **kw):
         asked.append(list(providers or []))
@@ -266,11 +268,89 @@ def test_unavailable_providers_are_skipped(monkeypatch):
     """Known providers this build does not offer are skipped; if none is left the CPU is used."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     chosen, skipped = resolve_providers(["OpenVINOExecutionProvider", "CPUExecutionProvider"])
-    assert chosen == ["CPUExecutionProvider"] and skipped == ["OpenVINOExecutionProvider"]
+    assert chosen == ["CPUExecutionProvider"] and list(skipped) == ["OpenVINOExecutionProvider"]
+    assert "not in this onnxruntime build" in skipped["OpenVINOExecutionProvider"]
     chosen, skipped = resolve_providers(["DmlExecutionProvider"])
-    assert chosen == ["CPUExecutionProvider"] and skipped == ["DmlExecutionProvider"]
+    assert chosen == ["CPUExecutionProvider"] and list(skipped) == ["DmlExecutionProvider"]
     chosen, _ = resolve_providers([("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})])
     assert chosen == [("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+
+
+class _FakeDriver:
+    """libcuda.so.1 as ctypes sees it: cuInit and cuDeviceGetCount with given results."""
+
+    def __init__(self, init_rc: int = 0, devices: int = 1) -> None:
+        self.init_rc, self.devices = init_rc, devices
+
+    def cuInit(self, flags):  # noqa: N802 (the driver API's name)
+        return self.init_rc
+
+    def cuDeviceGetCount(self, ref):  # noqa: N802
+        ref._obj.value = self.devices
+        return 0
+
+
+def fake_loader(monkeypatch, missing: set[str], driver: _FakeDriver | None = None) -> list[str]:
+    """Stub the dynamic loader: names (or path tails) in ``missing`` raise OSError as dlopen would;
+    returns the names asked for, in order."""
+    asked: list[str] = []
+
+    def load(name: str):
+        asked.append(name)
+        base = name.rsplit("/", 1)[-1]
+        if base in missing:
+            raise OSError(f"{base}: cannot open shared object file: No such file or directory")
+        return driver if base == "libcuda.so.1" else object()
+
+    monkeypatch.setattr(infer, "_load_library", load)
+    monkeypatch.setattr(infer.sys, "platform", "linux")
+    return asked
+
+
+@pytest.mark.parametrize(("missing", "driver", "expect"), [
+    ({"libcuda.so.1"}, None, "no NVIDIA driver"),
+    (set(), _FakeDriver(init_rc=100), "no usable GPU.*error 100"),
+    (set(), _FakeDriver(devices=0), "sees no GPU"),
+    ({"libcudnn.so.9"}, _FakeDriver(), "cuDNN 9 cannot be loaded"),
+    ({"libonnxruntime_providers_cuda.so"}, _FakeDriver(), "libonnxruntime_providers_cuda.so cannot be loaded"),
+])
+def test_cuda_provider_probe_names_what_is_missing(monkeypatch, missing, driver, expect):
+    """The CUDA provider is probed like ONNX Runtime loads it (driver and device, cuDNN, the provider library
+    with its CUDA dependencies) and the first thing missing is named (loader stubbed: same on CPU and GPU)."""
+    fake_loader(monkeypatch, missing, driver)
+    assert re.search(expect, infer.provider_load_problem("CUDAExecutionProvider"))
+
+
+def test_cuda_provider_probe_passes_when_everything_loads(monkeypatch):
+    """With the driver, a device, cuDNN and the provider library loadable, CUDA is usable; providers without
+    their own library (the CPU) are not probed at all."""
+    asked = fake_loader(monkeypatch, set(), _FakeDriver())
+    assert infer.provider_load_problem("CUDAExecutionProvider") is None
+    assert [a.rsplit("/", 1)[-1] for a in asked] == ["libcuda.so.1", "libcudnn.so.9",
+                                                     "libonnxruntime_providers_cuda.so"]
+    asked.clear()
+    assert infer.provider_load_problem("CPUExecutionProvider") is None and asked == []
+
+
+def test_cuda_listed_but_unloadable_is_skipped_before_onnxruntime_tries(good_path, monkeypatch):
+    """onnxruntime-gpu lists CUDA even without its libraries: the probe skips it, so ONNX Runtime is never
+    asked for it (no error output of its own), and one log line says which provider runs and why."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    fake_loader(monkeypatch, {"libcublasLt.so.13", "libonnxruntime_providers_cuda.so"}, _FakeDriver())
+    real, asked = ort.InferenceSession, []
+
+    def session(path, sess_options=None, providers=None, **kw):
+        asked.append(list(providers))
+        return real(path, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with structlog.testing.capture_logs() as logs:
+        m = load(good_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], warmup_slices=0)
+    assert asked == [["CPUExecutionProvider"]] and m.provider == "CPUExecutionProvider"
+    (line,) = [e for e in logs if e["event"] == "inference_session"]
+    assert line["provider"] == "CPUExecutionProvider"
+    assert "CUDAExecutionProvider skipped: libonnxruntime_providers_cuda.so cannot be loaded" in line["reason"]
+    assert not any(e["event"] == "inference_provider_fallback" for e in logs)
 
 
 def test_session_options_and_thread_validation(good_path):

@@ -166,6 +166,40 @@ def test_console_format_and_bad_level(restore_structlog):
         configure_logging("loud")
 
 
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_format_is_console_at_a_terminal_and_json_elsewhere(restore_structlog):
+    """fmt="auto" renders human-readable lines on a TTY and JSON lines on a pipe (journald, Docker)."""
+    tty = _Terminal()
+    assert configure_logging("info", "auto", stream=tty) == "console"
+    get_logger("service.x").info("camera_connected", serial="0815")
+    line = tty.getvalue()
+    assert "camera_connected" in line and "0815" in line and not line.lstrip().startswith("{")
+    pipe = io.StringIO()
+    assert configure_logging("info", "auto", stream=pipe) == "json"
+    get_logger("service.x").info("camera_connected", serial="0815")
+    assert json.loads(pipe.getvalue())["serial"] == "0815"
+
+
+def test_explicit_format_overrides_the_terminal_check(restore_structlog):
+    """[log] format = json on a terminal gives JSON, console on a pipe gives plain (uncoloured) text."""
+    tty = _Terminal()
+    assert configure_logging("info", "json", stream=tty) == "json"
+    get_logger("service.x").info("hello")
+    assert json.loads(tty.getvalue())["event"] == "hello"
+    pipe = io.StringIO()
+    assert configure_logging("info", "console", stream=pipe) == "console"
+    get_logger("service.x").info("hello")
+    assert "hello" in pipe.getvalue() and "\x1b[" not in pipe.getvalue()
+    with pytest.raises(ValueError, match="log format 'xml'"):
+        configure_logging("info", "xml", stream=pipe)
+
+
 def test_capture_logs_sees_logger_name_and_fields(restore_structlog):
     """structlog.testing.capture_logs captures our loggers with their name and bound fields."""
     configure_logging("info", "json", stream=io.StringIO())
