@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service import notify
 from service.config import GPU_PROVIDERS, Settings, load_config
 from service.errors import CameraError, FatalError, GrabTimeout, ValveInspectError
@@ -484,13 +482,9 @@ class Daemon:
                  latency_ms=round(latency * 1000.0, 2) if latency is not None else None,
                  **{k: round(v, 2) for k, v in timings.items()})
         if self.archive is not None and frame is not None and self.archive.wants(verdict):
-            sal = mask = outlines = None
-            if extras is not None:
-                batch = extras["batch"]
-                sal = batch.slices_to_frame(extras["pred"].saliency.astype(np.float32))
-                mask = batch.slices_to_frame(extras["masks"].astype(np.uint8), interpolation="nearest") > 0
-                outlines = batch.slice_polygons()
-            self.archive.submit(frame.image, verdict, saliency=sal, mask=mask, outlines=outlines, copy=False)
+            # By reference: the frame and the inspection's records are not modified after this; the archive's
+            # thread draws the ROI overlay from them.
+            self.archive.submit(frame.image, verdict, extras=extras, copy=False)
 
 
 # ------------------------------------------------------------------------------------ CLI

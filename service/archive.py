@@ -4,8 +4,9 @@ For every part whose verdict label is archived (by default ``reject`` and ``not_
 files are written into one flat directory:
 
     <stem>.png           the full camera frame, lossless
-    <stem>_overlay.png   gray frame (downscaled when big) + saliency colour map + mask contours (magenta)
-                         + slice outlines (white) + a caption with part, verdict and scores
+    <stem>_overlay.png   the valve's ROI (the frame cropped to the valve's rectangle + a margin; the whole
+                         frame when no valve was found), downscaled when big, + saliency colour map + mask
+                         contours (magenta) + slice outlines (white) + a caption with part, verdict and scores
     <stem>.json          the verdict (every field, ``extra`` included), file names, time, caller's meta
 
     stem = <UTC time YYYYmmddTHHMMSS.ffffffZ>_p<part id>_f<frame id>_<label>[-<defect>...]
@@ -17,7 +18,9 @@ Files that do not look like archive entries are neither counted nor deleted.
 
 Nothing here may stop the daemon: ``write`` returns False and counts the failure (disk full,
 read-only directory, bad input, ...) instead of raising; ``submit`` hands the work to a background
-thread through a bounded queue and returns at once, counting a drop when the queue is full.
+thread through a bounded queue and returns at once, counting a drop when the queue is full. The overlay
+is drawn on that thread from the inspection's own records (``extras``: the slice batch, the prediction,
+the masks; :func:`part_overlay`), so the inspecting thread never maps saliency onto the frame.
 ``close()`` writes what is queued, then stops the thread. Counters: ``stats()``.
 """
 
@@ -51,6 +54,8 @@ SIDECAR_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 MASK_BGR = (255, 0, 255)  # magenta: not in the JET colour map
 OUTLINE_BGR = (255, 255, 255)
+#: The overlay's crop around the valve's rectangle, on every side, in valve diameters.
+ROI_MARGIN = 0.25
 STEM_RE = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z_p-?\d+_f-?\d+_(?:" + "|".join(VERDICT_LABELS)
                      + r")(?:-[a-z0-9]+)*)(_overlay\.png|\.png|\.json)$")
 
@@ -146,6 +151,50 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray | None = None, mask: 
     return out
 
 
+def part_overlay(image: np.ndarray, verdict: Verdict, extras: dict | None = None, *, max_side: int = 1280,
+                 margin: float = ROI_MARGIN) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """One part's overlay, cropped to the valve's ROI -> (BGR image, the crop (x0, y0, x1, y1) in frame pixels).
+
+    Args:
+        image: the (H, W) uint8 frame.
+        verdict: for the caption.
+        extras: what service.pipeline.inspect_frame returns beside the verdict (``batch``: the SliceBatch,
+            ``pred``: the Prediction, ``masks``: (n, S, S) per-slice masks); None for a part without a valve
+            (NoPart) or never inspected: then the whole frame, downscaled, and crop None.
+        max_side, margin: the overlay's longest side at most; the crop's margin around the valve's rotated
+            rectangle, in valve diameters.
+    """
+    caption = caption_for(verdict)
+    if not extras or extras.get("batch") is None:
+        return render_overlay(image, max_side=max_side, caption=caption), None
+    batch = extras["batch"]
+    box = batch.bounding_box(margin)
+    x0, y0, x1, y1 = box
+    sal = mask = None
+    if extras.get("pred") is not None:
+        sal = batch.roi_to_box(batch.assemble(np.asarray(extras["pred"].saliency, dtype=np.float32)), box)
+    if extras.get("masks") is not None:
+        mask = batch.roi_to_box(batch.assemble(np.asarray(extras["masks"]) > 0), box, interpolation="nearest")
+    outlines = batch.slice_polygons() - np.array([x0, y0], dtype=np.float32)
+    return render_overlay(image[y0:y1, x0:x1], sal, mask, outlines, max_side=max_side, caption=caption), box
+
+
+def outlines_box(outlines: Iterable[np.ndarray], shape: tuple[int, ...],
+                 margin: float = ROI_MARGIN) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1): the frame rectangle around ``outlines`` grown by ``margin`` x their shorter side,
+    clipped to a frame of ``shape``; None without outlines."""
+    pts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in outlines]
+    if not pts:
+        return None
+    allp = np.concatenate(pts)
+    lo, hi = allp.min(axis=0), allp.max(axis=0)
+    pad = margin * float(min(hi - lo))
+    h, w = shape[:2]
+    x0, y0 = max(0, int(np.floor(lo[0] - pad))), max(0, int(np.floor(lo[1] - pad)))
+    x1, y1 = min(w, int(np.ceil(hi[0] + pad)) + 1), min(h, int(np.ceil(hi[1] + pad)) + 1)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def caption_for(verdict: Verdict) -> str:
     """One line for the overlay: part, verdict, defects and scores."""
     what = verdict.label + (f" {'+'.join(verdict.defects)}" if verdict.defects else "")
@@ -165,6 +214,7 @@ class _Job:
     outlines: list[np.ndarray] | None
     meta: dict | None
     ts: float
+    extras: dict | None = None
 
 
 _STOP = object()
@@ -234,8 +284,13 @@ class RejectArchive:
 
     def submit(self, image: np.ndarray, verdict: Verdict, *, saliency: np.ndarray | None = None,
                mask: np.ndarray | None = None, outlines: Iterable[np.ndarray] | None = None,
-               meta: dict | None = None, copy: bool = True, timestamp: float | None = None) -> bool:
+               meta: dict | None = None, copy: bool = True, timestamp: float | None = None,
+               extras: dict | None = None) -> bool:
         """Queue a part for the writer; True when queued. Never blocks, never raises.
+
+        ``extras`` (the inspection's batch, prediction and masks, see :func:`part_overlay`) is taken by
+        reference, never copied: the overlay is drawn from it on the writer's thread. Without it,
+        ``saliency``/``mask`` are frame-sized maps and the overlay is cropped around ``outlines``.
 
         Verdicts whose label is not archived are skipped (False, counted as ``skipped``); a full
         queue or a closed archive drops the part (False, counted as ``dropped``). With ``copy`` the
@@ -259,7 +314,8 @@ class RejectArchive:
             cp = (lambda a: None if a is None else np.array(a, copy=True)) if copy else (lambda a: a)
             job = _Job(image=cp(image), verdict=verdict, saliency=cp(saliency), mask=cp(mask),
                        outlines=None if outlines is None else [np.array(p, dtype=np.float64) for p in outlines],
-                       meta=dict(meta) if meta else None, ts=time.time() if timestamp is None else timestamp)
+                       meta=dict(meta) if meta else None, ts=time.time() if timestamp is None else timestamp,
+                       extras=extras)
             with self._lock:
                 self._pending += 1
             try:
@@ -279,7 +335,7 @@ class RejectArchive:
 
     def write(self, image: np.ndarray, verdict: Verdict, *, saliency: np.ndarray | None = None,
               mask: np.ndarray | None = None, outlines: Iterable[np.ndarray] | None = None,
-              meta: dict | None = None, timestamp: float | None = None) -> bool:
+              meta: dict | None = None, timestamp: float | None = None, extras: dict | None = None) -> bool:
         """Write one entry now (in the calling thread); True when written. Never raises.
 
         Failures (disk full, read-only or missing directory, an entry larger than the quota, bad
@@ -289,7 +345,7 @@ class RejectArchive:
         ts = time.time() if timestamp is None else timestamp
         part = getattr(verdict, "part_id", None)
         try:
-            return self._write(image, verdict, saliency, mask, outlines, meta, ts)
+            return self._write(image, verdict, saliency, mask, outlines, meta, ts, extras)
         except Exception as exc:
             self._count("write_errors")
             log.error("archive_write_failed", part_id=part, root=str(self.root), error=repr(exc),
@@ -396,7 +452,7 @@ class RejectArchive:
                 continue
             try:
                 self.write(job.image, job.verdict, saliency=job.saliency, mask=job.mask, outlines=job.outlines,
-                           meta=job.meta, timestamp=job.ts)
+                           meta=job.meta, timestamp=job.ts, extras=job.extras)
             except Exception as exc:  # write() does not raise; belt and braces for the thread
                 log.error("archive_worker_error", error=repr(exc))
             finally:
@@ -436,15 +492,20 @@ class RejectArchive:
         return buf.tobytes()
 
     def _write(self, image: np.ndarray, verdict: Verdict, saliency: np.ndarray | None, mask: np.ndarray | None,
-               outlines: Iterable[np.ndarray] | None, meta: dict | None, ts: float) -> bool:
+               outlines: Iterable[np.ndarray] | None, meta: dict | None, ts: float,
+               extras: dict | None = None) -> bool:
         if not isinstance(image, np.ndarray) or image.size == 0 or image.dtype != np.uint8:
             raise ValueError(f"frame must be a non-empty uint8 array, got "
                              f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
         frame_png = self._encode(image)
         overlay_error = None
+        box = None
         try:
-            overlay_png = self._encode(render_overlay(image, saliency, mask, outlines, max_side=self.overlay_max_side,
-                                                      caption=caption_for(verdict)))
+            if extras is not None:
+                overlay, box = part_overlay(image, verdict, extras, max_side=self.overlay_max_side)
+            else:
+                overlay, box = self._framed_overlay(image, verdict, saliency, mask, outlines)
+            overlay_png = self._encode(overlay)
         except Exception as exc:
             overlay_png = None
             overlay_error = repr(exc)
@@ -463,7 +524,8 @@ class RejectArchive:
                 "part_id": verdict.part_id, "frame_id": verdict.frame_id, "label": verdict.label,
                 "defects": list(verdict.defects), "reason": verdict.reason,
                 "verdict": dataclasses.asdict(verdict), "files": names,
-                "frame_shape": list(image.shape), "overlay_error": overlay_error, "meta": meta or {},
+                "frame_shape": list(image.shape), "overlay_box": list(box) if box else None,
+                "overlay_error": overlay_error, "meta": meta or {},
             }
             sidecar_bytes = json.dumps(sidecar, indent=1, default=_jsonable).encode("utf-8")
             blobs = [(names["frame"], frame_png)]
@@ -503,6 +565,26 @@ class RejectArchive:
         self._count("written")
         log.debug("archive_written", part_id=verdict.part_id, stem=stem, bytes=need)
         return True
+
+    def _framed_overlay(self, image: np.ndarray, verdict: Verdict, saliency: np.ndarray | None,
+                        mask: np.ndarray | None, outlines: Iterable[np.ndarray] | None
+                        ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+        """The overlay from frame-sized maps, cropped around ``outlines`` (the whole frame without them)."""
+        polys = None if outlines is None else [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in outlines]
+        h, w = image.shape[:2]
+        for name, arr in (("saliency", saliency), ("mask", mask)):
+            if arr is not None and arr.shape != (h, w):
+                raise ValueError(f"{name} has shape {arr.shape}, the frame is {(h, w)}: map it to frame coordinates")
+        box = outlines_box(polys, image.shape) if polys else None
+        if box is None:
+            return render_overlay(image, saliency, mask, polys, max_side=self.overlay_max_side,
+                                  caption=caption_for(verdict)), None
+        x0, y0, x1, y1 = box
+        polys = [p - np.array([x0, y0], dtype=np.float64) for p in polys]
+        sal = None if saliency is None else saliency[y0:y1, x0:x1]
+        msk = None if mask is None else mask[y0:y1, x0:x1]
+        return render_overlay(image[y0:y1, x0:x1], sal, msk, polys,
+                              max_side=self.overlay_max_side, caption=caption_for(verdict)), box
 
     def _evict(self, budget: int) -> None:
         """Delete the oldest entries until the archive uses at most ``budget`` bytes (call with _disk_lock)."""

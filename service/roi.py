@@ -271,6 +271,28 @@ class SliceBatch:
         h, w = self.frame_shape
         return _warp(image_roi, self.frame_to_roi_affine, (w, h), interpolation, cv2.BORDER_CONSTANT, fill)
 
+    def bounding_box(self, margin: float = 0.0) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), x1/y1 exclusive: the axis-aligned frame rectangle around the valve, grown on every
+        side by ``margin`` x its diameter and clipped to the frame (the crop of an ROI overlay)."""
+        pad = margin * self.rect.diameter
+        c = self.rect.corners()
+        h, w = self.frame_shape
+        x0, y0 = (max(0, int(np.floor(v - pad))) for v in c.min(axis=0))
+        x1, y1 = min(w, int(np.ceil(c[:, 0].max() + pad)) + 1), min(h, int(np.ceil(c[:, 1].max() + pad)) + 1)
+        return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+    def roi_to_box(self, image_roi: np.ndarray, box: tuple[int, int, int, int], interpolation: str = "linear",
+                   fill: float = 0) -> np.ndarray:
+        """Like ``roi_to_frame``, but only the frame's rectangle ``box`` (x0, y0, x1, y1) is rendered:
+        (y1 - y0, x1 - x0[, C]), pixel (0, 0) = frame pixel (x0, y0). bool stays bool."""
+        p = self.params
+        if image_roi.shape[:2] != (p.roi_height, p.roi_width):
+            raise ValueError(f"roi_to_box expects shape ({p.roi_height}, {p.roi_width}[, C]), got {image_roi.shape}")
+        x0, y0, x1, y1 = box
+        m = self.frame_to_roi_affine.copy()
+        m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)  # box pixel -> frame pixel -> ROI pixel
+        return _warp(image_roi, m, (x1 - x0, y1 - y0), interpolation, cv2.BORDER_CONSTANT, fill)
+
     def frame_to_roi(self, image_frame: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """A frame-sized image (e.g. a ground-truth mask) -> (roi_height, roi_width) through the same geometry."""
         if image_frame.shape[:2] != self.frame_shape:

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from service import archive as archive_mod
-from service.archive import MASK_BGR, RejectArchive, entry_stem, render_overlay
+from service.archive import MASK_BGR, RejectArchive, entry_stem, part_overlay, render_overlay
 from service.records import Verdict
+from service.roi import extract
+from service.sim.synth import Pose, render_part
 
 H, W = 400, 600
 T0 = 1_790_000_000.0  # a fixed unix time so names are predictable
@@ -41,7 +43,8 @@ def files(root):
 
 
 def test_write_creates_frame_overlay_and_sidecar(tmp_path):
-    """A rejected part gives <stem>.png (the exact frame), <stem>_overlay.png (downscaled) and <stem>.json."""
+    """A rejected part gives <stem>.png (the exact frame), <stem>_overlay.png (cropped around the slice outlines,
+    downscaled) and <stem>.json (with the crop)."""
     arch = RejectArchive(tmp_path, 10**8, overlay_max_side=300, start=False)
     sal, mask = maps()
     outline = np.array([[150, 100], [450, 100], [450, 300], [150, 300]])
@@ -52,11 +55,12 @@ def test_write_creates_frame_overlay_and_sidecar(tmp_path):
     assert files(tmp_path) == [stem + ".json", stem + ".png", stem + "_overlay.png"]
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / (stem + ".png")), cv2.IMREAD_UNCHANGED), frame())
     overlay = cv2.imread(str(tmp_path / (stem + "_overlay.png")))
-    assert overlay.shape == (200, 300, 3)
+    assert overlay.shape == (225, 300, 3)  # the 300x200 outline + 0.25 x 200 px on every side, 401x301 -> 300 wide
     side = json.loads((tmp_path / (stem + ".json")).read_text())
     assert side["label"] == "reject" and side["defects"] == ["dirt", "scratch"] and side["part_id"] == 1234
     assert side["verdict"]["score_dirt"] == 0.91 and side["verdict"]["extra"]["slices"][0]["p"] == pytest.approx(0.91)
     assert side["files"] == {"frame": stem + ".png", "overlay": stem + "_overlay.png"} and side["meta"]["model"] == "abc"
+    assert side["overlay_box"] == [100, 50, 501, 351] and side["frame_shape"] == [H, W]
     st = arch.stats()
     assert st["written"] == 1 and st["entries"] == 1 and st["used_bytes"] == sum(p.stat().st_size
                                                                                   for p in tmp_path.iterdir())
@@ -235,3 +239,53 @@ def test_close_out_of_time_drops_the_queue_and_never_leaves_the_writer_running(t
     st = arch.stats()
     assert not arch._thread.is_alive()
     assert st["pending"] == 0 and st["written"] == 1 and st["dropped"] == 5, st
+
+
+class _Pred:
+    """The part of a Prediction the overlay reads."""
+
+    def __init__(self, saliency: np.ndarray) -> None:
+        self.saliency = saliency
+
+
+@pytest.fixture(scope="module")
+def inspected():
+    """A synthetic 2448x2048 frame with a rotated valve, its SliceBatch, a saliency hot spot and a mask on slice 5."""
+    img, _, _ = render_part(np.random.default_rng([9, 1]), "dirt", pose=Pose(1180.4, 1010.7, 772.0, 386.0, 3.2))
+    batch = extract(img)
+    sal = np.zeros((8, 192, 192), np.float32)
+    sal[5, 40:150, 40:150] = 1.0
+    masks = np.zeros((8, 192, 192), bool)
+    masks[5, 70:120, 70:120] = True
+    return img, {"batch": batch, "pred": _Pred(sal), "masks": masks}
+
+
+def test_part_overlay_is_cropped_to_the_valve_roi(inspected):
+    """The overlay of an inspected part shows the valve's box (not the whole frame), with the hot slice coloured
+    and its mask outlined where the slice lies; the full frame stays untouched."""
+    img, extras = inspected
+    before = img.copy()
+    out, box = part_overlay(img, reject(), extras, max_side=4096)
+    x0, y0, x1, y1 = box
+    assert box == extras["batch"].bounding_box(archive_mod.ROI_MARGIN)
+    assert out.shape == (y1 - y0, x1 - x0, 3) and out.shape[1] < img.shape[1] / 2
+    np.testing.assert_array_equal(img, before)
+    centre = extras["batch"].slice_polygons()[5].mean(axis=0) - (x0, y0)
+    b, g, r = out[int(centre[1]), int(centre[0])].astype(int)
+    assert r - b > 50 or g - b > 50  # JET, not gray
+    assert (out == np.array(MASK_BGR, np.uint8)).all(axis=2).sum() > 50
+    whole, none = part_overlay(img, Verdict.make_no_part(1, "no_valve"), None, max_side=1224)
+    assert none is None and whole.shape == (1024, 1224, 3)
+
+
+def test_archive_draws_the_roi_overlay_from_the_inspection_records(tmp_path, inspected):
+    """submit(..., extras=...) keeps the full frame as it is and writes the ROI-cropped overlay, drawn on the
+    writer's thread from the batch, prediction and masks."""
+    img, extras = inspected
+    with RejectArchive(tmp_path, 10**9, overlay_max_side=4096) as arch:
+        assert arch.submit(img, reject(), extras=extras, copy=False, timestamp=T0)
+    stem = entry_stem(reject(), T0)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / (stem + ".png")), cv2.IMREAD_UNCHANGED), img)
+    side = json.loads((tmp_path / (stem + ".json")).read_text())
+    x0, y0, x1, y1 = side["overlay_box"]
+    assert cv2.imread(str(tmp_path / (stem + "_overlay.png"))).shape == (y1 - y0, x1 - x0, 3)

@@ -157,3 +157,21 @@ def test_slices_to_frame_places_a_slice_where_it_was_cut(rotated):
     centre = (float(xs.mean()), float(ys.mean()))
     assert cv2.pointPolygonTest(batch.slice_polygons()[6], centre, False) > 0
     assert cv2.pointPolygonTest(batch.slice_polygons()[5], centre, False) < 0
+
+
+def test_roi_to_box_is_the_frame_mapping_cut_to_the_valves_box(rotated):
+    """roi_to_box over bounding_box equals roi_to_frame cropped to the same box, and the box holds the valve."""
+    _, _, _, batch = rotated
+    per_slice = np.random.default_rng(3).random((8, 192, 192)).astype(np.float32)
+    box = batch.bounding_box(0.25)
+    x0, y0, x1, y1 = box
+    corners = batch.rect.corners()
+    assert x0 < corners[:, 0].min() and corners[:, 0].max() < x1 and y0 < corners[:, 1].min() < corners[:, 1].max() < y1
+    full = batch.slices_to_frame(per_slice)
+    cut = batch.roi_to_box(batch.assemble(per_slice), box)
+    assert cut.shape == (y1 - y0, x1 - x0)
+    diff = np.abs(cut - full[y0:y1, x0:x1])  # OpenCV's warp rounds sub-pixel positions to 1/32 px
+    assert diff.max() < 0.05 and diff.mean() < 1e-3
+    mask = batch.roi_to_box(batch.assemble(per_slice > 0.5), box, interpolation="nearest")
+    assert mask.dtype == bool and mask.shape == cut.shape
+    assert batch.bounding_box(100.0) == (0, 0, batch.frame_shape[1], batch.frame_shape[0])  # clipped to the frame
