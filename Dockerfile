@@ -142,7 +142,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 WORKDIR /var/lib/valve-inspect
 USER ${APP_UID}:${APP_UID}
 
-EXPOSE 9108
+EXPOSE 9108 9109
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/valve-inspect-healthcheck"]

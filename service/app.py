@@ -107,6 +107,8 @@ class Daemon:
         self.plc = None
         self.archive = None
         self.http = None
+        self.live = None  # service.ui.LiveParts: what the live view shows
+        self.ui = None
         self._pinger = None
         self._threads: list[threading.Thread] = []
         from service.roi import RoiParams
@@ -136,6 +138,18 @@ class Daemon:
         if s.metrics.enabled:
             self.http = self.metrics.start_http(s.metrics.host, s.metrics.port)
             log.info("metrics_serving", url=self.http.url)
+
+        # 2b. The live view (read-only). It is not needed to inspect: a port that is taken is logged, not fatal.
+        if s.ui.enabled:
+            from service.ui import LiveParts, start_ui
+
+            self.live = LiveParts()
+            try:
+                self.ui = start_ui(s.ui.host, s.ui.port, self.live, self.ui_status, token=s.ui.token)
+                log.info("ui_serving", url=self.ui.url, token_required=bool(s.ui.token))
+            except OSError as exc:
+                self.live = None
+                log.error("ui_unavailable", error=str(exc), fix="free the port, or change [ui] port / enabled")
 
         # 3. Archive.
         if s.archive.enabled:
@@ -220,6 +234,8 @@ class Daemon:
             self._sim.stop()
         if self.http is not None:
             self.http.stop()
+        if self.ui is not None:
+            self.ui.stop()
         self._stopped.set()
         log.info("daemon_stopped", seconds=round(time.monotonic() - t0, 3), **self.summary())
 
@@ -240,6 +256,21 @@ class Daemon:
         if now - self._loop_beat > 5.0:
             return False
         return not any(now - since > 10.0 for since in list(self._worker_busy_since.values()))
+
+    def ui_status(self) -> dict[str, Any]:
+        """The daemon's side of the live view's /api/status (called on the view's thread)."""
+        with self._stats_lock:
+            counts = dict(self.stats.verdicts)
+        model = self.model
+        return {"parts": counts, "parts_announced": self.stats.parts,
+                "camera_connected": bool(self.camera is not None and self.camera.connected),
+                "plc_connected": bool(self.plc is not None and self.plc.connected),
+                "provider": model.provider if model is not None else None,
+                "gpu": bool(model is not None and model.provider in GPU_PROVIDERS),
+                "provider_reason": getattr(model, "provider_reason", None),
+                "model": {"sha256": model.sha256, "preset": model.preset} if model is not None else None,
+                "simulated": list(self.settings.simulated_parts), "enabled": self._enabled,
+                "uptime_s": round(time.monotonic() - self.stats.started, 1)}
 
     def summary(self) -> dict[str, Any]:
         out = {"parts": self.stats.parts, "inspected": self.stats.inspected, "overflow": self.stats.overflow,
@@ -481,6 +512,8 @@ class Daemon:
                  inspect_ms=round(verdict.inspect_ms, 2),
                  latency_ms=round(latency * 1000.0, 2) if latency is not None else None,
                  **{k: round(v, 2) for k, v in timings.items()})
+        if self.live is not None:  # two reference stores; the view draws and encodes on its own thread
+            self.live.put(verdict, frame.image if frame is not None else None, extras)
         if self.archive is not None and frame is not None and self.archive.wants(verdict):
             # By reference: the frame and the inspection's records are not modified after this; the archive's
             # thread draws the ROI overlay from them.

@@ -4,7 +4,10 @@ For each rate the real Daemon runs in-process: the pylon camera emulator replayi
 (service.sim.demo.demo_frames), the in-process PLC simulator (a real Snap7 server on a free 127.0.0.1 port,
 ``rate`` parts/s, its own watchdog), the PLC link, ROI -> ONNX -> Otsu -> decide, results written back to
 the simulator. Metrics HTTP and the reject archive are off; the Metrics object has a fresh registry.
-No torch anywhere on this path.
+The live view is off unless ``--ui``: then it serves on a free port and a client thread does what an
+open browser tab does, once a second during the window: GET /api/status, the last part's
+/api/parts/latest.jpg and any new reject thumbnails (``ui`` in the figures: requests, bytes, response
+times, JPEG encodes). No torch anywhere on this path.
 
 How each rate is measured:
 
@@ -129,8 +132,9 @@ def bmp_frames(png_dir: Path) -> Path:
 
 
 def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None,
-                   workers: int | None = None, queue_size: int | None = None):
-    """Demo-default Settings for one bench run (no environment, no metrics HTTP, no archive)."""
+                   workers: int | None = None, queue_size: int | None = None, ui: bool = False):
+    """Demo-default Settings for one bench run (no environment, no metrics HTTP, no archive; the live view on a
+    free port with ``ui``, else off)."""
     from service.config import load_config
 
     s = load_config(None, env={})
@@ -150,13 +154,73 @@ def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None
         "model": s.model.model_copy(update=model_upd),
         "metrics": s.metrics.model_copy(update={"enabled": False}),
         "archive": s.archive.model_copy(update={"enabled": False}),
+        "ui": s.ui.model_copy(update={"enabled": ui, "host": "127.0.0.1", "port": 0}),
     })
+
+
+class UiClient:
+    """An open live-view tab, as a thread: every ``period`` s GET /api/status, then latest.jpg when the part in
+    the picture changed and the thumbnails of new rejects (what service/data/ui.html does)."""
+
+    def __init__(self, url: str, period: float = 1.0) -> None:
+        self.url = url
+        self.period = period
+        self.times_ms: dict[str, list[float]] = {"status": [], "latest": [], "thumb": []}
+        self.bytes = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-ui-client", daemon=True)
+
+    def _get(self, kind: str, path: str) -> bytes | None:
+        import urllib.request
+
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                body = r.read()
+        except OSError:
+            self.errors += 1
+            return None
+        self.times_ms[kind].append((time.perf_counter() - t0) * 1e3)
+        self.bytes += len(body)
+        return body
+
+    def _run(self) -> None:
+        shown, thumbs = None, set()
+        while not self._stop.wait(self.period):
+            body = self._get("status", "api/status")
+            if body is None:
+                continue
+            st = json.loads(body)
+            part = st.get("image_part")
+            if part and part["seq"] != shown:
+                shown = part["seq"]
+                self._get("latest", f"api/parts/latest.jpg?part={shown}")
+            for r in st.get("rejects", []):
+                if r["seq"] not in thumbs:
+                    thumbs.add(r["seq"])
+                    self._get("thumb", f"api/parts/rejects/{r['index']}.jpg?part={r['seq']}")
+
+    def start(self) -> UiClient:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(10.0)
+        out: dict[str, Any] = {"bytes": self.bytes, "errors": self.errors}
+        for kind, ts in self.times_ms.items():
+            p50, _ = _quantiles(ts)
+            out[kind] = {"requests": len(ts), "p50_ms": None if p50 is None else round(p50, 2),
+                         "max_ms": round(max(ts), 2) if ts else None}
+        return out
 
 
 def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes: list[str],
              model: str | None = None, threads: int | None = None, workers: int | None = None,
-             queue_size: int | None = None, connect_timeout: float = 30.0) -> dict[str, Any]:
-    """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures."""
+             queue_size: int | None = None, connect_timeout: float = 30.0, ui: bool = False) -> dict[str, Any]:
+    """One rate: start the line, warm up, measure ``seconds``, drain, stop; returns the figures (with ``ui``,
+    the live view serves a polling client during the window)."""
     from prometheus_client import CollectorRegistry
 
     from service.sim.plc_sim import PlcSimulator, verdict_correct
@@ -169,7 +233,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
     daemon: BenchDaemon | None = None
     try:
         settings = bench_settings(rate=rate, plc_port=sim.port, images=images, model=model, threads=threads,
-                                  workers=workers, queue_size=queue_size)
+                                  workers=workers, queue_size=queue_size, ui=ui)
         daemon = BenchDaemon(settings, metrics=Metrics(CollectorRegistry()), plc_simulator=sim)
         daemon.start()
         end = time.monotonic() + connect_timeout
@@ -178,13 +242,20 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
                 raise ValveInspectError(f"bench: the PLC link or the camera did not come up within "
                                         f"{connect_timeout} s")
             time.sleep(0.05)
+        if ui and daemon.ui is None:
+            raise ValveInspectError("bench --ui: the live view did not start (see ui_unavailable in the log)")
         sim.set_enable(True)
         time.sleep(warmup)
         st0 = sim.stats()
         n0, overflow0, late0 = st0["parts"], daemon.stats.overflow, st0["late_results"]
+        encoded0 = daemon.ui.view.cache.encoded if ui else 0
+        client = UiClient(daemon.ui.url).start() if ui else None
         t0, cpu0 = time.monotonic(), time.process_time()
         time.sleep(seconds)
         n1, overflow1 = sim.stats()["parts"], daemon.stats.overflow
+        ui_figures = None
+        if client is not None:
+            ui_figures = {**client.stop(), "jpeg_encodes": daemon.ui.view.cache.encoded - encoded0}
         measured = time.monotonic() - t0
         cpu = time.process_time() - cpu0
         rss_now = _rss_mib()
@@ -231,6 +302,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         "falls_behind": behind,
         "cpu_percent": round(100.0 * cpu / measured, 1) if measured > 0 else None,
         "provider": daemon.model.provider if daemon.model is not None else None,
+        "ui": ui_figures,
     }
 
 
@@ -293,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write latency p50/p99 and sustained parts/s against the offered rate (needs matplotlib)")
     p.add_argument("--model", default=None, help="model.onnx (default: the shipped demo model)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all figures to OUT")
+    p.add_argument("--ui", action="store_true",
+                   help="serve the live view during each rate, polled once a second by a client thread like an "
+                        "open browser tab (status, latest.jpg, new reject thumbnails)")
     p.add_argument("--log-level", default="error", choices=("debug", "info", "warning", "error"),
                    help="daemon log level during the bench (default error; logs go to stderr)")
     return p
@@ -317,18 +392,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows.append(run_rate(rate, seconds=args.seconds, warmup=args.warmup, images=str(frames),
                                  classes=classes, model=args.model, threads=args.threads, workers=args.workers,
-                                 queue_size=args.queue_size))
+                                 queue_size=args.queue_size, ui=args.ui))
         except (FatalError, ValveInspectError, OSError) as exc:
             print(f"valve-inspect bench: {exc}", file=sys.stderr)
             return 1
     print(format_table(rows))
+    for r in rows:
+        if r.get("ui"):
+            u = r["ui"]
+            print(f"live view at {r['rate']:g}/s: status {u['status']['requests']} req p50 {_fmt(u['status']['p50_ms'])} "
+                  f"ms, latest.jpg {u['latest']['requests']} req p50 {_fmt(u['latest']['p50_ms'])} ms, thumbnails "
+                  f"{u['thumb']['requests']}, {u['jpeg_encodes']} JPEG encodes, {u['bytes'] / 1024:.0f} KiB, "
+                  f"{u['errors']} errors")
     best = highest_sustained(rows)
     print(f"highest rate sustained: {'none' if best is None else f'{best:g} parts/s'}"
           f" (provider {rows[0]['provider'] if rows else '-'})")
     if args.json_out:
         out = {"rates": rows, "highest_sustained_rate": best, "seconds": args.seconds, "warmup": args.warmup,
                "threads": args.threads, "workers": args.workers, "queue_size": args.queue_size,
-               "frames": args.frames, "model": args.model,
+               "frames": args.frames, "model": args.model, "ui": args.ui,
                "keep_up_fraction": KEEP_UP_FRACTION, "cpu_count": os.cpu_count()}
         Path(args.json_out).write_text(json.dumps(out, indent=2), encoding="utf-8")
     if args.plot:

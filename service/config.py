@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -332,6 +333,38 @@ class MetricsSettings(_Section):
     port: int = Field(9108, ge=0, le=65535, description="0 = any free port")
 
 
+#: Hosts that only this machine can reach: the live view needs no token there.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server reachable from this machine only."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
+
+
+class UiSettings(_Section):
+    """[ui]: the read-only live view (service/ui.py): the last part's ROI with saliency and masks, counts, health."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9109, ge=0, le=65535, description="0 = any free port")
+    token: str = Field("", description="required (Authorization: Bearer <token> or ?token=) when host is not "
+                                       "loopback; checked on every request whenever set")
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> UiSettings:
+        if self.enabled and not self.token and not is_loopback(self.host):
+            raise _field_error("token", f"is empty but host = {self.host!r} serves the live view beyond this "
+                                        "machine. Fix: set [ui] token (or VALVE_INSPECT_UI__TOKEN) to a long random "
+                                        "string, e.g. `openssl rand -hex 24`, or bind host = \"127.0.0.1\"")
+        return self
+
+
 ArchiveKind = Literal["accept", "reject", "no_part", "not_inspected"]
 
 
@@ -406,6 +439,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     simulation: SimulationSettings = Field(default_factory=SimulationSettings)
@@ -446,6 +480,10 @@ class Settings(BaseSettings):
         if (self.metrics.enabled and self.plc.mode == "simulated" and self.metrics.port == self.plc.port
                 and self.metrics.port != 0):
             raise _field_error("metrics.port", f"{self.metrics.port} is also the simulated PLC's plc.port")
+        if (self.ui.enabled and self.ui.port != 0
+                and ((self.metrics.enabled and self.ui.port == self.metrics.port)
+                     or (self.plc.mode == "simulated" and self.ui.port == self.plc.port))):
+            raise _field_error("ui.port", f"{self.ui.port} is also metrics.port or the simulated PLC's plc.port")
         if self.plc.mode == "simulated" and self.pipeline.part_timeout_s >= self.plc.sim_watchdog_s:
             raise _field_error("pipeline.part_timeout_s",
                                f"{self.pipeline.part_timeout_s} s is not shorter than the simulated PLC's watchdog "
@@ -684,10 +722,24 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def to_toml(settings: Settings) -> str:
-    """The settings as a TOML document that load_config() reads back to the same Settings."""
+#: Keys check-config never prints: (section, key).
+SECRET_KEYS = (("ui", "token"),)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """settings.model_dump() with the secrets (SECRET_KEYS) replaced by "<hidden>" when set."""
+    data = settings.model_dump()
+    for section, key in SECRET_KEYS:
+        if data[section][key]:
+            data[section][key] = "<hidden>"
+    return data
+
+
+def to_toml(settings: Settings, redact: bool = False) -> str:
+    """The settings as a TOML document that load_config() reads back to the same Settings (with ``redact``,
+    secrets read "<hidden>")."""
     lines: list[str] = []
-    for section, values in settings.model_dump().items():
+    for section, values in (redacted(settings) if redact else settings.model_dump()).items():
         lines.append(f"[{section}]")
         lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items())
         lines.append("")
@@ -709,9 +761,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"valve-inspect check-config: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps(settings.model_dump(), indent=2))
+        print(json.dumps(redacted(settings), indent=2))
     else:
         origin = args.file or "built-in defaults"
         print(f"# effective configuration: {origin} + {ENV_PREFIX}* environment\n")
-        print(to_toml(settings), end="")
+        print(to_toml(settings, redact=True), end="")
     return 0

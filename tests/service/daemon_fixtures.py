@@ -357,6 +357,7 @@ def daemon_config(path: Path, *, images: Path, plc_port: int, model: str | Path,
         "model": {"path": str(model), "providers": ["CPUExecutionProvider"], "intra_op_threads": 1},
         "pipeline": {"queue_size": 4, "part_timeout_s": 3.0, "trigger_window_ms": 1000},  # loaded CI boxes
         "metrics": {"enabled": True, "host": HOST, "port": metrics_port},
+        "ui": {"enabled": True, "host": HOST, "port": 0},  # the live view on a free port (ui_serving logs it)
         "archive": {"enabled": archive_dir is not None, "dir": str(archive_dir or path.parent / "archive")},
         "log": {"level": "info", "format": "json"},
         "simulation": {"mix_with_real_hardware": True},
@@ -369,7 +370,7 @@ def daemon_config(path: Path, *, images: Path, plc_port: int, model: str | Path,
 class DaemonProcess:
     """``valve-inspect run --config FILE`` as a subprocess; stdout (the JSON log) and stderr go to files."""
 
-    def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None = None,
+    def __init__(self, config: Path | None, workdir: Path, env: dict[str, str] | None = None,
                  args: tuple[str, ...] = ()) -> None:
         self.config = config
         self.log_path = workdir / "daemon.log"
@@ -379,7 +380,8 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> DaemonProcess:
-        cmd = [sys.executable, "-m", "service.cli", "run", "--config", str(self.config), *self.args]
+        config = () if self.config is None else ("--config", str(self.config))  # None: the embedded demo
+        cmd = [sys.executable, "-m", "service.cli", "run", *config, *self.args]
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=self.env, cwd=REPO_ROOT,
                                          stdin=subprocess.DEVNULL)
@@ -411,6 +413,13 @@ class DaemonProcess:
         if ev is None:
             pytest.fail(f"the daemon did not log metrics_serving within {timeout} s\n{self.tail()}")
         return int(ev["url"].rstrip("/").rsplit(":", 1)[1].split("/")[0])
+
+    def ui_url(self, timeout: float = 10.0) -> str:
+        """The live view's URL (config ui.port = 0), from the daemon's ui_serving log event."""
+        ev = self.wait_event("ui_serving", timeout)
+        if ev is None:
+            pytest.fail(f"the daemon did not log ui_serving within {timeout} s\n{self.tail()}")
+        return ev["url"]
 
     def named(self, event: str) -> list[dict]:
         return [e for e in self.events() if e.get("event") == event]

@@ -127,8 +127,8 @@ class FakeModel:
 
 def make_settings(tmp_path: Path, **sections: dict):
     """Settings from a file: the demo line (emulator, simulated PLC) unless the sections say otherwise."""
-    base = {"archive": {"enabled": False}, "metrics": {"enabled": False}, "camera": {"source": "emulator"},
-            "plc": {"mode": "simulated"}}
+    base = {"archive": {"enabled": False}, "metrics": {"enabled": False}, "ui": {"enabled": False},
+            "camera": {"source": "emulator"}, "plc": {"mode": "simulated"}}
     for k, v in sections.items():
         base.setdefault(k, {}).update(v)
     return load_config(write_toml(tmp_path / "cfg.toml", base), env={})

@@ -220,3 +220,26 @@ def test_bench_never_imports_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
                           env=clean_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_ui_serves_a_polling_client_during_the_window(tmp_path, monkeypatch, capsys):
+    """--ui starts the live view on a free port and polls it once a second like an open tab: status and
+    latest.jpg answered without errors, JPEGs encoded on the view's thread, every part still answered in time."""
+    if not shipped_model().is_file():
+        pytest.skip("no shipped model (service/data/model.onnx)")
+    saved = structlog.get_config()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    try:
+        rc = main(["--rates", "4", "--seconds", "3.5", "--warmup", "1", "--threads", "1", "--ui", "--json", str(out)])
+    finally:
+        structlog.configure(**saved)
+    assert rc == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rates"]
+    check_row_consistent(row)
+    assert result["ui"] is True and row["watchdog_rejects"] == 0, row
+    ui = row["ui"]
+    assert ui["errors"] == 0 and ui["status"]["requests"] >= 2 and ui["latest"]["requests"] >= 1, ui
+    assert ui["jpeg_encodes"] >= ui["latest"]["requests"] and ui["bytes"] > 10_000, ui
+    assert "live view at 4/s: status" in capsys.readouterr().out

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.app import STOP_BUDGET_S
-from service.config import MetricsSettings, Settings
+from service.config import MetricsSettings, Settings, UiSettings
 from service.metrics import LATENCY_BUCKETS, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -283,12 +283,13 @@ def test_dockerfile_runs_as_a_non_root_user():
 
 
 def test_dockerfile_entrypoint_cmd_expose_and_python_version():
-    """ENTRYPOINT valve-inspect, CMD run --config <the unit's config>, EXPOSE of the default metrics port."""
+    """ENTRYPOINT valve-inspect, CMD run --config <the unit's config>, EXPOSE of the default metrics and live-view
+    ports."""
     runtime = runtime_stage()
     assert exec_form(runtime.last("ENTRYPOINT")) == ["valve-inspect"]
     assert exec_form(runtime.last("CMD")) == ["run", "--config", CONFIG_PATH]
     exposed = {p.split("/")[0] for i in runtime.all("EXPOSE") for p in i.value.split()}
-    assert exposed == {str(MetricsSettings().port)} == {"9108"}
+    assert exposed == {str(MetricsSettings().port), str(UiSettings().port)} == {"9108", "9109"}
     assert build_stage().args.get("PYTHON_VERSION") == "3.11"
     assert runtime.last("STOPSIGNAL").value == "SIGTERM"
 
