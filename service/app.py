@@ -157,7 +157,8 @@ class Daemon:
             from service.config import state_dir
 
             root = Path(s.archive.dir) if s.archive.dir else state_dir() / "archive"
-            self.archive = RejectArchive(root, s.archive.quota_mb * 2**20, labels=tuple(s.archive.save))
+            self.archive = RejectArchive(root, s.archive.quota_mb * 2**20, labels=tuple(s.archive.save),
+                                         accept_every=s.archive.accept_every)
 
         # 4. PLC: the in-process simulator first (demo), then our client link to it.
         if s.plc.mode == "simulated" and self._sim is None:
@@ -516,8 +517,9 @@ class Daemon:
             self.live.put(verdict, frame.image if frame is not None else None, extras)
         if self.archive is not None and frame is not None and self.archive.wants(verdict):
             # By reference: the frame and the inspection's records are not modified after this; the archive's
-            # thread draws the ROI overlay from them.
-            self.archive.submit(frame.image, verdict, extras=extras, copy=False)
+            # thread draws the ROI overlay from them. submit() decides (save, or every Nth accept).
+            self.archive.submit(frame.image, verdict, extras=extras, copy=False,
+                                meta={"model_sha256": self.model.sha256 if self.model is not None else None})
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -228,6 +228,8 @@ class RejectArchive:
             and are counted, but the daemon carries on).
         quota_bytes: the most bytes the archive's entries may take; oldest entries are deleted first.
         labels: which verdict labels are archived (``Verdict.label``: accept, reject, no_part, not_inspected).
+        accept_every: also archive every Nth accepted part (a sample of good parts for retraining); 0 = none.
+            Ignored when "accept" is in ``labels``.
         queue_size: parts waiting for the writer at most; more are dropped (counted).
         overlay_max_side: the overlay's longest side at most, in pixels.
         png_compression: 0-9, OpenCV's PNG compression level for both PNGs (higher = smaller, slower).
@@ -236,7 +238,7 @@ class RejectArchive:
 
     def __init__(self, root: str | Path, quota_bytes: int, *, labels: Sequence[str] = DEFAULT_LABELS,
                  queue_size: int = 32, overlay_max_side: int = 1280, png_compression: int = 3,
-                 start: bool = True) -> None:
+                 start: bool = True, accept_every: int = 0) -> None:
         if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int) or quota_bytes <= 0:
             raise ValueError(f"archive quota_bytes must be a positive integer, got {quota_bytes!r}")
         if queue_size < 1:
@@ -246,6 +248,10 @@ class RejectArchive:
         self.root = Path(root)
         self.quota_bytes = quota_bytes
         self.labels = frozenset(labels)
+        if isinstance(accept_every, bool) or not isinstance(accept_every, int) or accept_every < 0:
+            raise ValueError(f"archive accept_every must be an integer >= 0, got {accept_every!r}")
+        self.accept_every = accept_every
+        self._accepts_seen = 0  # accepted parts offered to wants(), for accept_every
         self.overlay_max_side = overlay_max_side
         self._png_params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
         self._lock = threading.Lock()  # counters
@@ -279,8 +285,19 @@ class RejectArchive:
             self._thread.start()
 
     def wants(self, verdict: Verdict) -> bool:
-        """Whether parts with this verdict are archived."""
-        return verdict.label in self.labels
+        """Whether parts with this verdict may be archived (its label is saved, or a sample of accepts is)."""
+        return verdict.label in self.labels or (verdict.label == "accept" and self.accept_every > 0)
+
+    def _keeps(self, verdict: Verdict) -> str | None:
+        """Why this part is archived ("save", "accept_every") or None; each accepted part offered advances the
+        accept_every count (submit and write call it once per part)."""
+        if verdict.label in self.labels:
+            return "save"
+        if verdict.label == "accept" and self.accept_every:
+            with self._lock:
+                self._accepts_seen += 1
+                return "accept_every" if self._accepts_seen % self.accept_every == 0 else None
+        return None
 
     def submit(self, image: np.ndarray, verdict: Verdict, *, saliency: np.ndarray | None = None,
                mask: np.ndarray | None = None, outlines: Iterable[np.ndarray] | None = None,
@@ -298,7 +315,8 @@ class RejectArchive:
         will modify afterwards. ``timestamp`` (unix time) defaults to now.
         """
         try:
-            if not self.wants(verdict):
+            kept = self._keeps(verdict)
+            if kept is None:
                 self._count("skipped")
                 return False
             if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -314,7 +332,7 @@ class RejectArchive:
             cp = (lambda a: None if a is None else np.array(a, copy=True)) if copy else (lambda a: a)
             job = _Job(image=cp(image), verdict=verdict, saliency=cp(saliency), mask=cp(mask),
                        outlines=None if outlines is None else [np.array(p, dtype=np.float64) for p in outlines],
-                       meta=dict(meta) if meta else None, ts=time.time() if timestamp is None else timestamp,
+                       meta={**(meta or {}), "kept": kept}, ts=time.time() if timestamp is None else timestamp,
                        extras=extras)
             with self._lock:
                 self._pending += 1

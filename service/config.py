@@ -375,6 +375,8 @@ class ArchiveSettings(_Section):
     dir: str = ""
     quota_mb: int = Field(1024, ge=1, le=10_000_000)
     save: list[ArchiveKind] = Field(default_factory=lambda: ["reject", "not_inspected"])
+    accept_every: int = Field(0, ge=0, le=1_000_000,
+                              description="also keep every Nth accepted part (images for retraining); 0 = none")
 
     @field_validator("dir")
     @classmethod

@@ -289,3 +289,21 @@ def test_archive_draws_the_roi_overlay_from_the_inspection_records(tmp_path, ins
     side = json.loads((tmp_path / (stem + ".json")).read_text())
     x0, y0, x1, y1 = side["overlay_box"]
     assert cv2.imread(str(tmp_path / (stem + "_overlay.png"))).shape == (y1 - y0, x1 - x0, 3)
+
+
+def test_accept_every_keeps_a_sample_of_accepted_parts(tmp_path):
+    """accept_every = 3 archives the 3rd, 6th, ... accepted part (marked kept: accept_every) beside the saved
+    verdicts; 0 keeps none."""
+    with RejectArchive(tmp_path, 10**9, accept_every=3) as arch:
+        assert arch.wants(Verdict(part_id=0, accept=True))
+        queued = [arch.submit(frame(), Verdict(part_id=i, frame_id=i, accept=True), timestamp=T0 + i)
+                  for i in range(1, 8)]
+        assert arch.submit(frame(), reject(99), timestamp=T0 + 99)
+    assert queued == [False, False, True, False, False, True, False]
+    sides = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert [(s["part_id"], s["label"], s["meta"]["kept"]) for s in sides] == [
+        (3, "accept", "accept_every"), (6, "accept", "accept_every"), (99, "reject", "save")]
+    none = RejectArchive(tmp_path / "none", 10**9, start=False)
+    assert not none.wants(Verdict(part_id=1, accept=True))
+    with pytest.raises(ValueError, match="accept_every"):
+        RejectArchive(tmp_path, 10**9, accept_every=-1, start=False)
