@@ -1,7 +1,12 @@
 """valve-model build-dataset: frames -> the 'folders' dataset, with and without a manifest."""
 
+import csv
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +15,14 @@ import pytest
 from models.build_dataset import main
 from service.roi import extract
 from service.sim.synth import Pose, render_part, write_dataset
+from tests.service.daemon_fixtures import (
+    REPO_ROOT,
+    LinePlc,
+    clean_env,
+    daemon_config,
+    running_daemon,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +139,127 @@ def test_output_loads_as_folders_dataset_grouped_by_frame(frames, tmp_path):
         assert s.group == s.path.name.split("__")[0]
         assert (s.mask is not None) == (samples.classes[s.label] in ("dirt", "scratch"))
     assert {s.group for s in samples.samples} == {r["file"].split("/")[1][:-4] for r in rows}
+
+
+# ------------------------------------------------------------------------------ the retraining loop
+
+
+def _train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "models.cli", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=clean_env(OMP_NUM_THREADS="1"), timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{args}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _run_line(work: Path, frames: Path, model: str, archive: Path, parts: range) -> dict:
+    """The daemon on the pylon emulator replaying ``frames`` and a real snap7 PLC (the test's LinePlc) for
+    ``parts``, archiving rejects, NotInspected and every accepted part; returns its model_loaded event."""
+    work.mkdir(parents=True, exist_ok=True)
+    with LinePlc() as plc:
+        plc.set_enable(True)
+        cfg = daemon_config(work / "cfg.toml", images=frames, plc_port=plc.port, model=model, archive_dir=archive,
+                            archive={"save": ["reject", "not_inspected"], "accept_every": 1})
+        with running_daemon(cfg, work) as d:
+            for pid in parts:
+                assert plc.run_part(pid, timeout=15.0) is not None, f"no result for part {pid}\n{d.tail()}"
+            # The archive writes on its own thread: wait for every part's entry before stopping.
+            wait_until(lambda: len(list(archive.glob("*.json"))) >= len(parts), 30.0, step=0.1)
+            loaded = d.wait_event("model_loaded", 1.0)
+            d.terminate()
+    return loaded
+
+
+def test_retraining_loop_from_the_daemons_archive(tmp_path):
+    """collect (the daemon archives rejects and accept_every accepted parts of synthetic frames replayed by the
+    pylon emulator) -> build-dataset --archive (the daemon's verdicts as provisional labels, labels.csv) ->
+    review (the engineer corrects labels to the ground truth, excludes one slice) -> --apply-labels -> train
+    (1 epoch) -> evaluate -> export -> deploy (the daemon runs the new model) -> roll back (the old one again)."""
+    rows = write_dataset(tmp_path / "line", 8, seed=31, mix="good=1,dirt=1,scratch=1,ec=1")
+    by_pixels = {hashlib.sha256(cv2.imread(str(tmp_path / "line" / r["file"]), cv2.IMREAD_UNCHANGED).tobytes())
+                 .hexdigest(): r for r in rows}
+    archive = tmp_path / "archive"
+
+    # 1. collect: 8 parts, one after the other, with the shipped model ("" in [model] path).
+    before = _run_line(tmp_path / "collect", tmp_path / "line" / "frames", "", archive, range(1, 9))
+    sides = [json.loads(p.read_text()) for p in sorted(archive.glob("*.json"))]
+    assert len(sides) == 8 and {s["label"] for s in sides} <= {"accept", "reject", "not_inspected"}
+    assert all(s["meta"]["kept"] == ("accept_every" if s["label"] == "accept" else "save") for s in sides)
+
+    # 2. the dataset with provisional labels
+    ds = tmp_path / "ds"
+    assert main(["--archive", str(archive), "--out", str(ds)]) == 0
+    with open(ds / "labels.csv", encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    inspected = [s for s in sides if s["label"] in ("accept", "reject")]
+    assert len(table) == 8 * 8 and inspected
+    for r in table:
+        assert (ds / r["file"]).is_file() and r["label"] == r["provisional"]
+        side = next(s for s in sides if s["files"]["frame"] == r["entry"] + ".png")
+        assert (int(r["part_id"]), r["verdict"]) == (side["part_id"], side["label"])
+        if side["label"] == "reject":
+            sl = side["verdict"]["extra"]["slices"][int(r["slice"])]
+            assert r["provisional"] == (sl["class"] if sl["rejects"] else "good"), (r, sl)
+        elif side["label"] == "accept":
+            assert r["provisional"] == "good"
+        else:
+            assert r["provisional"] == "" and r["file"].startswith(".unlabelled/")
+
+    # 3. review: the engineer sets each slice's label to what it really shows (here: the synthetic ground
+    #    truth, found by the frame's pixels) and excludes one slice.
+    changed = 0
+    for r in table:
+        frame = cv2.imread(str(archive / (r["entry"] + ".png")), cv2.IMREAD_UNCHANGED)
+        truth = by_pixels[hashlib.sha256(frame.tobytes()).hexdigest()]["slice_labels"][int(r["slice"])]
+        changed += r["label"] != truth
+        r["label"] = truth
+    table[0]["label"] = "exclude"
+    with open(ds / "labels.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    assert main(["--apply-labels", str(ds)]) == 0
+    with open(ds / "labels.csv", encoding="utf-8", newline="") as f:
+        applied = list(csv.DictReader(f))
+    assert applied[0]["file"].startswith(".excluded/") and (ds / applied[0]["file"]).is_file()
+    for r in applied[1:]:
+        assert r["file"] == f"{r['label']}/{Path(r['file']).name}" and (ds / r["file"]).is_file()
+    assert main(["--apply-labels", str(ds)]) == 0  # idempotent
+    print(f"review changed {changed} of {len(table)} provisional labels")
+
+    # 4. train 1 epoch, evaluate, export (192 px: the runtime's contract)
+    run = tmp_path / "run"
+    _train_cli("train", "--data", str(ds), "--format", "folders", "--preset", "compact", "--epochs", "1",
+               "--seed", "0", "--batch-size", "16", "--threads", "1", "--out", str(run))
+    _train_cli("evaluate", "--run", str(run), "--data", str(ds), "--format", "folders", "--threads", "1",
+               "--out", str(run / "report"))
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert 0.0 <= metrics["classification"]["accuracy"] <= 1.0
+    new_model = tmp_path / "models" / "r1" / "model.onnx"
+    _train_cli("export", "--run", str(run), "--out", str(new_model))
+    assert new_model.with_suffix(".json").is_file()
+
+    # 5. deploy: the daemon loads the new model (same checks as on the line) and inspects with it
+    deployed = _run_line(tmp_path / "deploy", tmp_path / "line" / "frames", str(new_model), tmp_path / "a2",
+                         range(101, 103))
+    assert deployed["sha256"] == hashlib.sha256(new_model.read_bytes()).hexdigest() != before["sha256"]
+    # 6. roll back: the previous model again
+    rolled = _run_line(tmp_path / "rollback", tmp_path / "line" / "frames", "", tmp_path / "a3", range(201, 202))
+    assert rolled["sha256"] == before["sha256"]
+
+
+def test_apply_labels_refuses_bad_labels_and_needs_a_labels_file(tmp_path, capsys):
+    """--apply-labels without labels.csv, or with a label that is not a class name, exits 2 naming the line;
+    --out is required with --archive."""
+    assert main(["--apply-labels", str(tmp_path)]) == 2
+    assert "labels.csv does not exist" in capsys.readouterr().err
+    (tmp_path / "good").mkdir()
+    cv2.imwrite(str(tmp_path / "good" / "a__s0.png"), np.zeros((192, 192), np.uint8))
+    (tmp_path / "labels.csv").write_text("file,provisional,label\ngood/a__s0.png,good,Dirt spot\n")
+    assert main(["--apply-labels", str(tmp_path)]) == 2
+    assert "line 2 has 'Dirt spot'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--archive", str(tmp_path)])
+    assert exc.value.code == 2 and "--out is required" in capsys.readouterr().err
+    assert main(["--archive", str(tmp_path / "good"), "--out", str(tmp_path / "ds")]) == 2
+    assert "no archive entries" in capsys.readouterr().err
