@@ -25,6 +25,7 @@ import hmac
 import itertools
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ import numpy as np
 
 from service.archive import part_overlay
 from service.logs import get_logger
-from service.records import DEFECTS_TABLE, VERDICT_LABELS, Verdict
+from service.records import DEFECTS_TABLE, Verdict
 
 log = get_logger(__name__)
 
@@ -268,9 +269,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        if ":" in address[0]:
-            import socket
-
+        if ":" in address[0]:  # an IPv6 address, e.g. "::1"
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
 
@@ -317,8 +316,3 @@ def start_ui(host: str, port: int, parts: LiveParts, status: Callable[[], dict[s
                               daemon=True)
     thread.start()
     return UiServer(host=host, port=server.server_address[1], view=view, _server=server, _thread=thread)
-
-
-def empty_counts() -> dict[str, int]:
-    """{verdict label: 0} in VERDICT_LABELS order."""
-    return dict.fromkeys(VERDICT_LABELS, 0)
