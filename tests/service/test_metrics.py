@@ -208,3 +208,34 @@ def test_capture_logs_sees_logger_name_and_fields(restore_structlog):
         log.warning("camera_failed_buffer", frame_id=3)
     assert logs == [{"logger": "service.camera", "serial": "0815-0000", "frame_id": 3,
                      "event": "camera_failed_buffer", "log_level": "warning"}]
+
+
+def test_auto_format_on_a_real_terminal_and_a_pipe():
+    """In a fresh process, the default format gives readable lines on a pseudo-terminal and JSON on a pipe."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    code = ("from service.logs import configure_logging, get_logger; configure_logging(); "
+            "get_logger('service.x').info('camera_connected', serial='0815')")
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert json.loads(piped.stdout)["event"] == "camera_connected"
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=follower, stderr=subprocess.PIPE, timeout=60)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    text = out.decode()
+    assert proc.returncode == 0 and "camera_connected" in text and "0815" in text, text
+    assert not text.lstrip().startswith("{") and "\x1b[" in text  # coloured console lines
