@@ -149,6 +149,8 @@ SPECIAL: dict[tuple[str, str], st.SearchStrategy] = {
     ("plc", "host"): st.sampled_from(["127.0.0.1"] * 4 + ["", "plc.local"]),
     ("archive", "dir"): st.sampled_from(["", "archive"]),
     ("metrics", "host"): st.sampled_from(["127.0.0.1"]),
+    ("ui", "host"): st.sampled_from(["127.0.0.1"] * 3 + ["::1", "localhost", "0.0.0.0", "hmi.local"]),
+    ("ui", "token"): st.sampled_from(["", "", "s3cret-token"]),
 }
 
 
@@ -256,7 +258,14 @@ def _build_components(s: Settings, tmp: Path) -> None:
         PlcSimulator(host=s.plc.host, port=s.plc.port, db=s.plc.db, rate=s.plc.sim_rate_hz,
                      watchdog_s=s.plc.sim_watchdog_s)
     if s.archive.enabled:
-        RejectArchive(tmp / "archive", s.archive.quota_mb * 2**20, labels=tuple(s.archive.save), start=False)
+        RejectArchive(tmp / "archive", s.archive.quota_mb * 2**20, labels=tuple(s.archive.save), start=False,
+                      accept_every=s.archive.accept_every)
+    if s.ui.enabled:  # everything but the socket
+        from service.config import is_loopback
+        from service.ui import LiveParts, LiveView
+
+        LiveView(LiveParts(), dict, token=s.ui.token)
+        assert s.ui.token or is_loopback(s.ui.host)
     validate_thresholds(s.model.thresholds.model_dump(), ("good", "dirt", "scratch", "ec"))
     assert math.isfinite(s.pipeline.part_timeout_s)
 
