@@ -15,8 +15,10 @@ The verdict (``analyse``):
 
 * growth: the median RSS of the last ``--window`` seconds against the median of the first ``--window``
   seconds after ``--warmup``; pass when < 5 %. Threads and fds must not grow at all.
-* nothing stuck: parts kept being produced and answered in every sample interval after the warm-up, and
-  the queues were never full at two samples in a row.
+* nothing stuck: parts kept being produced and answered in every sample interval after the warm-up.
+* kept up (the rate was sustained, not shed): no PLC watchdog reject, NotInspected under 1 % of the
+  parts, and the frame queue never full at two samples in a row. An overloaded line sheds parts by
+  design (NotInspected at once); this check says whether the rate was within its capacity.
 * every part answered: after the end, once the simulator's watchdog has passed, every produced part got
   a result (no watchdog reject) and none got two.
 
@@ -106,17 +108,20 @@ def analyse(samples: list[dict[str, Any]], *, warmup: float, window: float, queu
     threads = sorted({s["threads"] for s in after if s["threads"] is not None})
     fds = sorted({s["fds"] for s in after if s["fds"] is not None})
     answered = final["produced"] > 0 and final["results"] == final["produced"] and final["watchdog_rejects"] == 0
+    shed = final.get("not_inspected", 0) / final["produced"] if final["produced"] else 0.0
     checks = {
         "rss_growth_below_5_percent": growth is not None and growth < GROWTH_LIMIT,
         "threads_constant": len(threads) == 1,
         "fds_constant": len(fds) <= 1 or (max(fds) - min(fds)) <= 2,  # a transient socket or /proc handle
-        "nothing_stuck": not stalls and not full,
+        "nothing_stuck": not stalls,
         "every_part_answered": answered and final["duplicate_results"] == 0,
+        "kept_up": not full and final["watchdog_rejects"] == 0 and shed < 0.01,
     }
     return {
         "rss_base_mib": base, "rss_end_mib": tail, "rss_growth": growth, "rss_slope_mib_per_h": slope,
         "rss_max_mib": max((s["rss_mib"] for s in after if s["rss_mib"] is not None), default=None),
         "threads": threads, "fds": fds, "stalled_at": stalls[:10], "queues_full_at": full[:10],
+        "not_inspected_share": round(shed, 4),
         "bench_overhead_mib": round(final["produced"] * OUTCOME_BYTES / 2**20, 2),
         "checks": checks, "passed": all(checks.values()),
     }
@@ -167,6 +172,7 @@ def run_soak(*, rate: float, duration: float, sample_every: float, warmup: float
         final = {"produced": st["parts"], "results": st["results"], "watchdog_rejects": st["watchdog_rejects"],
                  "duplicate_results": st["duplicate_results"], "late_results": st["late_results"],
                  "accuracy": st["accuracy"], "inspected": daemon.stats.inspected,
+                 "not_inspected": daemon.stats.verdicts.get("not_inspected", 0),
                  "verdicts": dict(daemon.stats.verdicts), "provider": daemon.model.provider}
     finally:
         if daemon is not None:

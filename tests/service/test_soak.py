@@ -45,11 +45,15 @@ def test_growing_threads_or_fds_fail():
     assert not verdict(samples(fds=lambda i: 30 + i))["checks"]["fds_constant"]
 
 
-def test_a_stall_or_a_full_queue_is_stuck():
-    """An interval with no new part or no new result, or a frame queue full twice in a row, is stuck."""
+def test_a_stall_is_stuck_and_a_full_queue_or_shedding_did_not_keep_up():
+    """An interval with no new result is stuck; a frame queue full twice in a row, a watchdog reject or 1 %
+    NotInspected means the rate was not sustained (kept_up), without being stuck."""
     assert not verdict(samples(results=lambda i: 4 * min(i, 40)))["checks"]["nothing_stuck"]
-    assert not verdict(samples(queue=lambda i: 4 if 30 <= i <= 31 else 0))["checks"]["nothing_stuck"]
-    assert verdict(samples(queue=lambda i: 4 if i == 30 else 0))["checks"]["nothing_stuck"]
+    full = verdict(samples(queue=lambda i: 4 if 30 <= i <= 31 else 0))["checks"]
+    assert full["nothing_stuck"] and not full["kept_up"]
+    assert verdict(samples(queue=lambda i: 4 if i == 30 else 0))["checks"]["kept_up"]
+    assert not verdict(samples(), {**FINAL, "not_inspected": 3})["checks"]["kept_up"]  # 3 of 240 = 1.25 %
+    assert verdict(samples(), {**FINAL, "not_inspected": 2})["checks"]["kept_up"]
 
 
 def test_an_unanswered_or_twice_answered_part_fails():
