@@ -19,6 +19,7 @@ and JPEG encoding happen lazily, on the HTTP server's threads when a client asks
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime as _dt
 import hmac
@@ -118,12 +119,15 @@ class LiveParts:
 
 
 class _JpegCache:
-    """(kind, part seq) -> JPEG bytes, the last few; one encode at a time (bounded CPU for the view)."""
+    """(kind, part seq) -> JPEG bytes, the last few. Encodes run one at a time on one thread of their own
+    (bounded CPU for the view; the frame-sized temporaries stay in one allocator arena instead of one per
+    HTTP connection thread)."""
 
     def __init__(self, size: int = 2 * REJECTS + 4) -> None:
         self._size = size
         self._data: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ui-encode")
         self.encoded = 0
 
     def get(self, kind: str, part: LivePart, max_side: int) -> bytes:
@@ -132,16 +136,23 @@ class _JpegCache:
             if key in self._data:
                 self._data.move_to_end(key)
                 return self._data[key]
-            img, _ = part_overlay(part.image, part.verdict, part.extras, max_side=max_side)
-            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-            if not ok:
-                raise ValueError(f"JPEG encoding failed for an overlay of shape {img.shape}")
-            data = buf.tobytes()
+            data = self._encoder.submit(self._encode, part, max_side).result()
             self.encoded += 1
             self._data[key] = data
             while len(self._data) > self._size:
                 self._data.popitem(last=False)
             return data
+
+    @staticmethod
+    def _encode(part: LivePart, max_side: int) -> bytes:
+        img, _ = part_overlay(part.image, part.verdict, part.extras, max_side=max_side)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise ValueError(f"JPEG encoding failed for an overlay of shape {img.shape}")
+        return buf.tobytes()
+
+    def close(self) -> None:
+        self._encoder.shutdown(wait=True, cancel_futures=True)
 
 
 class LiveView:
@@ -297,6 +308,7 @@ class UiServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout)
+        self.view.cache.close()
 
 
 def start_ui(host: str, port: int, parts: LiveParts, status: Callable[[], dict[str, Any]],
