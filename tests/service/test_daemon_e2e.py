@@ -327,6 +327,9 @@ def test_archive_holds_one_entry_per_rejected_part_with_the_documented_names(lin
             r.part_id, r.frame_id, r.kind, defects), side
         assert side["files"] == {"frame": f"{stem}.png", "overlay": f"{stem}_overlay.png"}
         assert side["frame_shape"] == [2048, 2448] and side["overlay_error"] is None
+        if r.kind == "reject":  # an inspected valve: the overlay is its ROI, cropped from the frame
+            x0, y0, x1, y1 = side["overlay_box"]
+            assert 0 <= x0 < x1 <= 2448 and 0 <= y0 < y1 <= 2048 and (x1 - x0) * (y1 - y0) < 2448 * 2048 / 2, side
         for key, i in (("score_dirt", 0), ("score_scratch", 1), ("score_ec", 2)):
             assert side["verdict"][key] == pytest.approx(r.scores[i], abs=1e-6)
         for suffix in (".png", "_overlay.png"):
