@@ -649,3 +649,27 @@ def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
     assert s.archive.quota_mb == app.DEMO_ARCHIVE_QUOTA_MB < 1024
     assert s.camera.images == str(tmp_path) and seen["manifest"][:2] == ["good", "dirt"]
     assert seen["stopped"] == "fatal"
+
+
+def test_every_reported_part_reaches_the_live_view_by_reference(tmp_path, valve_image):
+    """With [ui] on, each reported part is handed to the live view: an inspected one with its very frame and the
+    inspection's records (no copy), a part that never got a frame without one; ui_status counts both."""
+    from service.ui import LiveParts
+
+    d = make_daemon(tmp_path, model=FakeModel(["dirt"] + ["good"] * 7))
+    d.model.provider, d.model.sha256, d.model.preset = "CPUExecutionProvider", "ab" * 32, "compact"
+    d.live = LiveParts()
+    d._on_plc_event(part_event(41))
+    f = frame(valve_image, 41, frame_id=3)
+    d._on_camera_event(f)
+    drain_worker(d)
+    shown = d.live.latest_image()
+    assert shown.verdict.part_id == 41 and shown.image is f.image
+    assert set(shown.extras) >= {"batch", "pred", "masks"} and [p.verdict.part_id for p in d.live.rejects()] == [41]
+    d._on_plc_event(part_event(42))
+    d._finish(42, Verdict.make_not_inspected(42, "timeout_no_frame"))
+    assert d.live.latest().verdict.part_id == 42 and d.live.latest().image is None
+    assert d.live.latest_image().verdict.part_id == 41
+    st = d.ui_status()
+    assert st["parts"] == {"accept": 0, "reject": 1, "no_part": 0, "not_inspected": 1}
+    assert st["provider"] == "CPUExecutionProvider" and st["gpu"] is False and st["model"]["sha256"] == "ab" * 32
