@@ -198,6 +198,7 @@ def _handler(view: LiveView) -> type[BaseHTTPRequestHandler]:
         server_version = "valve-inspect-ui"
         sys_version = ""
         protocol_version = "HTTP/1.1"
+        timeout = 30  # seconds an idle keep-alive connection (and its thread) may stay
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             pass  # no access log on stdout: the journal is for the line
