@@ -96,9 +96,12 @@ def _list_frames(folder: Path) -> list[tuple[Path, dict | None]]:
                      f"({', '.join(IMAGE_SUFFIXES)}) in it or in {folder / FRAMES_DIR}")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    existing = [p for p in out.glob("*/*.png")] + [p for p in (out / "skipped.jsonl", out / "slices.jsonl")
-                                                   if p.exists()]
+def _prepare_out(out: Path, overwrite: bool, files: tuple[str, ...] = ("skipped.jsonl", "slices.jsonl"),
+                 hidden: bool = False) -> None:
+    """Refuse (or, with ``overwrite``, remove) an earlier dataset in ``out``: its slices (in hidden folders
+    too when ``hidden``) and ``files``."""
+    existing = [p for p in out.glob("*/*.png")] + ([p for p in out.glob(".*/*.png")] if hidden else []) + \
+        [p for p in (out / name for name in files) if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"{out} already holds a dataset ({len(existing)} files, e.g. {existing[0]}); pass "
                          f"--overwrite to replace it or choose an empty folder")
@@ -247,14 +250,7 @@ def provisional_labels(meta: dict, n: int) -> tuple[list[str], list[str], list[f
 def build_from_archive(archive: Path, out: Path, params: RoiParams, overwrite: bool = False, log=print) -> dict:
     """Slice every archived frame into ``out`` under its provisional labels and write ``out/labels.csv``."""
     entries = _archive_entries(archive)
-    existing = [p for p in out.glob("*/*.png")] + [p for p in out.glob(".*/*.png")] + \
-        [p for p in (out / LABELS_CSV, out / "skipped.jsonl") if p.exists()]
-    if existing and not overwrite:
-        raise UsageError(f"{out} already holds a dataset ({len(existing)} files, e.g. {existing[0]}); pass "
-                         f"--overwrite to replace it or choose an empty folder")
-    for p in existing:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, overwrite, files=(LABELS_CSV, "skipped.jsonl"), hidden=True)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     used = 0

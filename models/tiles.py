@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from models.data import DataError, SampleSet, load_samples, read_image, read_mask
+from models.metrics import confusion_matrix
 
 TILES_FORMAT = "valve-inspect/tiles/1"
 MANIFEST_NAME = "tiles.json"
@@ -237,22 +238,12 @@ def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray]) -> dict:
 
 
 def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
-    """Area under the precision-recall curve, step-wise (sklearn's average_precision_score); None when
-    there is no positive."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(positive, dtype=bool)
-    if not y.any():
-        return None
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(~y)
-    # thresholds at distinct scores: take the last index of each run of equal scores
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    precision = tp[last] / (tp[last] + fp[last])
-    recall = tp[last] / y.sum()
-    prev = np.r_[0.0, recall[:-1]]
-    return float(np.sum((recall - prev) * precision))
+    """models.metrics.average_precision (step-wise, sklearn's average_precision_score) of ``scores``;
+    None instead of NaN when there is no positive (the value goes to JSON)."""
+    from models.metrics import average_precision as ap
+
+    value = ap(np.asarray(positive, dtype=bool), scores)
+    return None if math.isnan(value) else value
 
 
 def image_metrics(scored: dict) -> dict:
@@ -262,9 +253,7 @@ def image_metrics(scored: dict) -> dict:
     true = np.array([r["true"] for r in scored["images"]])
     pred = np.array([r["pred"] for r in scored["images"]])
     k = len(classes)
-    conf = np.zeros((k, k), dtype=int)
-    for t, p in zip(true, pred, strict=True):
-        conf[t, p] += 1
+    conf = confusion_matrix(true, pred, k)
     recall = {classes[i]: (conf[i, i] / conf[i].sum()) if conf[i].sum() else None for i in range(k)}
     present = [r for r in recall.values() if r is not None]
     defect_ap = average_precision([r["defect_score"] for r in scored["images"]], true != good)

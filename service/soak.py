@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from service.app import Daemon
-from service.bench import _rss_mib, bench_settings, bmp_frames
+from service.bench import bench_settings, bmp_frames
 from service.errors import FatalError, ValveInspectError
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -59,6 +59,11 @@ def _proc_status(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _rss_mib() -> float | None:
+    kib = _proc_status("VmRSS")
+    return None if kib is None else kib / 1024.0
 
 
 def _fds() -> int | None:

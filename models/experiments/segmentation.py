@@ -27,13 +27,11 @@ import numpy as np
 
 
 def iou_scores(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
-    tp = int((pred & true).sum())
-    fp = int((pred & ~true).sum())
-    fn = int((~pred & true).sum())
-    tn = pred.size - tp - fp - fn
-    defect = tp / (tp + fp + fn) if tp + fp + fn else 1.0
-    background = tn / (tn + fp + fn) if tn + fp + fn else 1.0
-    return defect, (defect + background) / 2
+    """(defect-only IoU, eq. 18 mIoU) by models.metrics, the evaluation's own definitions."""
+    from models.metrics import segmentation_scores
+
+    sc = segmentation_scores(pred, true)
+    return sc["iou"], sc["miou_paper"]
 
 
 def run(parts: int, seed: int, model_path: str | None, work: Path) -> dict:

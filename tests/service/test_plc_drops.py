@@ -19,6 +19,7 @@ from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
 from tests.service.daemon_fixtures import wait_until
 from tests.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings
+from tests.service.test_plc import make_link
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,13 +29,6 @@ def sim():
     s = PlcSimulator(port=0, rate=0, heartbeat_interval_s=0.05, watchdog_s=5.0, vision_watchdog_s=5.0).start()
     yield s
     s.stop()
-
-
-def make_link(sim: PlcSimulator, **kw) -> PlcLink:
-    args = dict(host="127.0.0.1", port=sim.port, db=sim.db, poll_interval_s=0.01, status_interval_s=0.25,
-                reconnect_min_s=0.05, reconnect_max_s=0.2, min_result_interval_s=0.0, plc_heartbeat_timeout_s=3.0)
-    args.update(kw)
-    return PlcLink(**args)
 
 
 def detect(sim: PlcSimulator, link: PlcLink, n: int) -> list[int]:
