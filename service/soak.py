@@ -22,8 +22,9 @@ The verdict (``analyse``):
 * every part answered: after the end, once the simulator's watchdog has passed, every produced part got
   a result (no watchdog reject) and none got two.
 
-The simulator keeps one small outcome record per part (a bounded deque): at 8 parts/s, 30 minutes are
-about 14,000 records, a few MiB of the growth the soak measures; ``bench_overhead_mib`` estimates it.
+The simulator's per-part outcome records (a deque, 100,000 by default, which the bench reads) are the
+bench's own memory, not the daemon's: the soak needs only the simulator's counters, so it keeps the last
+``--sim-records`` (1,000 by default) and ``bench_overhead_mib`` estimates what they hold at most.
 """
 
 from __future__ import annotations
@@ -127,14 +128,15 @@ def analyse(samples: list[dict[str, Any]], *, warmup: float, window: float, queu
         "rss_max_mib": max((s["rss_mib"] for s in after if s["rss_mib"] is not None), default=None),
         "threads": threads, "fds": fds, "stalled_at": stalls[:10], "queues_full_at": full[:10],
         "not_inspected_share": round(shed, 4),
-        "bench_overhead_mib": round(final["produced"] * OUTCOME_BYTES / 2**20, 2),
+        "bench_overhead_mib": round(min(final["produced"], final.get("sim_records", final["produced"]))
+                                   * OUTCOME_BYTES / 2**20, 2),
         "checks": checks, "passed": all(checks.values()),
     }
 
 
 def run_soak(*, rate: float, duration: float, sample_every: float, warmup: float, window: float, images: str,
              classes: list[str], model: str | None = None, threads: int | None = None, workers: int | None = None,
-             progress=None, connect_timeout: float = 30.0) -> dict[str, Any]:
+             progress=None, connect_timeout: float = 30.0, sim_records: int = 1000) -> dict[str, Any]:
     """Run one daemon at ``rate`` parts/s for ``duration`` seconds; returns samples, totals and the verdict."""
     from prometheus_client import CollectorRegistry
 
@@ -145,7 +147,7 @@ def run_soak(*, rate: float, duration: float, sample_every: float, warmup: float
     # millions of strings would be the bench's own memory, not the daemon's)
     repeats = int(rate * (duration + 60.0) / max(1, len(classes))) + 2
     sim = PlcSimulator(host="127.0.0.1", port=0, db=probe.plc.db, rate=rate, watchdog_s=probe.plc.sim_watchdog_s,
-                       manifest=classes * repeats, enable=False, report_every=0)
+                       manifest=classes * repeats, enable=False, report_every=0, keep_outcomes=sim_records)
     sim.start()
     daemon: Daemon | None = None
     samples: list[dict[str, Any]] = []
@@ -178,7 +180,8 @@ def run_soak(*, rate: float, duration: float, sample_every: float, warmup: float
                  "duplicate_results": st["duplicate_results"], "late_results": st["late_results"],
                  "accuracy": st["accuracy"], "inspected": daemon.stats.inspected,
                  "not_inspected": daemon.stats.verdicts.get("not_inspected", 0),
-                 "verdicts": dict(daemon.stats.verdicts), "provider": daemon.model.provider}
+                 "verdicts": dict(daemon.stats.verdicts), "provider": daemon.model.provider,
+                 "sim_records": sim_records}
     finally:
         if daemon is not None:
             daemon.stop("soak")
@@ -258,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="model.intra_op_threads (default: the config's)")
     p.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the config's)")
     p.add_argument("--model", default=None, help="model.onnx (default: the shipped demo model)")
+    p.add_argument("--sim-records", type=int, default=1000,
+                   help="per-part outcome records the PLC simulator keeps (default 1000; the soak reads only its "
+                        "counters, and the records are the bench's memory, not the daemon's)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the samples and verdict")
     p.add_argument("--plot", default=None, metavar="PNG", help="RSS, threads/fds and queues over time")
     p.add_argument("--log-level", default="error", choices=("debug", "info", "warning", "error"))
@@ -270,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             or args.window <= 0:
         print("valve-inspect soak: --rate in (0, 1000], --duration, --sample-every and --window > 0, "
               "--warmup >= 0", file=sys.stderr)
+        return 2
+    if args.sim_records < 0:
+        print("valve-inspect soak: --sim-records must be >= 0", file=sys.stderr)
         return 2
     if args.warmup + 2 * args.window > args.duration:
         print(f"valve-inspect soak: --duration {args.duration:g} s is too short for --warmup {args.warmup:g} s plus "
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run_soak(rate=args.rate, duration=args.duration, sample_every=args.sample_every, warmup=args.warmup,
                        window=args.window, images=str(frames), classes=classes, model=args.model,
-                       threads=args.threads, workers=args.workers, progress=progress)
+                       threads=args.threads, workers=args.workers, progress=progress, sim_records=args.sim_records)
     except (FatalError, ValveInspectError, OSError) as exc:
         print(f"valve-inspect soak: {exc}", file=sys.stderr)
         return 1

@@ -139,13 +139,16 @@ class PlcSimulator:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 1102, db: int = DEFAULT_DB, rate: float = 2.0,
                  count: int | None = None, watchdog_s: float = 2.0, manifest: str | Path | Sequence[str] | None = None,
                  heartbeat_interval_s: float = 0.1, vision_watchdog_s: float = 2.0, tick_s: float = 0.005,
-                 report_every: int = 10, first_part_id: int = 1, enable: bool = True) -> None:
+                 report_every: int = 10, first_part_id: int = 1, enable: bool = True,
+                 keep_outcomes: int = 100_000) -> None:
         if rate < 0:
             raise ConfigError(f"plc-sim rate = {rate}: parts per second must be >= 0")
         if count is not None and count < 0:
             raise ConfigError(f"plc-sim count = {count}: must be >= 0 (or unset for no limit)")
         if watchdog_s <= 0 or heartbeat_interval_s <= 0 or tick_s <= 0 or vision_watchdog_s <= 0:
             raise ConfigError("plc-sim watchdog_s, heartbeat_interval_s, vision_watchdog_s and tick_s must be > 0")
+        if keep_outcomes < 0:
+            raise ConfigError(f"plc-sim keep_outcomes = {keep_outcomes}: must be >= 0 (0 keeps no per-part record)")
         if not 1 <= db <= 65535:
             raise ConfigError(f"plc-sim db = {db}: must be a DB number 1..65535")
         if isinstance(manifest, (str, Path)):
@@ -176,7 +179,7 @@ class PlcSimulator:
         self._pending: collections.OrderedDict[int, _Part] = collections.OrderedDict()
         self._resolved: dict[int, str] = {}  # part_id -> "result" | "timeout" (recent)
         self._last_seq: int | None = None
-        self.outcomes: collections.deque[PartOutcome] = collections.deque(maxlen=100_000)
+        self.outcomes: collections.deque[PartOutcome] = collections.deque(maxlen=keep_outcomes)
         self._vision_hb: int | None = None
         self._vision_hb_changed = -math.inf
         self._vision_alive = False
