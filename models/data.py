@@ -1,6 +1,12 @@
-"""Datasets on disk -> samples -> tensors: formats, class order, resizing, augmentation, splits.
+"""Datasets on disk -> samples -> tensors: the formats, the ``folders`` format, augmentation, splits.
 
-The ``folders`` format (the only one so far; others plug in through :func:`register_format`)::
+Formats (:data:`FORMATS`, one explicit table): ``folders`` (below) and the public datasets of
+models.real_data (``kolektorsdd``, ``magnetic-tile`` and their ``-train`` / ``-test`` parts);
+:func:`register_format` adds another loader under a name. ``load_samples(root, name)`` reads a
+dataset's index (models.samples: Sample, SampleSet, the class order); the pixels are read by
+models.images (read_image, read_mask and the input policy, letterbox).
+
+The ``folders`` format::
 
     ROOT/<class>/<image>.png|.jpg|.jpeg|.bmp|.tif|.tiff     one subfolder per class
     ROOT/<class>/<image>_mask.png                          optional mask beside its image
@@ -13,15 +19,6 @@ so are files directly under ROOT.
 Groups (for grouped splits): the part of an image's stem before the first ``__`` when there is
 one (``frame0007__s3.png`` -> ``frame0007``, so all slices of one camera frame stay on one side
 of a split, whatever their class), else ``<class>/<stem>`` (every image its own group).
-
-Class order: the names in :data:`models.ira_cnn.DEFAULT_CLASSES` (good, dirt, scratch, ec) keep
-that order, any other names follow sorted. Evaluation maps the data's class names onto the
-model's classes by name (:func:`remap_classes`).
-
-Resizing: every image is brought to the model's square input S x S by :func:`to_input_size`, the
-single place that decides it. Today that is a plain resize with ``cv2.INTER_AREA`` (the aspect
-ratio is not kept; the valve slices are square already) and ``cv2.INTER_NEAREST`` for masks.
-A letterbox policy for non-square datasets belongs there.
 """
 
 from __future__ import annotations
@@ -29,129 +26,27 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.ira_cnn import DEFAULT_CLASSES
+from models import real_data
+from models.errors import DataError
+from models.images import INPUT_POLICY as INPUT_POLICY  # re-exported: models.evaluate imports it from here
+from models.images import read_image
+from models.images import read_mask as read_mask  # re-exported: models.evaluate imports it from here
+from models.samples import Sample, SampleSet, order_classes
+from models.samples import remap_classes as remap_classes  # re-exported: models.evaluate imports it from here
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask.png"
 
 
-class DataError(ValueError):
-    """A problem with the user's data (missing folder, empty class, unreadable file, ...)."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a dataset.
-
-    Args:
-        path: the image file.
-        label: index into the owning :class:`SampleSet`'s ``classes``.
-        mask: the ground-truth defect mask file, or None.
-        group: samples with the same group stay on the same side of a split.
-    """
-
-    path: Path
-    label: int
-    mask: Path | None = None
-    group: str = ""
-
-
-@dataclass(frozen=True)
-class SampleSet:
-    """A loaded dataset: where it came from, its class names (label order) and its samples."""
-
-    root: Path
-    format: str
-    classes: tuple[str, ...]
-    samples: tuple[Sample, ...] = field(default_factory=tuple)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], dtype=np.int64)
-
-    def counts(self, samples: Sequence[Sample] | None = None) -> dict[str, int]:
-        """Images per class name (every class listed, zeros included)."""
-        c = Counter(s.label for s in (self.samples if samples is None else samples))
-        return {name: int(c.get(i, 0)) for i, name in enumerate(self.classes)}
-
-    def subset(self, samples: Sequence[Sample]) -> SampleSet:
-        return replace(self, samples=tuple(samples))
-
-    def relpath(self, sample: Sample) -> str:
-        for path, root in ((sample.path, self.root), (sample.path.resolve(), Path(self.root).resolve())):
-            try:  # the second try: one of them was reached through a symbolic link
-                return path.relative_to(root).as_posix()
-            except ValueError:
-                pass
-        return str(sample.path)
-
-
-# ---------------------------------------------------------------------------------------------
-# class order and mapping
-
-
-def order_classes(names: Sequence[str]) -> tuple[str, ...]:
-    """DEFAULT_CLASSES names first in that order, every other name after them, sorted."""
-    names = set(names)
-    known = [c for c in DEFAULT_CLASSES if c in names]
-    return tuple(known + sorted(names - set(known)))
-
-
-def remap_classes(data: SampleSet, classes: Sequence[str]) -> SampleSet:
-    """Relabel ``data`` so that labels index ``classes`` (e.g. a trained model's), by class name.
-
-    The data may hold fewer classes than ``classes``; a class the target does not know is an error.
-    """
-    classes = tuple(classes)
-    unknown = [c for c in data.classes if c not in classes]
-    if unknown:
-        raise DataError(
-            f"the data at {data.root} has class(es) {', '.join(map(repr, unknown))} that the model does not "
-            f"know (its classes: {', '.join(classes)}): remove or rename those folders, or use a model "
-            "trained with those classes")
-    index = [classes.index(c) for c in data.classes]
-    samples = tuple(replace(s, label=index[s.label]) for s in data.samples)
-    return SampleSet(root=data.root, format=data.format, classes=classes, samples=samples)
-
-
 # ---------------------------------------------------------------------------------------------
 # formats
-
-Loader = Callable[[Path], SampleSet]
-FORMATS: dict[str, Loader] = {}
-
-
-def register_format(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: make ``load_samples(root, name)`` use this loader (``root`` -> SampleSet)."""
-
-    def deco(fn: Loader) -> Loader:
-        FORMATS[name] = fn
-        return fn
-
-    return deco
-
-
-def load_samples(root: str | Path, fmt: str = "folders") -> SampleSet:
-    """Read a dataset's index (file names, labels, masks; no pixels) in the given format."""
-    if fmt not in FORMATS:
-        raise DataError(f"unknown dataset format {fmt!r}: choose one of {', '.join(sorted(FORMATS))}")
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"dataset folder {root} does not exist: check --data")
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder: --data takes the dataset's root folder")
-    return FORMATS[fmt](root)
 
 
 def is_image_file(path: Path) -> bool:
@@ -169,7 +64,6 @@ def group_of(class_name: str, stem: str) -> str:
     return stem.split("__", 1)[0] if "__" in stem else f"{class_name}/{stem}"
 
 
-@register_format("folders")
 def load_folders(root: Path) -> SampleSet:
     """ROOT/<class>/<image> with optional ``<stem>_mask.png`` beside each image."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -191,56 +85,33 @@ def load_folders(root: Path) -> SampleSet:
     return SampleSet(root=root, format="folders", classes=classes, samples=tuple(samples))
 
 
-# ---------------------------------------------------------------------------------------------
-# pixels
+Loader = Callable[[Path], SampleSet]
+
+#: every dataset format by name: ``load_samples(root, name)`` calls ``FORMATS[name](root)``;
+#: models.real_data's table holds the public datasets' formats
+FORMATS: dict[str, Loader] = {"folders": load_folders, **real_data.FORMATS}
 
 
-#: how train, evaluate (and whoever feeds the exported graph) bring an image to S x S; recorded in runs
-INPUT_POLICY = "letterbox"
+def register_format(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: make ``load_samples(root, name)`` use this loader (``root`` -> SampleSet); a plug-in's."""
+
+    def deco(fn: Loader) -> Loader:
+        FORMATS[name] = fn
+        return fn
+
+    return deco
 
 
-def to_input_size(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
-    """The input policy: (H, W) -> (size, size) by :func:`models.real_data.letterbox`: the long side
-    becomes S (aspect kept), centred, padded with 0. Images use INTER_AREA, masks INTER_NEAREST.
-
-    A square image is a plain resize; an image already size x size is returned as is.
-    """
-    if image.shape[:2] == (size, size):
-        return image
-    return models.real_data.letterbox(image, size, mask=mask)  # bound by the import at the end
-
-
-def _imread_gray(path: Path) -> np.ndarray | None:
-    try:
-        buf = np.fromfile(str(path), dtype=np.uint8)  # also works for non-ASCII paths, unlike imread
-    except OSError:
-        return None
-    if buf.size == 0:
-        return None
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
-
-
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """An image file -> (size, size) uint8 gray (OpenCV, IMREAD_GRAYSCALE), resized by the policy."""
-    img = _imread_gray(Path(path))
-    if img is None:
-        raise DataError(f"cannot read image {path}: the file is missing, empty or not an image; "
-                        "replace or remove it")
-    if img.dtype != np.uint8:  # IMREAD_GRAYSCALE gives 8 bits already; be safe for odd decoders
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    return img if size is None else to_input_size(img, size)
-
-
-def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
-    """A mask file -> (size, size) bool, foreground where the pixel is non-zero (INTER_NEAREST)."""
-    m = _imread_gray(Path(path))
-    if m is None:
-        raise DataError(f"cannot read mask {path}: the file is missing, empty or not an image; "
-                        "replace or remove it")
-    m = m > 0
-    if size is not None:
-        m = to_input_size(m.astype(np.uint8), size, mask=True) > 0
-    return m
+def load_samples(root: str | Path, fmt: str = "folders") -> SampleSet:
+    """Read a dataset's index (file names, labels, masks; no pixels) in the given format."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r}: choose one of {', '.join(sorted(FORMATS))}")
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist: check --data")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: --data takes the dataset's root folder")
+    return FORMATS[fmt](root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,5 +246,3 @@ def split_samples(data: SampleSet, fraction: float, seed: int, grouped: bool = T
     keep, held = stratified_split(data.labels, fraction, seed, groups)
     return [data.samples[i] for i in keep], [data.samples[i] for i in held]
 
-
-import models.real_data  # noqa: E402,F401  -- registers the kolektorsdd and magnetic-tile formats

@@ -1,8 +1,8 @@
-"""Public real datasets: the ``kolektorsdd`` and ``magnetic-tile`` formats, their seeded train/test
-splits, and the letterbox input policy for images that are not square. Full guide: docs/real-data.md.
+"""Public real datasets: the ``kolektorsdd`` and ``magnetic-tile`` formats and their seeded train/test
+splits. Full guide: docs/real-data.md.
 
-Formats (registered in :data:`models.data.FORMATS`; ``--data`` is the dataset's root folder as it
-lies in ``../shared/datasets/``, read-only, nothing is written there):
+Formats (:data:`FORMATS`, which :data:`models.data.FORMATS` lists beside ``folders``; ``--data`` is the
+dataset's root folder as it lies in ``../shared/datasets/``, read-only, nothing is written there):
 
     kolektorsdd            ROOT/kosNN/PartK.jpg + PartK_label.png. Classes good, defect:
                            defect = the label mask has a non-zero pixel. 399 images, 52 defect.
@@ -38,12 +38,8 @@ files or the rule changed. train and evaluate therefore agree exactly: same seed
 :func:`select_split` is the same split for any SampleSet, for ``--split/--split-seed/--train-ratio``
 options (:func:`add_split_arguments`).
 
-Input policy (:func:`letterbox`): an image that is not S x S is scaled so that its long side is S
-(``cv2.INTER_AREA``, aspect kept), centred, and padded with 0 to S x S; masks the same way with
-``cv2.INTER_NEAREST``. A square image is a plain resize, identical to ``models.data.to_input_size``.
-:func:`unletterbox` maps a map or mask back to the original frame. NOTE: ``models.data`` still
-decides the pixels of train and evaluate (``to_input_size``: plain resize); see docs/real-data.md
-for the state of the letterbox wiring.
+Pixels: models.images (read_image, read_mask and the input policy: letterbox to S x S, aspect kept,
+for these non-square images as for every other).
 """
 
 from __future__ import annotations
@@ -56,15 +52,14 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from models.data import DataError, Sample, SampleSet, _imread_gray, order_classes, register_format
+from models.errors import DataError
+from models.images import INPUT_POLICY, imread_gray
+from models.images import letterbox_geometry as letterbox_geometry  # re-exported: models.evaluate imports it
+from models.samples import Sample, SampleSet, order_classes
 
 DEFAULT_SPLIT_SEED = 0
 #: the paper's train:test = 2:3
@@ -72,7 +67,6 @@ DEFAULT_TRAIN_RATIO = 0.4
 PARTS = ("train", "test")
 MANIFEST_NAME = "split-manifest.json"
 MANIFEST_FORMAT = "valve-inspect/real-split/1"
-INPUT_POLICY = "letterbox"
 
 #: KolektorSDD folders that hold the same physical part (identical images): one group each
 KOLEKTOR_SAME_PART = (("kos01", "kos26"), ("kos27", "kos34"))
@@ -101,7 +95,7 @@ def _visible_dirs(root: Path) -> list[Path]:
 
 
 def _mask_has_foreground(path: Path) -> bool:
-    m = _imread_gray(path)
+    m = imread_gray(path)
     if m is None:
         raise DataError(f"cannot read mask {path}: the file is missing, empty or not an image; restore it "
                         "from the published dataset")
@@ -120,7 +114,6 @@ def kolektor_group(folder: str) -> str:
     return folder
 
 
-@register_format("kolektorsdd")
 def load_kolektorsdd(root: Path) -> SampleSet:
     """KolektorSDD (v1): ROOT/kosNN/PartK.jpg with PartK_label.png; defect = the label has a non-zero pixel."""
     root = Path(root)
@@ -144,7 +137,6 @@ def load_kolektorsdd(root: Path) -> SampleSet:
     return SampleSet(root=root, format="kolektorsdd", classes=KOLEKTOR_CLASSES, samples=tuple(samples))
 
 
-@register_format("magnetic-tile")
 def load_magnetic_tile(root: Path) -> SampleSet:
     """Magnetic-tile: ROOT/MT_<Class>/<name>.jpg with the mask <name>.png beside it; MT_Free = good.
 
@@ -315,9 +307,10 @@ def load_part(dataset: str, part: str, root: Path) -> SampleSet:
     return SampleSet(root=full.root, format=f"{dataset}-{part}", classes=full.classes, samples=chosen.samples)
 
 
-for _name in DATASETS:
-    for _part in PARTS:
-        register_format(f"{_name}-{_part}")(partial(load_part, _name, _part))
+#: the formats of this module by name: each dataset, and its ``-train`` / ``-test`` parts (models.data.FORMATS
+#: lists them beside ``folders``)
+FORMATS: dict[str, Callable[[Path], SampleSet]] = {
+    **DATASETS, **{f"{name}-{part}": partial(load_part, name, part) for name in DATASETS for part in PARTS}}
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,81 +338,6 @@ def run_overlap(run_dir: Path, dataset: str, test: SampleSet) -> list[str]:
     full = DATASETS[dataset](test.root)
     trained = {s.group for s in full.samples if full.relpath(s) in seen}
     return sorted(trained & {s.group for s in test.samples}, key=_natural_key)
-
-
-# ---------------------------------------------------------------------------------------------
-# input policy
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Where an (height, width) image lies in its size x size letterbox: the inner box and the scale."""
-
-    height: int
-    width: int
-    size: int
-    top: int
-    left: int
-    inner_height: int
-    inner_width: int
-
-    @property
-    def scale(self) -> float:
-        return self.size / max(self.height, self.width)
-
-    def valid(self) -> np.ndarray:
-        """(size, size) bool: True on the image, False on the padding."""
-        m = np.zeros((self.size, self.size), dtype=bool)
-        m[self.top:self.top + self.inner_height, self.left:self.left + self.inner_width] = True
-        return m
-
-
-def letterbox_geometry(height: int, width: int, size: int) -> Letterbox:
-    """The long side becomes ``size`` (aspect kept, at least 1 px), the image centred (extra pixel bottom/right)."""
-    if height < 1 or width < 1 or size < 1:
-        raise ValueError(f"letterbox needs positive sizes, got {height}x{width} -> {size}")
-    scale = size / max(height, width)
-    ih = min(size, max(1, round(height * scale)))
-    iw = min(size, max(1, round(width * scale)))
-    return Letterbox(height=height, width=width, size=size, top=(size - ih) // 2, left=(size - iw) // 2,
-                     inner_height=ih, inner_width=iw)
-
-
-def letterbox(image: np.ndarray, size: int, *, mask: bool = False) -> np.ndarray:
-    """The input policy: (H, W) -> (size, size), aspect kept, padded with 0; same signature as
-    ``models.data.to_input_size``. Images use INTER_AREA, masks INTER_NEAREST (bool masks stay bool).
-
-    A square image is a plain resize (identical to ``to_input_size``); one already size x size is
-    returned as is.
-    """
-    if image.shape[:2] == (size, size):
-        return image
-    box = letterbox_geometry(image.shape[0], image.shape[1], size)
-    is_bool = image.dtype == bool
-    src = image.astype(np.uint8) if is_bool else image
-    interp = cv2.INTER_NEAREST if mask or is_bool else cv2.INTER_AREA
-    inner = cv2.resize(src, (box.inner_width, box.inner_height), interpolation=interp)
-    out = np.zeros((size, size) + src.shape[2:], dtype=src.dtype)
-    out[box.top:box.top + box.inner_height, box.left:box.left + box.inner_width] = inner
-    return out.astype(bool) if is_bool else out
-
-
-def unletterbox(array: np.ndarray, height: int, width: int, *, mask: bool = False) -> np.ndarray:
-    """A (size, size) map or mask in the letterbox frame -> (height, width) in the original image's frame.
-
-    The padding is cropped and the inner box resized back: INTER_NEAREST for masks (bool stays
-    bool), INTER_LINEAR for maps.
-    """
-    size = array.shape[0]
-    if array.shape[:2] != (size, size):
-        raise ValueError(f"unletterbox takes a square (size, size) array, got shape {array.shape}")
-    box = letterbox_geometry(height, width, size)
-    inner = array[box.top:box.top + box.inner_height, box.left:box.left + box.inner_width]
-    is_bool = inner.dtype == bool
-    src = inner.astype(np.uint8) if is_bool else inner
-    interp = cv2.INTER_NEAREST if mask or is_bool else cv2.INTER_LINEAR
-    out = cv2.resize(src, (width, height), interpolation=interp)
-    return out.astype(bool) if is_bool else out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,8 +45,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.data import DataError, SampleSet, load_samples, read_image, read_mask
+from models.data import load_samples
+from models.errors import DataError
+from models.images import read_image, read_mask
 from models.metrics import confusion_matrix
+from models.samples import SampleSet
 
 TILES_FORMAT = "valve-inspect/tiles/1"
 MANIFEST_NAME = "tiles.json"

@@ -85,17 +85,11 @@ from models.checkpoint import (
     save_train_state,
     save_weights,
 )
-from models.data import (
-    FORMATS,
-    INPUT_POLICY,
-    Augment,
-    DataError,
-    ImageDataset,
-    SampleSet,
-    load_samples,
-    split_samples,
-)
+from models.data import FORMATS, Augment, ImageDataset, load_samples, split_samples
+from models.errors import DataError
+from models.images import INPUT_POLICY
 from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
+from models.samples import SampleSet
 
 PROG = "valve-model train"
 STATE_NAME = "train_state.pt"

@@ -2,7 +2,7 @@
 
 A probe, not the training recipe (that is ``valve-model train``): side-by-side candidates trained for
 N class-balanced steps on the Magnetic-tile training part of the paper split (:func:`models.real_data.
-paper_split`, seed 0, ratio 0.4), inputs by the project's input policy (``models.data.read_image``:
+paper_split`, seed 0, ratio 0.4), inputs by the project's input policy (``models.images.read_image``:
 letterbox to S x S, S = 192), scored by balanced accuracy (mean per-class recall) on the test part,
 in eval mode and in eval mode after recomputing the BatchNorm statistics. Every candidate of a seed sees
 the same batches (same init seed, same draws) so that the comparison is paired. Guide:
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data import read_image
+from models.images import read_image
 from models.ira_cnn import PIXEL_MEAN, PIXEL_STD, IRAHead, build_model, count_parameters, preset_config
 from models.real_data import DATASETS, paper_split
 

@@ -10,20 +10,15 @@ import torch
 from models.data import (
     FORMATS,
     Augment,
-    DataError,
     ImageDataset,
-    Sample,
-    SampleSet,
     load_samples,
-    order_classes,
-    read_image,
-    read_mask,
     register_format,
-    remap_classes,
     split_samples,
     stratified_split,
-    to_input_size,
 )
+from models.errors import DataError
+from models.images import read_image, read_mask, to_input_size
+from models.samples import Sample, SampleSet, order_classes, remap_classes
 from tests.models.helpers import make_folders_dataset
 
 

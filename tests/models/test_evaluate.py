@@ -9,8 +9,9 @@ import torch
 
 from models.checkpoint import load
 from models.cli import main as cli_main
-from models.data import load_samples, read_image, read_mask
+from models.data import load_samples
 from models.evaluate import EvalError, evaluate
+from models.images import read_image, read_mask
 from models.metrics import segmentation_scores
 from models.saliency import saliency
 from models.train import TrainConfig, train
@@ -148,7 +149,7 @@ def test_content_box_is_where_the_letterbox_puts_the_image(tmp_path):
     import numpy as np
 
     from models.evaluate import content_box
-    from models.real_data import letterbox
+    from models.images import letterbox
 
     tall = tmp_path / "tall.png"
     cv2.imwrite(str(tall), np.full((100, 40), 200, np.uint8))

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import models.real_data as rd
-from models.data import FORMATS, DataError, load_samples, read_mask, to_input_size
+from models.data import FORMATS, load_samples
+from models.errors import DataError
+from models.images import letterbox, letterbox_geometry, read_mask, to_input_size, unletterbox
 
 DATASETS = Path(os.environ.get("VALVE_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
 KOLEKTOR = DATASETS / "kolektorsdd"
@@ -56,7 +58,7 @@ def _fake_kolektor(root: Path, folders=("kos01", "kos02", "kos26"), parts=4) -> 
 
 
 def test_formats_are_registered():
-    """Importing models.data registers the two datasets and their -train / -test parts."""
+    """models.data's format table lists the two datasets and their -train / -test parts."""
     for name in ("kolektorsdd", "magnetic-tile"):
         for suffix in ("", "-train", "-test"):
             assert name + suffix in FORMATS
@@ -222,30 +224,30 @@ def test_check_run_finds_groups_a_run_trained_on(tmp_path, kolektor, capsys):
 def test_letterbox_keeps_aspect_pads_with_zero_and_maps_back():
     """A tall image keeps its aspect, centred on 0 padding; unletterbox returns to the original frame."""
     img = np.full((1263, 500), 200, np.uint8)
-    box = rd.letterbox_geometry(1263, 500, 96)
+    box = letterbox_geometry(1263, 500, 96)
     assert (box.inner_height, box.inner_width, box.top, box.left) == (96, 38, 0, 29)
-    out = rd.letterbox(img, 96)
+    out = letterbox(img, 96)
     assert out.shape == (96, 96) and out.dtype == np.uint8
     assert (out[box.valid()] == 200).all() and (out[~box.valid()] == 0).all()
-    back = rd.unletterbox(out, 1263, 500)
+    back = unletterbox(out, 1263, 500)
     assert back.shape == (1263, 500) and (back == 200).all()
 
 
 def test_letterbox_of_square_is_the_plain_resize_policy():
-    """For square images the letterbox equals models.data.to_input_size; S x S comes back as is."""
+    """For square images the letterbox equals the plain resize policy (to_input_size); S x S comes back as is."""
     img = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
-    np.testing.assert_array_equal(rd.letterbox(img, 96), to_input_size(img, 96))
+    np.testing.assert_array_equal(letterbox(img, 96), to_input_size(img, 96))
     small = img[:96, :96]
-    assert rd.letterbox(small, 96) is small
+    assert letterbox(small, 96) is small
 
 
 def test_letterbox_round_trip_of_a_blob_mask():
     """A compact mask on a tall frame comes back from letterbox -> unletterbox (nearest) with IoU > 0.9."""
     m = np.zeros((1263, 500), np.uint8)
     cv2.circle(m, (300, 800), 90, 1, -1)
-    lb = rd.letterbox(m > 0, 192, mask=True)
+    lb = letterbox(m > 0, 192, mask=True)
     assert lb.dtype == bool and lb.shape == (192, 192)
-    back = rd.unletterbox(lb, 1263, 500, mask=True)
+    back = unletterbox(lb, 1263, 500, mask=True)
     assert back.shape == (1263, 500) and back.dtype == bool
     assert (back & (m > 0)).sum() / (back | (m > 0)).sum() > 0.9
 
@@ -257,9 +259,9 @@ def test_letterbox_round_trip_of_real_masks(kolektor, mtile):
         for s in [s for s in data.samples if s.label != 0 and s.mask is not None][:6]:
             m = read_mask(s.mask)
             side = max(m.shape)
-            np.testing.assert_array_equal(rd.unletterbox(rd.letterbox(m, side, mask=True), *m.shape, mask=True), m)
+            np.testing.assert_array_equal(unletterbox(letterbox(m, side, mask=True), *m.shape, mask=True), m)
             img = cv2.imread(str(s.path), cv2.IMREAD_GRAYSCALE)
-            assert img.shape == m.shape and rd.letterbox(img, 192).shape == (192, 192)
+            assert img.shape == m.shape and letterbox(img, 192).shape == (192, 192)
     for s in kolektor.samples:
         if s.label == 1:
-            assert rd.letterbox(read_mask(s.mask), 192, mask=True).any(), s.path
+            assert letterbox(read_mask(s.mask), 192, mask=True).any(), s.path

@@ -8,7 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from models.data import DataError, Sample, SampleSet, load_samples
+from models.data import load_samples
+from models.errors import DataError
+from models.samples import Sample, SampleSet
 from models.tiles import (
     TileSpec,
     average_precision,
@@ -169,7 +171,7 @@ def test_stitched_masks_score_the_defect_image_against_its_true_mask(toy, tmp_pa
     for row in seg["rows"].values():
         assert 0.0 <= row["defect_iou"] <= 1.0 and 0.0 <= row["miou_paper"] <= 1.0
     # a perfect predictor would reach 1: the true mask put back from the tiles is the 20 x 20 square
-    from models.data import read_mask
+    from models.images import read_mask
     back = np.zeros((300, 400), bool)
     im = next(im for im in manifest["images"] if im["label"] == "crack")
     for t in im["tiles"]:
