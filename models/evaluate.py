@@ -145,7 +145,10 @@ def round_robin(queues: list[list], n: int, out: list | None = None) -> list:
     return out
 
 
-def _pick_overlays(correct: dict[int, list], wrong: list, n: int) -> list:
+def pick_overlays(correct: dict[int, list], wrong: list, n: int) -> list:
+    """Up to ``n`` overlay items: the first wrong ones (at most half), then the correct ones round-robin over
+    the classes, masked first, then more wrong ones if room is left. Entries are (0 if masked else 1, item);
+    ``correct`` maps a class to its entries."""
     take_wrong = min(len(wrong), n // 2)
     queues = [sorted(correct[k], key=lambda it: it[0]) for k in sorted(correct)]  # masked first
     chosen = round_robin(queues, n, list(wrong[:take_wrong]))
@@ -318,7 +321,7 @@ def _evaluate(run: Path, data_root: Path, fmt: str, method: str, out: Path | Non
     }
     metrics = _clean(metrics)
     if out is not None:
-        write_report(out, metrics, rows, curves, _pick_overlays(correct_items, wrong_items, n_overlays))
+        write_report(out, metrics, rows, curves, pick_overlays(correct_items, wrong_items, n_overlays))
     return metrics
 
 

@@ -881,7 +881,7 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
 
     from models.checkpoint import load as load_model
     from models.data import load_samples, read_image, read_mask, remap_classes
-    from models.evaluate import _pick_overlays, content_box, round_robin
+    from models.evaluate import content_box, pick_overlays, round_robin
     from models.figures import OverlayItem
     from models.ira_cnn import segmented_classes
     from models.saliency import saliency
@@ -939,8 +939,8 @@ def saliency_cases(run_dir: Path, rep: Path, data_path: Path, test_format: str, 
 
     correct = {k: items(v) for k, v in correct_rows.items()}
     wrong = items(wrong_sel)
-    chosen_correct = _pick_overlays(correct, [], n)
-    chosen_wrong = _pick_overlays({}, wrong, n)
+    chosen_correct = pick_overlays(correct, [], n)
+    chosen_wrong = pick_overlays({}, wrong, n)
     counts = {"correct_defects": sum(1 for r in rows if r["true"] == r["pred"] and r["true"] in seg_names),
               "wrong": sum(1 for r in rows if r["true"] != r["pred"]), "images": len(rows)}
     return chosen_correct, chosen_wrong, counts
