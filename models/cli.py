@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
     "realdata": ("models.experiments.realdata:main", "the paper's slicing on KolektorSDD/Magnetic-tile: tiles, "
                  "train (seeds), summary.json"),
-    "results": ("models.results:main", "regenerate one table of docs/results.md (cached runs, seeds, timing)"),
+    "results": ("models.experiments.results.command:main", "regenerate one table of docs/results.md (cached runs, "
+                "seeds, timing)"),
 }
 
 

@@ -182,7 +182,7 @@ def pct(stat: dict) -> str:
 
 
 def doc_section(summary: dict) -> str:
-    from models.results import machine
+    from models.experiments.results.doc import machine
 
     info = machine()
     lines = [
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{d}/{lab}/seed{s}: accuracy {m['accuracy']:.4f}, AP {m['ap']}, "
                       f"balanced {m['balanced_accuracy']:.4f}", flush=True)
         return 0
-    from models.results import write_section
+    from models.experiments.results.doc import write_section
 
     summary = summarise(runs, seeds)
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)

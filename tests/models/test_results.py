@@ -11,12 +11,15 @@ import os
 
 import pytest
 
-from models import results as R
+from models.experiments.results import command, protocol, tables
+from models.experiments.results import doc as results_doc
+from models.experiments.results import runs as results_runs
+from models.experiments.results import stats as results_stats
 from tests.models.helpers import make_folders_dataset
 
 
 def synth_protocol(data, **over):
-    return {**R._COMMON, "name": "Synthetic", "data": str(data), "train_format": "folders",
+    return {**protocol._COMMON, "name": "Synthetic", "data": str(data), "train_format": "folders",
             "test_format": "folders", "input_size": 32, "epochs": 1, **over}
 
 
@@ -31,14 +34,14 @@ def synth_data(tmp_path_factory):
 
 
 def test_mean_std_is_sample_std_and_ignores_missing_values():
-    m, s, n = R.mean_std([0.9, 0.95, 1.0, None, float("nan")])
+    m, s, n = results_stats.mean_std([0.9, 0.95, 1.0, None, float("nan")])
     assert n == 3 and m == pytest.approx(0.95) and s == pytest.approx(0.05)  # ddof 1
-    assert R.mean_std([0.8]) == (0.8, None, 1)
-    assert R.mean_std([None]) == (None, None, 0)
-    assert R.fmt_ms([0.9, 0.95, 1.0]) == "95.0 ± 5.0"
-    assert R.fmt_ms([0.9]) == "90.0"
-    assert R.fmt_ms([0.9, None, 1.0], expected=3) == "95.0 ± 7.1 (n=2)"
-    assert R.fmt_ms([None]) == "-"
+    assert results_stats.mean_std([0.8]) == (0.8, None, 1)
+    assert results_stats.mean_std([None]) == (None, None, 0)
+    assert results_stats.fmt_ms([0.9, 0.95, 1.0]) == "95.0 ± 5.0"
+    assert results_stats.fmt_ms([0.9]) == "90.0"
+    assert results_stats.fmt_ms([0.9, None, 1.0], expected=3) == "95.0 ± 7.1 (n=2)"
+    assert results_stats.fmt_ms([None]) == "-"
 
 
 def stats(**means_stds):
@@ -47,20 +50,20 @@ def stats(**means_stds):
 
 def test_ordering_sentence_agrees_and_flags_noise():
     good = stats(none=(0.90, 0.001), iam_no_spatial=(0.93, 0.001), cbam=(0.94, 0.001), iam=(0.96, 0.001))
-    text = R.ordering_sentence(good, R.PAPER_ABLATION, R.LABELS)
+    text = results_stats.ordering_sentence(good, tables.PAPER_ABLATION, tables.LABELS)
     assert "IAM 96.0 > CBAM 94.0 > IAM without spatial 93.0 > no attention 90.0" in text
     assert "Paper (accuracy %, their valve data): IAM 97.7 > IAM without spatial 96.2 = CBAM 96.2 > no attention 92.2" in text
     assert "agrees with the paper's on all 5 pairs" in text
     assert "larger than both variants' std" in text
 
     swapped = stats(none=(0.90, 0.02), iam_no_spatial=(0.93, 0.001), cbam=(0.97, 0.02), iam=(0.96, 0.02))
-    text = R.ordering_sentence(swapped, R.PAPER_ABLATION, R.LABELS)
+    text = results_stats.ordering_sentence(swapped, tables.PAPER_ABLATION, tables.LABELS)
     assert text.startswith("Ours (accuracy, mean over seeds, %): CBAM 97.0 > IAM 96.0")
     assert "disagrees with the paper's on 1 of the 5 pairs" in text and "IAM vs CBAM" in text
     assert "**The std over seeds is larger than the difference** for: CBAM vs IAM (difference 1.0" in text
 
     single = stats(none=(0.90, None), iam_no_spatial=(0.93, None), cbam=(0.94, None), iam=(0.96, None))
-    assert "single seed" in R.ordering_sentence(single, R.PAPER_ABLATION, R.LABELS)
+    assert "single seed" in results_stats.ordering_sentence(single, tables.PAPER_ABLATION, tables.LABELS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,17 +72,17 @@ def test_ordering_sentence_agrees_and_flags_noise():
 
 def test_replace_section_keeps_text_outside_the_markers(tmp_path):
     text = "# Mine\n\nintro\n<!-- BEGIN table3 -->\nold\n<!-- END table3 -->\ntrailer\n<!-- BEGIN table6 -->\nt6\n<!-- END table6 -->\n"
-    new = R.replace_section(text, "table3", "new body")
+    new = results_doc.replace_section(text, "table3", "new body")
     assert new == text.replace("\nold\n", "\nnew body\n")
-    appended = R.replace_section("# only a title\n", "table4", "t4")
+    appended = results_doc.replace_section("# only a title\n", "table4", "t4")
     assert appended == "# only a title\n\n<!-- BEGIN table4 -->\nt4\n<!-- END table4 -->\n"
-    with pytest.raises(R.ResultsError):
-        R.replace_section("<!-- END table3 -->\n<!-- BEGIN table3 -->\n", "table3", "x")
+    with pytest.raises(protocol.ResultsError):
+        results_doc.replace_section("<!-- END table3 -->\n<!-- BEGIN table3 -->\n", "table3", "x")
     doc = tmp_path / "d" / "results.md"
-    R.write_section(doc, "table6", "## six")
+    results_doc.write_section(doc, "table6", "## six")
     created = doc.read_text()
     assert created.startswith("# Results") and "valve-model results table3" in created
-    assert all(R.marker(t) in created and R.marker(t, end=True) in created for t in R.TABLES)
+    assert all(results_doc.marker(t) in created and results_doc.marker(t, end=True) in created for t in protocol.TABLES)
     assert "<!-- BEGIN table6 -->\n## six\n<!-- END table6 -->" in created
 
 
@@ -103,7 +106,7 @@ def fake_run(s, run, acc, macro_f, methods=("gradcam++",)):
     (rd / "model.safetensors").write_bytes(b"")
     os.utime(rd / "model.safetensors", ns=(1_000_000_000, 1_000_000_000))
     for m in methods:
-        rep = R.report_dir(rd, m)
+        rep = results_runs.report_dir(rd, m)
         rep.mkdir()
         (rep / "saliency_grid.png").write_bytes(b"")
         (rep / "metrics.json").write_text(json.dumps({
@@ -113,69 +116,69 @@ def fake_run(s, run, acc, macro_f, methods=("gradcam++",)):
 
 
 def test_cache_states(tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data", epochs=3)})
-    s = R.Settings("table3", tmp_path / "runs", tmp_path / "results.md", ["synth"], [0])
+    monkeypatch.setattr(protocol, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data", epochs=3)})
+    s = protocol.ResultsOptions("table3", tmp_path / "runs", tmp_path / "results.md", ["synth"], [0])
     run, p, data = s.run("synth", "iam", 0), s.proto("synth"), s.data_path("synth")
     rd = s.run_dir(run)
     assert rd.name == "iam-s0-e3-i32"
-    assert R.train_state(rd, run, p, data)[0] == "new"
+    assert results_runs.train_state(rd, run, p, data)[0] == "new"
     fake_run(s, run, 0.9, 0.8)
-    assert R.train_state(rd, run, p, data)[0] == "done"
-    assert R.eval_state(rd, "gradcam++", p)[0] == "done"
-    assert R.eval_state(rd, "cam", p)[0] == "new"
+    assert results_runs.train_state(rd, run, p, data)[0] == "done"
+    assert results_runs.eval_state(rd, "gradcam++", p)[0] == "done"
+    assert results_runs.eval_state(rd, "cam", p)[0] == "new"
     os.utime(rd / "model.safetensors")  # weights newer than the report: evaluate again
-    assert R.eval_state(rd, "gradcam++", p) == ("new", "weights newer than the report")
+    assert results_runs.eval_state(rd, "gradcam++", p) == ("new", "weights newer than the report")
     # an interrupted run resumes
     (rd / "log.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 1.0}) + "\n")
     (rd / "train_state.pt").write_bytes(b"")
     (rd / "last.safetensors").write_bytes(b"")
-    state, detail = R.train_state(rd, run, p, data)
+    state, detail = results_runs.train_state(rd, run, p, data)
     assert (state, detail) == ("resume", "at epoch 1 of 3")
-    assert "--resume" in R.plan_steps(s, run, ())[0].args
+    assert "--resume" in results_runs.plan_steps(s, run, ())[0].args
     # other settings: never overwritten
     cfg = json.loads((rd / "config.json").read_text())
     cfg["train"]["balance"] = False
     (rd / "config.json").write_text(json.dumps(cfg))
-    state, detail = R.train_state(rd, run, p, data)
+    state, detail = results_runs.train_state(rd, run, p, data)
     assert state == "conflict" and "balance False (protocol: True)" in detail
     # the --epochs override gives another run directory
-    smoke = R.Settings("table3", s.runs, s.doc, ["synth"], [0], epochs=1)
+    smoke = protocol.ResultsOptions("table3", s.runs, s.doc, ["synth"], [0], epochs=1)
     assert smoke.run_dir(smoke.run("synth", "iam", 0)).name == "iam-s0-e1-i32"
 
 
 def test_conflicting_run_is_reported_not_overwritten(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(R, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data")})
-    s = R.Settings("table3", tmp_path / "runs", tmp_path / "results.md", ["synth"], [0])
+    monkeypatch.setattr(protocol, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data")})
+    s = protocol.ResultsOptions("table3", tmp_path / "runs", tmp_path / "results.md", ["synth"], [0])
     rd = fake_run(s, s.run("synth", "iam", 0), 0.9, 0.8)
     cfg = json.loads((rd / "config.json").read_text())
     cfg["train"]["preset"] = "paper"
     (rd / "config.json").write_text(json.dumps(cfg))
-    rc = R.main(["table3", "--runs", str(s.runs), "--doc", str(s.doc), "--seeds", "0"])
+    rc = command.main(["table3", "--runs", str(s.runs), "--doc", str(s.doc), "--seeds", "0"])
     out = capsys.readouterr().out
     assert rc == 1 and "other settings" in out and "preset 'paper'" in out
     assert not s.doc.exists() and json.loads((rd / "config.json").read_text())["train"]["preset"] == "paper"
 
 
 def test_table6_from_cached_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(R, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data")})
+    monkeypatch.setattr(protocol, "PROTOCOL", {"synth": synth_protocol(tmp_path / "data")})
     runs, doc = tmp_path / "runs", tmp_path / "results.md"
-    s = R.Settings("table6", runs, doc, ["synth"], [0, 1])
+    s = protocol.ResultsOptions("table6", runs, doc, ["synth"], [0, 1])
     accs = {"none": (0.80, 0.82), "iam-no-spatial": (0.85, 0.87), "cbam": (0.90, 0.86), "iam": (0.88, 0.90)}
     for att, (a0, a1) in accs.items():
         fake_run(s, s.run("synth", att, 0), a0, a0 - 0.1)
         fake_run(s, s.run("synth", att, 1), a1, a1 - 0.1)
-    assert R.main(["table6", "--runs", str(runs), "--doc", str(doc), "--seeds", "0,1"]) == 0
+    assert command.main(["table6", "--runs", str(runs), "--doc", str(doc), "--seeds", "0,1"]) == 0
     out = capsys.readouterr().out
     assert "0 steps to run, 16 cached" in out and "started" not in out
     text = doc.read_text()
-    section = text.split(R.marker("table6"))[1].split(R.marker("table6", end=True))[0]
+    section = text.split(results_doc.marker("table6"))[1].split(results_doc.marker("table6", end=True))[0]
     assert "| IAM (`iam`) | 97.7 | 89.0 ± 1.4 | 79.0 ± 1.4 | 2 |" in section
     assert "| CBAM | 90.0 | 86.0 |" in section  # per-seed accuracies
     assert "Ours (accuracy, mean over seeds, %): IAM 89.0 > CBAM 88.0 > IAM without spatial 86.0 > no attention 81.0" in section
     assert "agrees with the paper's on all 5 pairs" in section
     assert "larger than the difference** for: IAM vs CBAM" in section
     assert "the split is always seed 0" in section
-    assert R.marker("table3") in text  # the other sections' markers are there
+    assert results_doc.marker("table3") in text  # the other sections' markers are there
     numbers = json.loads((runs / "table6.json").read_text())
     iam = numbers["datasets"]["synth"]["variants"]["iam"]["accuracy"]
     assert iam["values"] == [0.88, 0.90] and iam["mean"] == pytest.approx(0.89)
@@ -187,12 +190,12 @@ def test_table6_from_cached_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_table3_trains_once_then_everything_is_cached(synth_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(R, "PROTOCOL", {"synth": synth_protocol(synth_data)})
+    monkeypatch.setattr(protocol, "PROTOCOL", {"synth": synth_protocol(synth_data)})
     runs, doc = tmp_path / "runs", tmp_path / "doc" / "results.md"
     doc.parent.mkdir()
     doc.write_text("# Mine\n\nintro kept\n\n<!-- BEGIN table3 -->\nold table\n<!-- END table3 -->\n\ntrailer kept\n")
     argv = ["table3", "--runs", str(runs), "--doc", str(doc), "--seeds", "0", "--jobs", "1"]
-    assert R.main(argv) == 0
+    assert command.main(argv) == 0
     out = capsys.readouterr().out
     assert "2 steps to run, 0 cached" in out and "SMOKE" not in out
     rd = runs / "synth" / "iam-s0-e1-i32"
@@ -210,25 +213,25 @@ def test_table3_trains_once_then_everything_is_cached(synth_data, tmp_path, monk
     acc = numbers["datasets"]["synth"]["accuracy"]
     assert len(acc["values"]) == 1 and acc["std"] is None
 
-    assert R.main(argv) == 0  # the second call trains and evaluates nothing
+    assert command.main(argv) == 0  # the second call trains and evaluates nothing
     out = capsys.readouterr().out
     assert "0 steps to run, 2 cached" in out and "started" not in out
     assert (weights.stat().st_mtime_ns, metrics.stat().st_mtime_ns) == stamps
     assert json.loads((runs / "table3.json").read_text())["timing"]["ran_train"] == 0
 
     # the figures reuse the same run and evaluation
-    assert R.main(["figures", *argv[1:]]) == 0
+    assert command.main(["figures", *argv[1:]]) == 0
     assert "0 steps to run" in capsys.readouterr().out
     assert (doc.parent / "results" / "synth-correct.png").is_file()
     assert (doc.parent / "results" / "synth-wrong.png").is_file()
     fig = json.loads((runs / "figures.json").read_text())["datasets"]["synth"]
-    assert fig["images"] == 18 and len(fig["correct"]) <= R.FIGURE_CASES
+    assert fig["images"] == 18 and len(fig["correct"]) <= tables.FIGURE_CASES
 
 
 def test_failed_training_exits_nonzero_naming_the_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(R, "PROTOCOL", {"synth": synth_protocol(tmp_path / "no-such-data")})
+    monkeypatch.setattr(protocol, "PROTOCOL", {"synth": synth_protocol(tmp_path / "no-such-data")})
     runs, doc = tmp_path / "runs", tmp_path / "results.md"
-    rc = R.main(["table3", "--runs", str(runs), "--doc", str(doc), "--seeds", "0", "--epochs", "2"])
+    rc = command.main(["table3", "--runs", str(runs), "--doc", str(doc), "--seeds", "0", "--epochs", "2"])
     out = capsys.readouterr().out
     log = runs / "synth" / "iam-s0-e2-i32" / "train.log"
     assert rc == 1 and "SMOKE RUN" in out
