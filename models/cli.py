@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("models.export:main", "export a run to ONNX with Grad-CAM++ inside the graph"),
     "build-dataset": ("models.build_dataset:main", "slice camera frames into the 'folders' dataset format"),
     "tiles": ("models.tiles:main", "cut real images into S x S tiles at native resolution; image verdicts from tiles"),
-    "bench": ("models.bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
+    "bench": ("models.experiments.saliency_bench:main", "PyTorch eager+autograd vs ONNX Runtime in-graph Grad-CAM++"),
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
     "realdata": ("models.experiments.realdata:main", "the paper's slicing on KolektorSDD/Magnetic-tile: tiles, "
                  "train (seeds), summary.json"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import models.bench as bench
+import models.experiments.saliency_bench as bench
 from models.checkpoint import save_weights
 from models.cli import main as cli_main
 

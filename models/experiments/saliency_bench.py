@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import ValveModelError
 from models.export import TOLERANCE, check_slices, export_onnx, ort_session
 from models.ira_cnn import IRACNN, PRESETS, build_model, count_parameters, preset_config, segmented_classes
 from models.saliency import saliency, scale_map, weighted_map
@@ -61,7 +62,7 @@ N_FRAMES = 4
 CALIBRATION_PASSES = 3
 
 
-class BenchError(ValueError):
+class BenchError(ValveModelError, ValueError):
     """A user error: bad options, a missing run, torchcam requested but not importable."""
 
 
