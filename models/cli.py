@@ -1,9 +1,15 @@
-"""``valve-model``: the model side's command line (torch). Dispatch only; see service.cli."""
+"""``valve-model``: the model side's command line (torch). Dispatch only; see service.cli.
+
+Each command reports its own user errors; a model-side error that escapes one (any
+models.errors.ValveModelError) ends here as ``valve-model <command>: error: <message>`` and exit 2,
+never as a traceback. Other exceptions are bugs and propagate.
+"""
 
 from __future__ import annotations
 
 import sys
 
+from models.errors import ValveModelError
 from service.cli import dispatch
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,7 +28,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("valve-model", COMMANDS, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch("valve-model", COMMANDS, argv)
+    except ValveModelError as exc:
+        print(f"valve-model {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

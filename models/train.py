@@ -86,7 +86,7 @@ from models.checkpoint import (
     save_weights,
 )
 from models.data import FORMATS, Augment, ImageDataset, load_samples, split_samples
-from models.errors import DataError
+from models.errors import DataError, ValveModelError
 from models.images import INPUT_POLICY
 from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
 from models.samples import SampleSet
@@ -106,7 +106,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LR_FLOOR = 0.01
 
 
-class TrainError(ValueError):
+class TrainError(ValveModelError, ValueError):
     """A user error about the run: its directory, resume, options or the device."""
 
 
