@@ -103,6 +103,7 @@ class Daemon:
         self._inspect_s: float | None = None  # moving average of one inspection's wall time (seconds)
         self._mixed_warned = 0.0  # when the mixed-simulation warning was last logged
         self.model = None
+        self.unknown_threshold: float | None = None  # the unknown-score threshold in use (None: no score)
         self.camera = None
         self.plc = None
         self.archive = None
@@ -126,13 +127,15 @@ class Daemon:
         # 1. The model: a bad model file is fatal, before anything touches the line.
         self.model = InferenceModel(s.model.path or None, providers=tuple(s.model.providers),
                                     require_gpu=s.model.require_gpu, intra_op_threads=s.model.intra_op_threads)
-        from service.decide import validate_thresholds
+        from service.decide import resolve_unknown_threshold, validate_thresholds
 
         self.thresholds = validate_thresholds(s.model.thresholds.model_dump(), self.model.classes)
+        self.unknown_threshold = resolve_unknown_threshold(s.model.unknown_threshold, self.model)
         gpu = self.model.provider in GPU_PROVIDERS
         self.metrics.set_model_info(self.model.sha256, self.model.provider, self.model.preset)
         log.info("model_loaded", provider=self.model.provider, sha256=self.model.sha256, preset=self.model.preset,
-                 classes=list(self.model.classes), gpu=gpu)
+                 classes=list(self.model.classes), gpu=gpu, unknown_threshold=self.unknown_threshold,
+                 unknown_threshold_from="config" if s.model.unknown_threshold else "model.json")
 
         # 2. Metrics endpoint.
         if s.metrics.enabled:
@@ -479,7 +482,7 @@ class Daemon:
     def inspect(self, frame: Frame, part_id: int) -> tuple[Verdict, dict | None]:
         """One frame -> its Verdict (and what the archive needs); stage times go to the metrics."""
         return inspect_frame(frame, part_id, self.roi_params, self.model, self.thresholds,
-                             observe=self.metrics.observe_stage)
+                             observe=self.metrics.observe_stage, unknown_threshold=self.unknown_threshold)
 
     # ------------------------------------------------------------------ results
 

@@ -54,6 +54,7 @@ SIDECAR_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 MASK_BGR = (255, 0, 255)  # magenta: not in the JET colour map
 OUTLINE_BGR = (255, 255, 255)
+UNKNOWN_BGR = (0, 255, 255)  # yellow: the slices whose unknown score reached the threshold
 #: The overlay's crop around the valve's rectangle, on every side, in valve diameters.
 ROI_MARGIN = 0.25
 STEM_RE = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z_p-?\d+_f-?\d+_(?:" + "|".join(VERDICT_LABELS)
@@ -90,7 +91,7 @@ def _jsonable(obj: Any) -> Any:
 
 def render_overlay(image: np.ndarray, saliency: np.ndarray | None = None, mask: np.ndarray | None = None,
                    outlines: Iterable[np.ndarray] | None = None, *, max_side: int = 1280, alpha: float = 0.55,
-                   caption: str | None = None) -> np.ndarray:
+                   caption: str | None = None, highlight: Iterable[np.ndarray] | None = None) -> np.ndarray:
     """Frame + saliency colour map + mask contours + outlines -> BGR uint8 image, downscaled to ``max_side``.
 
     Args:
@@ -99,6 +100,7 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray | None = None, mask: 
             with per-pixel opacity alpha * saliency, so low saliency leaves the frame gray.
         mask: (H, W) bool in frame coordinates, or None; its outer contours are drawn in magenta.
         outlines: polygons ((n, 2) x, y in frame pixels), e.g. the slice rectangles, drawn in white.
+        highlight: polygons drawn thick in yellow over the outlines (the slices found unknown).
         max_side: the overlay's longest side at most (a 2448x2048 frame becomes 1280x1071 by default).
     Raises:
         ValueError: shapes do not match the frame.
@@ -134,6 +136,11 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray | None = None, mask: 
                  for p in outlines]
         if polys:
             cv2.polylines(out, polys, isClosed=True, color=OUTLINE_BGR, thickness=1, lineType=cv2.LINE_AA)
+    if highlight is not None:
+        polys = [np.rint(np.asarray(p, dtype=np.float64).reshape(-1, 2) * scale).astype(np.int32).reshape(-1, 1, 2)
+                 for p in highlight]
+        if polys:
+            cv2.polylines(out, polys, isClosed=True, color=UNKNOWN_BGR, thickness=3, lineType=cv2.LINE_AA)
 
     if mask is not None:
         m = np.asarray(mask).astype(np.uint8)
@@ -176,7 +183,10 @@ def part_overlay(image: np.ndarray, verdict: Verdict, extras: dict | None = None
     if extras.get("masks") is not None:
         mask = batch.roi_to_box(batch.assemble(np.asarray(extras["masks"]) > 0), box, interpolation="nearest")
     outlines = batch.slice_polygons() - np.array([x0, y0], dtype=np.float32)
-    return render_overlay(image[y0:y1, x0:x1], sal, mask, outlines, max_side=max_side, caption=caption), box
+    unknown = (verdict.extra.get("unknown") or {}).get("slices") or [] if isinstance(verdict.extra, dict) else []
+    highlight = [outlines[i] for i in unknown if 0 <= i < len(outlines)]
+    return render_overlay(image[y0:y1, x0:x1], sal, mask, outlines, max_side=max_side, caption=caption,
+                          highlight=highlight or None), box
 
 
 def outlines_box(outlines: Iterable[np.ndarray], shape: tuple[int, ...],
@@ -198,8 +208,11 @@ def outlines_box(outlines: Iterable[np.ndarray], shape: tuple[int, ...],
 def caption_for(verdict: Verdict) -> str:
     """One line for the overlay: part, verdict, defects and scores."""
     what = verdict.label + (f" {'+'.join(verdict.defects)}" if verdict.defects else "")
+    u = verdict.extra.get("unknown") if isinstance(verdict.extra, dict) else None
+    unknown = (f"  unknown {max(u['scores']) / u['threshold']:.2f}x" if u and u.get("scores") and u.get("threshold")
+               else "")
     return (f"part {verdict.part_id} frame {verdict.frame_id}  {what}  dirt {verdict.score_dirt:.2f} "
-            f"scratch {verdict.score_scratch:.2f} ec {verdict.score_ec:.2f}")
+            f"scratch {verdict.score_scratch:.2f} ec {verdict.score_ec:.2f}{unknown}")
 
 
 # ---------------------------------------------------------------------------------------- archive

@@ -269,6 +269,9 @@ class ModelSettings(_Section):
     require_gpu: bool = False
     intra_op_threads: int = Field(0, ge=0, le=256)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    #: the unknown-defect score's threshold (models.unknown); 0 = model.json's calibrated one. > 0 only for a
+    #: model with the score (refused otherwise at start-up); a large value (e.g. 1e9) switches the check off.
+    unknown_threshold: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     @field_validator("path")
     @classmethod

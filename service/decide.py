@@ -22,6 +22,13 @@ Rules, for one part whose frame gave N slices (normally 8) with probabilities ``
    slices that *reject* for dirt / scratch (a below-threshold slice counts as good, so its mask does
    not count either: an accepted part reports 0), 0 when ``masks`` is None or the class is not segmented.
 
+7. Unknown defects. When the model has an unknown score (``Prediction.unknown``, (N,): models.unknown)
+   and ``unknown_threshold`` is given, a slice whose score is >= the threshold is *unknown*: the part
+   gets RejectUnknown, whatever the slice's class (an unknown slice predicted "good" does not let the
+   part pass). Known defects keep their own bits: a part with a scratch slice and an unknown slice
+   has RejectScratch and RejectUnknown. A score that is not finite, negative or not (N,) makes the
+   part NotInspected (rule 1); so does a threshold that is not a finite number > 0.
+
 Class names are matched exactly (lower case, as in model.json).
 """
 
@@ -46,9 +53,12 @@ PROB_ATOL = 1e-5
 SUM_ATOL = 1e-3
 
 
+def _number(t: object) -> bool:
+    return not isinstance(t, bool) and isinstance(t, (int, float, np.floating)) and math.isfinite(t)
+
+
 def _valid_threshold(t: object) -> bool:
-    return (not isinstance(t, bool) and isinstance(t, (int, float)) and math.isfinite(t)
-            and 0.0 < float(t) <= 1.0)
+    return _number(t) and 0.0 < float(t) <= 1.0
 
 
 def validate_thresholds(thresholds: Mapping[str, float], classes: Sequence[str]) -> dict[str, float]:
@@ -80,6 +90,25 @@ def validate_thresholds(thresholds: Mapping[str, float], classes: Sequence[str])
         raise ConfigError(f"no threshold for the model's class(es) {', '.join(missing)}. Fix: add e.g. "
                           + ", ".join(f"{c} = 0.5" for c in missing) + " to the thresholds table.")
     return out
+
+
+def resolve_unknown_threshold(configured: float | None, model) -> float | None:
+    """The unknown-score threshold in use: [model] unknown_threshold when > 0, else model.json's (None: no score).
+
+    Raises:
+        ConfigError: a threshold is configured for a model that has no unknown score, or it is not a number > 0.
+    """
+    has = bool(getattr(model, "has_unknown", False))
+    if configured is None or (_number(configured) and float(configured) == 0.0):
+        return model.unknown_threshold if has else None
+    if not (_number(configured) and float(configured) > 0):
+        raise ConfigError(f"model.unknown_threshold = {configured!r}: must be a finite number > 0. Fix: e.g. "
+                          f"unknown_threshold = 1.5, or remove it to use the model's calibrated threshold.")
+    if not has:
+        raise ConfigError(f"model.unknown_threshold = {configured!r}, but the model {getattr(model, 'path', '')} has "
+                          f"no unknown-defect score. Fix: remove the key, or use a model with the score "
+                          f"(`valve-model unknown attach`).")
+    return float(configured)
 
 
 def _segmented_names(segmented: np.ndarray | Iterable[str] | Iterable[bool], classes: Sequence[str]) -> set[str]:
@@ -117,12 +146,19 @@ def _check(prediction: Prediction, masks: np.ndarray | None, n_expected: int) ->
         return f"probabilities do not sum to 1 (row sums {np.round(sums, 4).tolist()})"
     if masks is not None and (not isinstance(masks, np.ndarray) or masks.ndim != 3 or masks.shape[0] != n):
         return f"inconsistent masks: shape {getattr(masks, 'shape', None)} for {n} slices"
+    unknown = prediction.unknown
+    if unknown is not None:
+        if not isinstance(unknown, np.ndarray) or unknown.shape != (n,):
+            return f"inconsistent unknown scores: shape {getattr(unknown, 'shape', None)} for {n} slices"
+        if not np.isfinite(unknown).all() or (unknown < 0).any():
+            bad = sorted(set(np.nonzero(~np.isfinite(unknown) | (unknown < 0))[0].tolist()))
+            return f"invalid unknown score (not finite, or < 0) on slice(s) {bad}"
     return ""
 
 
 def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarray | None,
            thresholds: Mapping[str, float], segmented: np.ndarray | Iterable[str] | Iterable[bool],
-           inspect_ms: float, n_expected_slices: int = 8) -> Verdict:
+           inspect_ms: float, n_expected_slices: int = 8, unknown_threshold: float | None = None) -> Verdict:
     """The verdict for one part (rules in the module docstring). Never raises for bad data: NotInspected instead.
 
     Args:
@@ -133,6 +169,8 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         segmented: (K,) bool over the classes, or the names of the segmented classes.
         inspect_ms: time from frame arrival to verdict, reported as is.
         n_expected_slices: slices a fully inspected part has.
+        unknown_threshold: slices with ``prediction.unknown >= unknown_threshold`` are unknown (rule 7); None
+            switches the rule off (a model without the score).
     """
     def not_inspected(reason: str) -> Verdict:
         return Verdict.make_not_inspected(part_id, reason, frame_id=frame_id, inspect_ms=inspect_ms)
@@ -154,6 +192,8 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         if not _valid_threshold(t):
             return not_inspected(f"no valid threshold for class {c!r} (got {t!r})")
         limits[c] = float(t)
+    if unknown_threshold is not None and not (_number(unknown_threshold) and float(unknown_threshold) > 0):
+        return not_inspected(f"invalid unknown threshold {unknown_threshold!r} (a finite number > 0)")
 
     probs = prediction.probs
     predicted = probs.argmax(axis=1)
@@ -180,18 +220,32 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
             area = int(np.count_nonzero(masks[rejecting[name]]))
         fields[fld] = area
 
+    unknown_idx: list[int] = []
+    if unknown_threshold is not None and prediction.unknown is not None:
+        unknown_idx = np.nonzero(prediction.unknown >= float(unknown_threshold))[0].tolist()
+        for i in unknown_idx:
+            slices[i]["unknown"] = True
+
     notes = []
     for name, idx in rejecting.items():
         pmax = max(float(probs[i, classes.index(name)]) for i in idx)
         notes.append(f"{name} on slice(s) {idx} (max p {pmax:.3f} >= {limits[name]:.3f})")
     below_note = "; ".join(f"{name} below threshold on slice(s) {idx} (counted good)" for name, idx in below.items())
+    if unknown_idx:
+        umax = float(prediction.unknown[unknown_idx].max())
+        notes.append(f"unknown on slice(s) {unknown_idx} (max score {umax:.3g} >= {float(unknown_threshold):.3g})")
     extra = {"slices": slices, "rejecting": rejecting, "below_threshold": below,
              "thresholds": {c: limits[c] for c in classes if c != GOOD}}
+    if prediction.unknown is not None:
+        extra["unknown"] = {"scores": [round(float(u), 4) for u in prediction.unknown], "slices": unknown_idx,
+                            "threshold": None if unknown_threshold is None else float(unknown_threshold)}
 
-    if rejecting:
+    if rejecting or unknown_idx:
         flags = {d.reject: False for d in DEFECTS_TABLE}
         for name in rejecting:
             flags[DEFECT_FLAGS.get(name, UNKNOWN_DEFECT.reject)] = True
+        if unknown_idx:
+            flags[UNKNOWN_DEFECT.reject] = True
         text = "reject: " + "; ".join(notes) + (f"; {below_note}" if below_note else "")
         return Verdict(part_id=part_id, frame_id=frame_id, inspect_ms=inspect_ms, reason=text, extra=extra,
                        **flags, **fields)

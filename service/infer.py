@@ -6,6 +6,8 @@ The graph contract (models/export.py writes it, this module checks it at start-u
     outputs  logits    float32 (B, K)
              probs     float32 (B, K)   softmax over the K classes
              saliency  float32 (B, 192, 192) in [0, 1], Grad-CAM++ for each slice's predicted class
+    optional unknown   float32 (B,)     the unknown-defect score (models/unknown.py); with it model.json
+                                        carries "unknown": {"threshold": t > 0, ...} and without it must not
 
 and beside model.onnx a model.json (models/export.py, format "valve-inspect/model/1") with at least
 "classes" (K names in logit order), the segmented classes (the ones that get an Otsu mask: names in
@@ -60,6 +62,8 @@ INPUT_NAME = "slices"
 INPUT_DTYPE = "uint8"
 SLICE_SHAPE = (1, 192, 192)
 OUTPUT_NAMES = ("logits", "probs", "saliency")
+#: the optional per-slice unknown-defect score (models/unknown.py attaches it; model.json "unknown" describes it)
+UNKNOWN_OUTPUT = "unknown"
 REQUIRED_JSON_KEYS = ("classes", "input", "outputs", "sha256")  # + one of SEGMENTED_KEYS
 #: model.json may say which classes are segmented as names ("segmented", "segmented_classes") or as
 #: a bool list over classes ("segmented_mask"); models/export.py writes the last two.
@@ -151,6 +155,13 @@ def load_metadata(model_path: str | Path) -> dict:
     if model_file is not None and model_file != Path(model_path).name:
         log.warning("model_json_file_name_differs", model_file=model_file, path=str(model_path),
                     note="renamed after export; the sha256 check decides whether the pair belongs together")
+    unknown = meta.get("unknown")
+    if unknown is not None:
+        t = unknown.get("threshold") if isinstance(unknown, Mapping) else None
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ModelContractError(f"model metadata {path}: 'unknown' must be an object with a 'threshold' > 0 "
+                                     f"(the calibrated unknown-score threshold), got {unknown!r}. Fix: re-run "
+                                     f"`valve-model unknown attach` to rewrite it.")
     sha = meta["sha256"]
     if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in sha):
         raise ModelContractError(f"model metadata {path}: 'sha256' must be 64 hex digits, got {sha!r}. "
@@ -450,13 +461,24 @@ class InferenceModel:
     def input_name(self) -> str:
         return self._input_name
 
+    @property
+    def unknown_threshold(self) -> float | None:
+        """model.json's calibrated unknown-score threshold; None when the model has no unknown score."""
+        u = self.meta.get("unknown")
+        return float(u["threshold"]) if u is not None else None
+
+    @property
+    def has_unknown(self) -> bool:
+        """The graph has the optional ``unknown`` output (and model.json its threshold)."""
+        return UNKNOWN_OUTPUT in self._output_names
+
     def describe(self) -> dict[str, Any]:
         """What the daemon logs and exposes about the loaded model."""
         return {"path": str(self.path), "sha256": self.sha256, "preset": self.preset, "attention": self.attention,
                 "opset": self.meta.get("opset"), "classes": list(self.classes),
                 "segmented": [c for c, s in zip(self.classes, self.segmented, strict=True) if s],
                 "provider": self.provider, "providers": list(self.providers),
-                "warmup_ms": round(self.warmup_ms, 3)}
+                "unknown_threshold": self.unknown_threshold, "warmup_ms": round(self.warmup_ms, 3)}
 
     # ------------------------------------------------------------------------------ checks
 
@@ -530,6 +552,25 @@ class InferenceModel:
                                          f"[B, {', '.join(map(str, tail))}] ({what}). Fix: export the model "
                                          f"with the classes listed in model.json, or correct model.json.")
         self._output_names = list(OUTPUT_NAMES)
+        json_names = _json_output_names(self.meta["outputs"])
+        has_json = "unknown" in self.meta or UNKNOWN_OUTPUT in json_names
+        if UNKNOWN_OUTPUT in outputs:
+            o = outputs[UNKNOWN_OUTPUT]
+            dtype = _ORT_TYPES.get(o.type, o.type)
+            if dtype != "float32" or len(o.shape) != 1:
+                raise ModelContractError(f"{self.path.name}'s output {UNKNOWN_OUTPUT!r} is {dtype} {list(o.shape)}, "
+                                         f"the contract says float32 [B] (one score per slice). Fix: re-run "
+                                         f"`valve-model unknown attach` on the exported model.")
+            if "unknown" not in self.meta or UNKNOWN_OUTPUT not in json_names:
+                raise ModelContractError(f"{self.path.name} has an {UNKNOWN_OUTPUT!r} output but "
+                                         f"{metadata_path(self.path).name} does not describe it (its 'unknown' "
+                                         f"section with the threshold, and the output in 'outputs'). Fix: use the "
+                                         f"model.json written with this model.onnx by `valve-model unknown attach`.")
+            self._output_names.append(UNKNOWN_OUTPUT)
+        elif has_json:
+            raise ModelContractError(f"{metadata_path(self.path).name} describes an unknown-defect score but "
+                                     f"{self.path.name} has no {UNKNOWN_OUTPUT!r} output. Fix: copy model.onnx and "
+                                     f"model.json from the same `valve-model unknown attach` run.")
 
     # ------------------------------------------------------------------------------ run
 
@@ -551,11 +592,14 @@ class InferenceModel:
             raise ValueError(f"slices must have shape (N, {', '.join(map(str, SLICE_SHAPE))}) with N >= 1, "
                              f"got {slices.shape}")
         n = slices.shape[0]
-        logits, probs, saliency = self.session.run(self._output_names,
-                                                   {self._input_name: np.ascontiguousarray(slices)})
+        outs = self.session.run(self._output_names, {self._input_name: np.ascontiguousarray(slices)})
+        logits, probs, saliency = outs[:3]
+        unknown = outs[3] if len(outs) > 3 else None
         k = self.num_classes
-        for name, arr, want in (("logits", logits, (n, k)), ("probs", probs, (n, k)),
-                                ("saliency", saliency, (n, *SLICE_SHAPE[1:]))):
+        checks = [("logits", logits, (n, k)), ("probs", probs, (n, k)), ("saliency", saliency, (n, *SLICE_SHAPE[1:]))]
+        if unknown is not None:
+            checks.append((UNKNOWN_OUTPUT, unknown, (n,)))
+        for name, arr, want in checks:
             if arr.shape != want:
                 raise ModelContractError(f"{self.path.name} returned {name} of shape {arr.shape} for {n} slices, "
                                          f"expected {want} (K = len(classes) = {k}). Fix: re-export the model "
@@ -563,7 +607,8 @@ class InferenceModel:
         return Prediction(logits=np.ascontiguousarray(logits, dtype=np.float32),
                           probs=np.ascontiguousarray(probs, dtype=np.float32),
                           saliency=np.ascontiguousarray(saliency, dtype=np.float32),
-                          classes=self.classes)
+                          classes=self.classes,
+                          unknown=None if unknown is None else np.ascontiguousarray(unknown, dtype=np.float32))
 
     def __repr__(self) -> str:
         return (f"InferenceModel({str(self.path)!r}, sha256={self.sha256[:12]}, classes={self.classes}, "
@@ -579,6 +624,9 @@ def check_warmup_outputs(pred: Prediction) -> None:
             or not np.allclose(pred.probs.sum(axis=1), 1.0, atol=1e-3):
         raise ModelContractError("the model's warm-up probs are not a softmax (each row in [0, 1], summing to 1). "
                                  "Fix: export the 'probs' output as softmax(logits).")
+    if pred.unknown is not None and not (np.isfinite(pred.unknown).all() and (pred.unknown >= 0).all()):
+        raise ModelContractError("the model's warm-up unknown scores are not finite and >= 0 (a squared distance). "
+                                 "Fix: re-run `valve-model unknown attach` on the exported model.")
     lo, hi = float(pred.saliency.min()), float(pred.saliency.max())
     if lo < -1e-5 or hi > 1 + 1e-5 or not math.isfinite(lo):
         raise ModelContractError(f"the model's warm-up saliency lies in [{lo}, {hi}], the contract says [0, 1]. "

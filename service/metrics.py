@@ -11,6 +11,9 @@ Exported (Grafana's queries use these names):
     valve_inspect_defects_total{defect}             dirt | scratch | ec | unknown (per rejected part)
     valve_inspect_stage_seconds{stage}              histogram: grab | roi | infer | segment | plc
     valve_inspect_part_latency_seconds              histogram: PartId seen -> verdict written
+    valve_inspect_unknown_ratio                     histogram: per inspected part, its highest slice unknown
+                                                    score / the threshold in use (>= 1: RejectUnknown); only
+                                                    for a model with the score; a drifting line shows here first
     valve_inspect_frames_dropped_total              frames not waited for (inference behind, queue full)
     valve_inspect_camera_connected                  1 / 0
     valve_inspect_camera_failed_buffers_total       buffers the camera delivered incomplete
@@ -46,6 +49,8 @@ STAGES = ("grab", "roi", "infer", "segment", "plc")
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: Whole-part latency: 10 ms .. 2 s (the PLC's verdict deadline), finer where the demo line sits.
 LATENCY_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+#: unknown score / threshold: most good parts sit well below 1; >= 1 is RejectUnknown
+UNKNOWN_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 10.0)
 
 
 @dataclass
@@ -91,6 +96,9 @@ class Metrics:
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.part_latency = Histogram("valve_inspect_part_latency_seconds", "PartId seen -> verdict written.",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.unknown_ratio = Histogram("valve_inspect_unknown_ratio", "Per inspected part: its highest slice "
+                                       "unknown-defect score divided by the threshold in use (>= 1 rejects the "
+                                       "part as RejectUnknown).", buckets=UNKNOWN_BUCKETS, registry=r)
         self.frames_dropped = Counter("valve_inspect_frames_dropped", "Frames not waited for because "
                                       "inference fell behind (the part is reported NotInspected).", registry=r)
         self.camera_connected = Gauge("valve_inspect_camera_connected", "1 while the camera is open and "
@@ -142,6 +150,9 @@ class Metrics:
         self.parts.labels(verdict=verdict.label).inc()
         for defect in verdict.defects:
             self.defects.labels(defect=defect).inc()
+        u = verdict.extra.get("unknown") if isinstance(verdict.extra, dict) else None
+        if u and u.get("threshold") and u.get("scores"):
+            self.unknown_ratio.observe(max(u["scores"]) / u["threshold"])
         if latency_s is None and verdict.inspect_ms > 0:
             latency_s = verdict.inspect_ms / 1000.0
         if latency_s is not None:

@@ -39,12 +39,15 @@ class Prediction:
         probs: (N, K) float32 softmax.
         saliency: (N, S, S) float32 in [0, 1], Grad-CAM++ for each slice's predicted class.
         classes: the K class names in logit order.
+        unknown: (N,) float32, the unknown-defect score per slice (models.unknown: Mahalanobis distance of the
+            pooled block features to the nearest known class), or None when the model has no such output.
     """
 
     logits: np.ndarray
     probs: np.ndarray
     saliency: np.ndarray
     classes: tuple[str, ...]
+    unknown: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -78,7 +81,7 @@ DEFECTS_TABLE: tuple[Defect, ...] = (
     Defect("dirt", "reject_dirt", "score_dirt", "dirt_area_px"),
     Defect("scratch", "reject_scratch", "score_scratch", "scratch_area_px"),
     Defect("ec", "reject_ec", "score_ec"),
-    Defect("unknown", "reject_unknown"),  # any other non-good class of a future model (service.decide)
+    Defect("unknown", "reject_unknown"),  # a slice unlike the known classes, or another non-good class (decide)
 )
 #: The reject bucket of a defect class the table does not name.
 UNKNOWN_DEFECT = DEFECTS_TABLE[-1]

@@ -91,7 +91,7 @@ LAYOUT: tuple[Field, ...] = (
     Field("RejectDirt", 24, 1, "Bool", _OUT, "Rejected: dirt"),
     Field("RejectScratch", 24, 2, "Bool", _OUT, "Rejected: scratch"),
     Field("RejectEC", 24, 3, "Bool", _OUT, "Rejected: EC defect"),
-    Field("RejectUnknown", 24, 4, "Bool", _OUT, "Rejected: unknown defect (reserved)"),
+    Field("RejectUnknown", 24, 4, "Bool", _OUT, "Rejected: a slice unlike every known class (unknown score >= threshold)"),
     Field("NoPart", 24, 5, "Bool", _OUT, "No inspectable valve in the frame (treat as reject)"),
     Field("NotInspected", 24, 6, "Bool", _OUT, "Inspection failed or timed out (treat as reject; never Accept)"),
     Field("DirtAreaPx", 26, None, "DInt", _OUT, "Segmented dirt pixels over the 8 slices"),

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -92,6 +93,33 @@ def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.01)
         if value or time.monotonic() >= end:
             return value
         time.sleep(step)
+
+
+# ------------------------------------------------------------------- bars derived from held-out figures
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k)."""
+    return sum(math.comb(n, i) * p**i * (1.0 - p) ** (n - i) for i in range(max(k, -1) + 1))
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided lower confidence bound of a binomial rate from k successes in n (bisection, no scipy)."""
+    if k == 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(100):  # P(X >= k | p) rises with p: find where it crosses alpha
+        mid = (lo + hi) / 2
+        if 1.0 - binom_cdf(k - 1, n, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def held_out_bar(k: int, n: int, m: int, alpha: float = 0.01) -> int:
+    """The least number right of m parts that a model with held-out k/n reaches with probability >= 1 - alpha."""
+    p = clopper_pearson_lower(k, n, alpha)
+    return max(b for b in range(m + 1) if binom_cdf(b - 1, m, p) <= alpha)
 
 
 # ----------------------------------------------------------------------------------------- the PLC

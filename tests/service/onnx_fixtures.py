@@ -14,6 +14,10 @@ The toy graph:
     up       = Resize(pooled, x8, linear, half_pixel)            (B, 1, S, S)
     saliency = (up - min) / (max - min) per slice, 0 where max - min <= 1e-4 (B, S, S)
 
+With ``unknown=True`` the graph also has the optional ``unknown`` output (B,) = UNKNOWN_SCALE * the
+slice's brightest pixel / 255: a slice with one bright spot is "unknown" at UNKNOWN_THRESHOLD without
+changing its class (the mean barely moves); ``unknown_json`` gives model.json's matching section.
+
 With the default weights the predicted class follows the slice's mean gray value: dark slices
 are class 0, bright ones class K-1 (see ``reference``, the same arithmetic in numpy).
 
@@ -36,6 +40,8 @@ SEGMENTED = ("dirt", "scratch")
 SIZE = 192
 OPSET = 17
 EPS = 1e-4
+UNKNOWN_SCALE = 10.0
+UNKNOWN_THRESHOLD = 5.0
 
 
 def default_weights(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +64,7 @@ def build_model(
     nan_probs: bool = False,
     weights: tuple[np.ndarray, np.ndarray] | None = None,
     ir_version: int = 8,
+    unknown: bool = False,
 ) -> onnx.ModelProto:
     """A contract-conforming toy model by default; each argument bends one aspect of the contract.
 
@@ -101,6 +108,12 @@ def build_model(
         helper.make_node("Cast", ["contrast"], ["contrast_f"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["scaled", "contrast_f"], [sal_name]),
     ]
+    outputs_extra = []
+    if unknown:
+        inits.append(helper.make_tensor("uscale", TensorProto.FLOAT, [], [UNKNOWN_SCALE]))
+        nodes.append(helper.make_node("ReduceMax", ["x01"], ["xmax"], axes=[1, 2, 3], keepdims=0))  # (B,)
+        nodes.append(helper.make_node("Mul", ["xmax", "uscale"], ["unknown"]))
+        outputs_extra.append(helper.make_tensor_value_info("unknown", TensorProto.FLOAT, [batch]))
     if nan_probs:
         nodes.append(helper.make_node("Mul", ["probs_f", "nan"], [probs_name]))
     elif probs_dtype != TensorProto.FLOAT:
@@ -115,6 +128,7 @@ def build_model(
             helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, [batch, k]),
             helper.make_tensor_value_info(probs_name, probs_dtype, [batch, k]),
             helper.make_tensor_value_info(sal_name, TensorProto.FLOAT, [batch, s_out, s_out]),
+            *outputs_extra,
         ],
         initializer=inits,
     )
@@ -149,6 +163,12 @@ def model_json(onnx_bytes: bytes, classes: Sequence[str] = CLASSES, seg: Sequenc
     }
     meta.update(overrides)
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def unknown_json(threshold: float = UNKNOWN_THRESHOLD) -> dict:
+    """model.json's keys for a model built with ``unknown=True``: pass as ``**unknown_json()`` to write_model."""
+    outputs = model_json(b"")["outputs"] + [{"name": "unknown", "dtype": "float32", "shape": ["batch"]}]
+    return {"outputs": outputs, "unknown": {"method": "toy: brightest pixel", "threshold": threshold}}
 
 
 def write_model(directory: Path, model: onnx.ModelProto | None = None, *, name: str = "model.onnx",

@@ -12,7 +12,6 @@ plumbing model it is skipped and every other test still runs.
 
 from __future__ import annotations
 
-import math
 import socket
 import threading
 import time
@@ -30,8 +29,11 @@ from tests.service.daemon_fixtures import (
     ModelUnderTest,
     Result,
     StatusWrite,
+    binom_cdf,
     clean_env,
+    clopper_pearson_lower,
     daemon_config,
+    held_out_bar,
     running_daemon,
     samples,
     scrape,
@@ -59,31 +61,6 @@ HELD_OUT_SHA256 = "702be8da7ada5177ac02fd4a253fb108ead5b71f0360b7a9bd5d4aed06fec
 HELD_OUT = {"disposition": (119, 120), "exact": (107, 120), "own_class": (106, 108)}
 ALPHA = 0.01
 DEFECT_PARTS = 12  # of the 16: 4 each of dirt, scratch, ec
-
-
-def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k)."""
-    return sum(math.comb(n, i) * p**i * (1.0 - p) ** (n - i) for i in range(max(k, -1) + 1))
-
-
-def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
-    """One-sided lower confidence bound of a binomial rate from k successes in n (bisection, no scipy)."""
-    if k == 0:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    for _ in range(100):  # P(X >= k | p) rises with p: find where it crosses alpha
-        mid = (lo + hi) / 2
-        if 1.0 - binom_cdf(k - 1, n, mid) < alpha:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def held_out_bar(k: int, n: int, m: int, alpha: float = ALPHA) -> int:
-    """The least number right of m parts that a model with held-out k/n reaches with probability >= 1 - alpha."""
-    p = clopper_pearson_lower(k, n, alpha)
-    return max(b for b in range(m + 1) if binom_cdf(b - 1, m, p) <= alpha)
 
 
 REQUIRED_DISPOSITION = held_out_bar(*HELD_OUT["disposition"], PARTS)

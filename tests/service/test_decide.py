@@ -221,3 +221,95 @@ def test_never_accept_unless_fully_and_consistently_inspected(probs, th, expecte
     if v.label == "reject":
         pred = probs.argmax(axis=1)
         assert any(c != 0 and probs[i, c] >= th for i, c in enumerate(pred))
+
+
+# ------------------------------------------------------------------ rule 7: unknown defects
+
+def run_unknown(rows, scores, threshold=2.0):
+    p = pred_from(rows)
+    p = Prediction(logits=p.logits, probs=p.probs, saliency=p.saliency, classes=p.classes,
+                   unknown=None if scores is None else np.asarray(scores, np.float32))
+    return decide(101, 7, p, None, TH, SEG, inspect_ms=1.0, n_expected_slices=8, unknown_threshold=threshold)
+
+
+def test_an_unknown_slice_predicted_good_rejects_the_part_as_unknown():
+    """A slice the classifier calls good but whose unknown score reaches the threshold: RejectUnknown, never Accept."""
+    scores = [0.5] * 8
+    scores[2] = 2.0  # equality counts, as for the class thresholds
+    v = run_unknown(good8(), scores)
+    assert not v.accept and v.reject_unknown and v.defects == ("unknown",) and v.label == "reject"
+    assert v.extra["unknown"]["slices"] == [2] and v.extra["slices"][2]["unknown"] is True
+    assert "unknown on slice(s) [2]" in v.reason
+
+
+def test_below_the_unknown_threshold_the_part_is_accepted_and_the_scores_are_kept():
+    """Scores under the threshold change nothing; the verdict still carries them for the archive and metrics."""
+    v = run_unknown(good8(), [1.99] * 8)
+    assert v.accept and not v.reject_unknown
+    assert v.extra["unknown"]["scores"] == [1.99] * 8 and v.extra["unknown"]["threshold"] == 2.0
+
+
+def test_a_known_defect_keeps_its_own_bit_beside_reject_unknown():
+    """A scratch slice and an unknown slice on one part: RejectScratch and RejectUnknown both set."""
+    rows = good8()
+    rows[4] = row("scratch", 0.95)
+    scores = [0.1] * 8
+    scores[6] = 9.0
+    v = run_unknown(rows, scores)
+    assert v.reject_scratch and v.reject_unknown and set(v.defects) == {"scratch", "unknown"}
+
+
+def test_no_threshold_switches_the_unknown_rule_off():
+    """unknown_threshold=None (a model without the score): the scores are ignored."""
+    v = run_unknown(good8(), [100.0] * 8, threshold=None)
+    assert v.accept and not v.reject_unknown
+
+
+@pytest.mark.parametrize("scores, reason", [
+    ([0.1] * 7 + [float("nan")], "invalid unknown score"),
+    ([0.1] * 7 + [-1.0], "invalid unknown score"),
+    ([0.1] * 7, "inconsistent unknown scores"),
+])
+def test_a_broken_unknown_score_is_not_inspected(scores, reason):
+    """NaN, negative or missing scores make the part NotInspected with the reason, never Accept."""
+    v = run_unknown(good8(), scores)
+    assert v.not_inspected and not v.accept and reason in v.reason
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_an_invalid_unknown_threshold_is_not_inspected(threshold):
+    """A threshold that is not a finite number > 0 cannot silently switch the rule off: NotInspected."""
+    v = run_unknown(good8(), [0.1] * 8, threshold=threshold)
+    assert v.not_inspected and "invalid unknown threshold" in v.reason
+
+
+class _Model:
+    def __init__(self, has, threshold):
+        self.has_unknown, self.unknown_threshold, self.path = has, threshold, "m.onnx"
+
+
+def test_resolve_unknown_threshold_prefers_the_config_and_refuses_it_without_a_score():
+    """[model] unknown_threshold overrides model.json's; set for a model without the score it is a ConfigError."""
+    from service.decide import resolve_unknown_threshold
+
+    assert resolve_unknown_threshold(None, _Model(True, 1.5)) == 1.5
+    assert resolve_unknown_threshold(3.0, _Model(True, 1.5)) == 3.0
+    assert resolve_unknown_threshold(None, _Model(False, None)) is None
+    assert resolve_unknown_threshold(0.0, _Model(True, 1.5)) == 1.5  # the config's default: the model's own
+    assert resolve_unknown_threshold(0.0, _Model(False, None)) is None
+    with pytest.raises(ConfigError, match="has no unknown-defect score"):
+        resolve_unknown_threshold(2.0, _Model(False, None))
+    with pytest.raises(ConfigError, match="finite number > 0"):
+        resolve_unknown_threshold(float("nan"), _Model(True, 1.5))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scores=st.lists(st.floats(0, 10, allow_nan=False), min_size=8, max_size=8),
+       t=st.floats(0.01, 10, allow_nan=False))
+def test_accept_implies_every_unknown_score_below_the_threshold(scores, t):
+    """Whatever the scores: Accept only when all are < t; RejectUnknown exactly when one is >= t."""
+    v = run_unknown(good8(), scores, threshold=t)
+    unknown = [bool(np.float32(s) >= np.float32(t)) for s in scores]  # decide compares in float32
+    assert v.accept == (not any(unknown))
+    assert v.reject_unknown == any(unknown)
+    assert not (v.accept and v.reject_unknown)

@@ -457,6 +457,7 @@ REQUIRED_ALERTS = {
     "ValveInspectFramesDropped": "valve_inspect_frames_dropped_total",
     "ValveInspectModelOnCpu": "valve_inspect_model_info",
     "ValveInspectSimulationMixed": "valve_inspect_simulation_mixed",
+    "ValveInspectUnknownDefects": "valve_inspect_defects_total",
 }
 
 
@@ -628,7 +629,19 @@ def _promtool_tests() -> list[dict]:
         "alert_rule_test": [_quiet("ValveInspectRejectRateSpike", f"{day - 10}m"),
                             _fires("ValveInspectRejectRateSpike", f"{day + 30}m", "warning")],
     }
-    return [short, ratios, idle, spike]
+    # 30 minutes at 10 parts per 15 s: a, 1 in 10 RejectUnknown; b, 1 in 200 (the calibrated level).
+    unknown = {
+        "interval": "15s",
+        "input_series": [
+            *_parts({"accept": "0+9x200", "reject": "0+1x200"}),
+            _series("valve_inspect_defects_total", "0+1x200", defect="unknown"),
+            *_parts({"accept": "0+10x200", "reject": "0+0.05x200"}, instance="b"),
+            _series("valve_inspect_defects_total", "0+0.05x200", defect="unknown", instance="b"),
+        ],
+        "alert_rule_test": [_quiet("ValveInspectUnknownDefects", "5m"),
+                            _fires("ValveInspectUnknownDefects", "40m", "warning")],
+    }
+    return [short, ratios, idle, spike, unknown]
 
 
 @needs_yaml

@@ -361,3 +361,39 @@ def test_session_options_and_thread_validation(good_path):
     assert so.intra_op_num_threads == 2
     with pytest.raises(ConfigError, match="intra_op_threads"):
         load(good_path, intra_op_threads=-1)
+
+
+# ------------------------------------------------------------------ the optional unknown-defect score
+
+def test_the_unknown_output_is_read_with_its_threshold(tmp_path):
+    """A model with the optional ``unknown`` output: run() returns one score per slice (the toy: 10 x the
+    brightest pixel / 255), and the threshold comes from model.json."""
+    path = fx.write_model(tmp_path, fx.build_model(unknown=True), **fx.unknown_json(5.0))
+    m = load(path)
+    assert m.has_unknown and m.unknown_threshold == 5.0 and m.describe()["unknown_threshold"] == 5.0
+    x = fx.slices_for_classes([0, 0, 3])
+    x[1, 0, 10, 10] = 255  # one bright pixel: unknown, class unchanged
+    pred = m.run(x)
+    want = fx.UNKNOWN_SCALE * x.reshape(3, -1).max(axis=1) / 255.0
+    assert pred.unknown.shape == (3,) and pred.unknown.dtype == np.float32
+    np.testing.assert_allclose(pred.unknown, want, rtol=1e-6)
+    assert pred.predicted.tolist() == [0, 0, 3]
+
+
+def test_a_model_without_the_score_has_no_unknown(model):
+    """The plain contract model: no unknown scores, no threshold (the rule stays off)."""
+    assert not model.has_unknown and model.unknown_threshold is None
+    assert model.run(fx.slices_for_classes([1])).unknown is None
+
+
+def test_unknown_output_and_model_json_must_agree(tmp_path):
+    """The output without model.json's section, the section without the output, or a bad threshold: refused."""
+    with pytest.raises(ModelContractError, match="does not describe it"):
+        load(fx.write_model(tmp_path / "a", fx.build_model(unknown=True)))
+    with pytest.raises(ModelContractError, match="has no 'unknown' output"):
+        load(fx.write_model(tmp_path / "b", fx.build_model(), **fx.unknown_json(5.0)))
+    for i, bad in enumerate((0, -1.0, "high", None)):
+        meta = fx.unknown_json(5.0)
+        meta["unknown"] = {"threshold": bad}
+        with pytest.raises(ModelContractError, match="'threshold' > 0"):
+            load(fx.write_model(tmp_path / f"c{i}", fx.build_model(unknown=True), **meta))
