@@ -198,3 +198,14 @@ def test_stop_server_keeps_the_plc_program_running():
             assert unpack_inputs(c.db_read(sim.db, 0, 8)).part_id == 1
         finally:
             c.disconnect()
+
+
+def test_keep_outcomes_bounds_the_per_part_records():
+    """keep_outcomes caps the simulator's per-part records (a soak keeps 1,000; the bench 100,000); < 0 is refused."""
+    from service.errors import ConfigError
+    from service.sim.plc_sim import PlcSimulator
+
+    assert PlcSimulator(port=0, keep_outcomes=3).outcomes.maxlen == 3
+    assert PlcSimulator(port=0).outcomes.maxlen == 100_000
+    with pytest.raises(ConfigError, match="keep_outcomes"):
+        PlcSimulator(port=0, keep_outcomes=-1)
