@@ -5,7 +5,7 @@ writes what the Basler aca2440-20gm delivers (Mono8, 2448 wide x 2048 high) and 
 
     DIR/frames/part_000000.png ...   the frames, and nothing else (the pylon camera emulator replays
                                      every entry of this folder in sorted order: ImageFilename=DIR/frames)
-    DIR/masks/part_000000.png ...    full-frame 0/255 defect masks, dirt and scratch parts only
+    DIR/masks/part_000000.png ...    full-frame 0/255 defect masks: dirt, scratch and novel parts only
     DIR/manifest.jsonl               one JSON object per frame (see ``write_dataset``)
 
 The frames: a dark background; a horizontal cylindrical valve (~768x384 px) with jitter of position
@@ -17,6 +17,17 @@ sensor noise. One defect type per part, as in the paper: dirt (darker irregular 
 pits over the whole valve), good (none). Sizes and contrasts are drawn from wide ranges, so some
 defects are hard to see. Everything is drawn from a ``numpy.random.Generator``: the same seed gives
 byte-identical PNGs.
+
+Novel defects (``NOVEL``, class "novel", issue 14), on the same valve, lighting and noise, to test an
+unknown-defect score: dent (a smooth hollow under directional light: a bright crescent on one side, a
+dark one on the other, 30-120 px), stain (a large diffuse discoloration, a lighter film that also evens
+out the machining lines or a blotchy texture of its own, irregular soft outline, 80-250 px, contrast
+6-30 %), chip (an angular notch cut out of the silhouette at a rim or an end, showing the background,
+with a thin bright or dark fracture face, 20-80 px wide). ``--mix good=0.5,novel=0.5`` splits the novel
+parts evenly over the subtypes; ``dent=..,stain=..,chip=..`` name them one by one. No shipped model
+trains on them (``CLASSES`` are the trained classes; ``valve-model demo-model`` refuses novel in its mix,
+``valve-model train`` refuses a dataset with a novel/ folder). Mixes without novel keys render exactly
+the frames they rendered before these types existed (the random stream of the classes is unchanged).
 
 The per-slice labels come from the mask pushed through the very ROI transform that ``service.roi``
 cuts (``label_slices``), so they agree with what the runtime and ``valve-model build-dataset`` see.
@@ -38,8 +49,16 @@ import numpy as np
 from service.errors import NoPartError
 from service.roi import RoiParams, SliceBatch, ValveRect, extract
 
+#: The classes a model trains on (the shipped demo model's, in its order).
 CLASSES = ("good", "dirt", "scratch", "ec")
 SEGMENTED = ("dirt", "scratch")
+#: Novel defects: never in a training set; their parts and slices are labelled NOVEL_LABEL.
+NOVEL_LABEL = "novel"
+NOVEL = ("dent", "stain", "chip")
+#: Labels whose slices come from the part's mask (``slice_labels``).
+MASKED = (*SEGMENTED, NOVEL_LABEL)
+#: What ``--mix`` may name: the classes, "novel" (its parts split evenly over NOVEL), or a NOVEL subtype.
+MIX_KEYS = (*CLASSES, NOVEL_LABEL, *NOVEL)
 DEFAULT_MIX = {"good": 0.4, "dirt": 0.2, "scratch": 0.2, "ec": 0.2}
 FRAMES_DIR = "frames"
 MASKS_DIR = "masks"
@@ -59,7 +78,7 @@ class SynthParams:
             that the valve stays ``margin`` px inside the frame.
         margin: the smallest distance of the valve's rectangle to the frame border.
         min_defect_px: a slice is labelled with the part's defect when the defect mask covers at least
-            this many of the slice's pixels (dirt, scratch); otherwise ``good``.
+            this many of the slice's pixels (dirt, scratch, novel); otherwise ``good``.
         roi: the ROI parameters used to compute the slice labels (use the ones you cut with).
     """
 
@@ -308,27 +327,161 @@ def _add_pits(rng, radiance, mask, length, diameter, pad, grid: tuple[int, int])
     return [{"type": "ec", "pits": placed, "strength": _f(strength)}]
 
 
+# ------------------------------------------------------------------------- novel defects (never trained on)
+
+#: Radiance above this is clamped inside a novel defect's window before it is modulated, so that a defect in
+#: the overexposed band still shows (a dark lobe pulls 280 below 255); 280 itself displays as 255 (noise < 5).
+_SAT = 280.0
+
+
+def _ragged(rng, theta: np.ndarray, harmonics: range, amp: float) -> np.ndarray:
+    """An irregular outline: 1 + a few random harmonics of the polar angle, each up to ``amp``."""
+    edge = np.ones_like(theta)
+    for k in harmonics:
+        edge += rng.uniform(0, amp) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+    return edge
+
+
+def _add_dent(rng, radiance, mask, length, diameter, pad) -> list[dict]:
+    """A smooth local deformation under directional light: the slope of a shallow Gaussian hollow, lit from
+    one side, gives a bright crescent on one side and a dark one on the other (a shading dipole)."""
+    r = float(np.exp(rng.uniform(math.log(15.0), math.log(60.0))))  # 30-120 px across
+    cx = pad + rng.uniform(r + 6, length - r - 6)
+    cy = pad + rng.uniform(r + 6, diameter - r - 6)
+    rot, aspect = rng.uniform(0, math.pi), rng.uniform(0.6, 1.0)
+    light = rng.uniform(0, 2 * math.pi)
+    contrast = rng.uniform(0.08, 0.4)
+    sl, xs, ys = _patch(cx, cy, 1.6 * r + 3, radiance.shape)
+    dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
+    rx = dx * math.cos(rot) + dy * math.sin(rot)
+    ry = (-dx * math.sin(rot) + dy * math.cos(rot)) / aspect
+    sigma = r / 2.5
+    bump = np.exp(-(rx * rx + ry * ry) / (2 * sigma * sigma))
+    # -(grad h . light) of h = -bump, normalised so that the crescents peak at +-1 (at one sigma)
+    lx, ly = math.cos(light - rot), math.sin(light - rot) / aspect
+    shade = (rx * lx + ry * ly) / sigma * bump / math.exp(-0.5)
+    region = radiance[sl]
+    np.minimum(region, _SAT, out=region)
+    region *= (1.0 + contrast * shade).astype(np.float32)
+    mask[sl] |= rx * rx + ry * ry <= r * r
+    return [{"type": "dent", "cx": _f(cx - pad), "cy": _f(cy - pad), "radius": _f(r), "aspect": _f(aspect),
+             "angle_deg": _f(math.degrees(rot)), "light_deg": _f(math.degrees(light)), "contrast": _f(contrast)}]
+
+
+def _add_stain(rng, radiance, mask, length, diameter, pad) -> list[dict]:
+    """A large diffuse discoloration with an irregular outline and a wide soft edge: either a lighter tint
+    (sometimes with a faint darker tide line at its border) or a blotchy texture of its own."""
+    r = float(np.exp(rng.uniform(math.log(40.0), math.log(125.0))))  # 80-250 px across
+    cx = pad + rng.uniform(0.6 * r, length - 0.6 * r)
+    cy = pad + rng.uniform(min(0.5 * r, diameter / 2), max(diameter - 0.5 * r, diameter / 2))
+    rot, aspect = rng.uniform(0, math.pi), rng.uniform(0.5, 1.0)
+    mode = "tint" if rng.random() < 0.55 else "texture"
+    contrast = rng.uniform(0.06, 0.3)
+    soft = rng.uniform(0.1, 0.3)
+    sl, xs, ys = _patch(cx, cy, 1.45 * r + 3, radiance.shape)
+    if xs.size == 0 or ys.size == 0:
+        return []
+    dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
+    rx = dx * math.cos(rot) + dy * math.sin(rot)
+    ry = (-dx * math.sin(rot) + dy * math.cos(rot)) / aspect
+    dist, theta = np.hypot(rx, ry) / r, np.arctan2(ry, rx)
+    shape = (ys.size, xs.size)
+    edge = _ragged(rng, theta, range(2, 7), 0.12) + 0.12 * _smooth_noise(rng, shape, (6, 6))
+    inside = edge - dist
+    cover = np.clip(inside / soft + 0.5, 0.0, 1.0)
+    cover = cover * cover * (3 - 2 * cover)  # smoothstep: a diffuse border
+    if mode == "tint":
+        change = contrast * (0.85 + 0.15 * _smooth_noise(rng, shape, (3, 3))) * cover
+        tide = rng.uniform(0.0, 0.6) * contrast if rng.random() < 0.5 else 0.0
+        if tide:  # a dried stain's rim: a thin darker line along the outline
+            change -= tide * np.exp(-((inside / 0.03) ** 2))
+    else:
+        cells = (max(2, int(shape[0] / rng.uniform(8, 16))), max(2, int(shape[1] / rng.uniform(8, 16))))
+        change = contrast * np.clip(0.3 + _smooth_noise(rng, shape, cells), -1.0, 2.0) * cover
+        tide = 0.0
+    region = radiance[sl]
+    np.minimum(region, _SAT, out=region)
+    if mode == "tint":  # a film: it also evens out the machining lines beneath it
+        smooth = cv2.GaussianBlur(region, (0, 0), 3.0)
+        region -= (region - smooth) * (rng.uniform(0.3, 0.8) * cover).astype(np.float32)
+    region *= (1.0 + change).astype(np.float32)
+    mask[sl] |= inside >= 0
+    return [{"type": "stain", "cx": _f(cx - pad), "cy": _f(cy - pad), "radius": _f(r), "aspect": _f(aspect),
+             "angle_deg": _f(math.degrees(rot)), "mode": mode, "contrast": _f(contrast), "tide_line": _f(tide)}]
+
+
+def _add_chip(rng, radiance, alpha, mask, length, diameter, pad) -> list[dict]:
+    """A chipped edge: an angular notch (a polygon of 3-6 fracture facets) cut out of the silhouette at a rim
+    (3/4) or an end (1/4), showing the background, with a thin fracture face along its border (a bright
+    glint or a dark shadow). Notches stay clear of the corners, so the valve's bounding rectangle (what
+    service.roi finds) does not change."""
+    side = str(rng.choice(["top", "bottom", "left", "right"], p=[0.375, 0.375, 0.125, 0.125]))
+    width = float(np.exp(rng.uniform(math.log(20.0), math.log(80.0))))
+    depth = width * rng.uniform(0.3, 0.7)
+    along_len = length if side in ("top", "bottom") else diameter
+    m = 0.1 * diameter + width / 2 + 8  # clear of the rounded corners
+    s = rng.uniform(m, along_len - m)
+    # the notch in edge coordinates: u along the edge, v into the valve (v < 0 is background)
+    k = int(rng.integers(3, 7))
+    phi = np.sort(rng.uniform(0.1, math.pi - 0.1, k))
+    rad = rng.uniform(0.65, 1.15, k)
+    u = np.concatenate([[-width / 2, -width / 2], -np.cos(phi) * rad * width / 2, [width / 2, width / 2]])
+    v = np.concatenate([[-4.0, 0.0], np.sin(phi) * rad * depth, [0.0, -4.0]])
+    if side == "top":
+        pts = np.stack([pad + s + u, pad + v], axis=1)
+    elif side == "bottom":
+        pts = np.stack([pad + s + u, pad + diameter - v], axis=1)
+    elif side == "left":
+        pts = np.stack([pad + v, pad + s + u], axis=1)
+    else:
+        pts = np.stack([pad + length - v, pad + s + u], axis=1)
+    rim_w, rim_bright = rng.uniform(1.5, 4.0), rng.random() < 0.6
+    rim_contrast = rng.uniform(0.25, 0.6)
+    c = pts.mean(axis=0)
+    sl, xs, ys = _patch(float(c[0]), float(c[1]), 0.6 * width + depth + rim_w + 6, radiance.shape)
+    x0, y0 = int(xs[0, 0]), int(ys[0, 0])
+    ss = 4  # antialiased coverage: fill at 4x, then average
+    big = np.zeros((ys.size * ss, xs.size * ss), np.uint8)
+    cv2.fillPoly(big, [np.round(((pts - [x0, y0]) * ss - 0.5) * 16).astype(np.int32)], 255, cv2.LINE_8, shift=4)
+    notch = cv2.resize(big.astype(np.float32) / 255.0, (xs.size, ys.size), interpolation=cv2.INTER_AREA)
+    away = cv2.distanceTransform((notch < 0.5).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    face = np.clip(1.0 - np.abs(away - rim_w / 2) / (rim_w / 2), 0.0, 1.0) * (1.0 - notch)
+    valve = alpha[sl] >= 0.5
+    region = radiance[sl]
+    target = np.minimum(region, 255.0) * (1.0 + rim_contrast if rim_bright else 1.0 - rim_contrast)
+    region += ((target - region) * face).astype(np.float32)
+    alpha[sl] *= 1.0 - notch
+    mask[sl] |= valve & ((notch >= 0.5) | (face >= 0.5))
+    cu, cv = {"top": (s, 0.0), "bottom": (s, diameter), "left": (0.0, s), "right": (length, s)}[side]
+    return [{"type": "chip", "side": side, "cx": _f(cu), "cy": _f(cv), "width": _f(width), "depth": _f(depth),
+             "facets": k + 1, "rim": "bright" if rim_bright else "dark", "rim_contrast": _f(rim_contrast)}]
+
+
 def render_part(rng: np.random.Generator, cls: str, params: SynthParams | None = None,
                 pose: Pose | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Render one camera frame of a valve of class ``cls``.
 
     Args:
         rng: all randomness comes from it (same state -> byte-identical frame).
-        cls: good | dirt | scratch | ec.
+        cls: good | dirt | scratch | ec, or a novel subtype: dent | stain | chip (class "novel").
         params: the line (default ``SynthParams()``).
         pose: where the valve lies; drawn at random (``draw_pose``) when None.
     Returns:
         frame: (height, width) uint8 Mono8.
-        mask: (height, width) uint8, 255 on the defect's pixels (dirt, scratch; EC: the pits), else 0.
+        mask: (height, width) uint8, 255 on the defect's pixels (dirt, scratch, novel; EC: the pits), else 0.
+            A chip's mask is the part of the valve cut away (background now) and its fracture face.
         info: JSON-ready dict: class, bbox [x, y, w, h] (pixels covered >= half by the valve), rect
-            (cx, cy, length, diameter, angle_deg of the true valve), angle_deg, defects, lighting.
+            (cx, cy, length, diameter, angle_deg of the true valve), angle_deg, defects, lighting;
+            novel parts: class "novel" and ``subtype`` (dent, stain, chip) after it.
     """
-    if cls not in CLASSES:
-        raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)}")
+    if cls not in CLASSES and cls not in NOVEL:
+        raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)} or a novel subtype "
+                         f"({', '.join(NOVEL)})")
     p = params or SynthParams()
     pose = pose or draw_pose(rng, p)
     pad = 3
     radiance, alpha, lighting = _shade_valve(rng, pose.length, pose.diameter, pad, cls)
+    valve = alpha >= 0.5  # before a chip cuts into it
     local_mask = np.zeros(radiance.shape, dtype=bool)
     if cls == "dirt":
         defects = _add_dirt(rng, radiance, local_mask, pose.length, pose.diameter, pad)
@@ -336,9 +489,15 @@ def render_part(rng: np.random.Generator, cls: str, params: SynthParams | None =
         defects = _add_scratch(rng, radiance, local_mask, pose.length, pose.diameter, pad)
     elif cls == "ec":
         defects = _add_pits(rng, radiance, local_mask, pose.length, pose.diameter, pad, (p.roi.cols, p.roi.rows))
+    elif cls == "dent":
+        defects = _add_dent(rng, radiance, local_mask, pose.length, pose.diameter, pad)
+    elif cls == "stain":
+        defects = _add_stain(rng, radiance, local_mask, pose.length, pose.diameter, pad)
+    elif cls == "chip":
+        defects = _add_chip(rng, radiance, alpha, local_mask, pose.length, pose.diameter, pad)
     else:
         defects = []
-    local_mask &= alpha >= 0.5
+    local_mask &= valve
 
     # local canvas -> frame: local pixel (i, j) is at (j + 0.5 - pad, i + 0.5 - pad) along/across the valve
     rect = pose.rect()
@@ -385,7 +544,8 @@ def render_part(rng: np.random.Generator, cls: str, params: SynthParams | None =
     mask[y0:y1, x0:x1] = np.where(mask_w >= 128, 255, 0).astype(np.uint8)
     ys, xs = np.nonzero(alpha_w >= 0.5)
     bbox = [int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1]
-    info = {"class": cls, "bbox": bbox, "rect": rect.to_dict(), "angle_deg": _f(pose.angle_deg),
+    head = {"class": NOVEL_LABEL, "subtype": cls} if cls in NOVEL else {"class": cls}
+    info = {**head, "bbox": bbox, "rect": rect.to_dict(), "angle_deg": _f(pose.angle_deg),
             "defects": defects, "lighting": lighting}
     return out, mask, info
 
@@ -395,22 +555,25 @@ def render_part(rng: np.random.Generator, cls: str, params: SynthParams | None =
 
 def slice_labels(cls: str, mask_slices: np.ndarray | None, min_defect_px: int) -> tuple[list[str], list[int]]:
     """Per-slice labels of a part: good -> all good; ec -> all ec (EC covers the whole valve);
-    dirt/scratch -> the class where the mask covers >= min_defect_px of the slice, else good.
+    dirt/scratch/novel -> the class where the mask covers >= min_defect_px of the slice, else good.
 
     Args:
+        cls: a class, "novel", or a novel subtype (dent, stain, chip: labelled "novel").
         mask_slices: (n, S, S) bool, the mask cut exactly like the slices (``SliceBatch.frame_to_slices``).
     Returns:
         labels, defect pixels per slice.
     """
-    if cls not in CLASSES:
-        raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)}")
+    if cls in NOVEL:
+        cls = NOVEL_LABEL
+    if cls not in CLASSES and cls != NOVEL_LABEL:
+        raise ValueError(f"unknown class {cls!r}; expected one of {', '.join((*CLASSES, NOVEL_LABEL, *NOVEL))}")
     if mask_slices is None:
-        if cls in SEGMENTED:
+        if cls in MASKED:
             raise ValueError(f"a {cls} part needs its mask to label its slices")
         n = RoiParams().n_slices
         return [cls] * n, [0] * n
     px = [int(v) for v in mask_slices.reshape(mask_slices.shape[0], -1).sum(axis=1)]
-    if cls in SEGMENTED:
+    if cls in MASKED:
         return [cls if v >= min_defect_px else "good" for v in px], px
     return [cls] * len(px), px if cls == "ec" else [0] * len(px)
 
@@ -430,7 +593,8 @@ def label_frame(frame: np.ndarray, mask: np.ndarray | None, cls: str, roi_params
 
 
 def parse_mix(text: str | dict | None) -> dict[str, float]:
-    """'good=0.4,dirt=0.2,scratch=0.2,ec=0.2' (or a dict) -> normalised weights over CLASSES."""
+    """'good=0.4,dirt=0.2,scratch=0.2,ec=0.2' (or a dict) -> normalised weights over CLASSES, plus the
+    novel keys the mix names ("novel" and/or the subtypes dent, stain, chip; see ``class_sequence``)."""
     if text is None:
         return dict(DEFAULT_MIX)
     if isinstance(text, dict):
@@ -447,8 +611,9 @@ def parse_mix(text: str | dict | None) -> dict[str, float]:
                 raise ValueError(f"--mix: the weight of {name.strip()!r} is not a number: {value!r}") from None
     mix = dict.fromkeys(CLASSES, 0.0)
     for name, weight in items:
-        if name not in mix:
-            raise ValueError(f"--mix: unknown class {name!r}; the classes are {', '.join(CLASSES)}")
+        if name not in MIX_KEYS:
+            raise ValueError(f"--mix: unknown class {name!r}; the classes are {', '.join(CLASSES)}, and "
+                             f"{NOVEL_LABEL} (or its subtypes {', '.join(NOVEL)}) for defects no model trains on")
         if not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"--mix: the weight of {name!r} must be a finite number >= 0, got {weight}")
         mix[name] = float(weight)
@@ -459,13 +624,22 @@ def parse_mix(text: str | dict | None) -> dict[str, float]:
 
 
 def class_sequence(parts: int, seed: int, mix: dict[str, float]) -> list[str]:
-    """Exactly round(parts * weight) of each class (largest remainders), in a seeded random order."""
-    raw = {c: parts * mix.get(c, 0.0) for c in CLASSES}
+    """Exactly round(parts * weight) of each mix key (largest remainders), in a seeded random order.
+
+    Returns what to render per part: a class or a novel subtype. The parts of "novel" are split over the
+    subtypes as evenly as possible (which subtypes get one more is seeded), then added to any subtype
+    named in the mix. A mix without novel keys gives the sequence it always gave (same counts, same order).
+    """
+    raw = {c: parts * mix.get(c, 0.0) for c in MIX_KEYS}
     counts = {c: int(math.floor(v)) for c, v in raw.items()}
     rest = parts - sum(counts.values())
-    for c in sorted(CLASSES, key=lambda c: (-(raw[c] - counts[c]), CLASSES.index(c)))[:rest]:
+    for c in sorted(MIX_KEYS, key=lambda c: (-(raw[c] - counts[c]), MIX_KEYS.index(c)))[:rest]:
         counts[c] += 1
-    seq = [c for c in CLASSES for _ in range(counts[c])]
+    novel = counts.pop(NOVEL_LABEL)
+    extra = set(np.random.default_rng([seed, 0x40E1]).permutation(len(NOVEL))[:novel % len(NOVEL)].tolist())
+    for k, sub in enumerate(NOVEL):
+        counts[sub] += novel // len(NOVEL) + (k in extra)
+    seq = [c for c in (*CLASSES, *NOVEL) for _ in range(counts[c])]
     order = np.random.default_rng([seed, 0x5EC]).permutation(parts)
     return [seq[i] for i in order]
 
@@ -513,17 +687,18 @@ def write_dataset(out: str | Path, parts: int, seed: int, mix: str | dict | None
     """Render ``parts`` frames into ``out`` (frames/, masks/, manifest.jsonl) and return the manifest rows.
 
     Manifest row (one JSON object per line, in part order):
-        file: "frames/part_000000.png" (relative to ``out``); part: index; class: good|dirt|scratch|ec;
-        seed: the dataset seed; attempt: the render attempt that was kept (see below);
+        file: "frames/part_000000.png" (relative to ``out``); part: index; class: good|dirt|scratch|ec|novel;
+        subtype: dent|stain|chip (novel parts only; other rows have no such key); seed: the dataset seed;
+        attempt: the render attempt that was kept (see below);
         width, height: the frame size; bbox: [x, y, w, h] of the valve; rect: {cx, cy, length, diameter,
         angle_deg} of the true valve; angle_deg: its rotation (counter-clockwise on screen);
         slice_labels: 8 labels in the ROI's row-major slice order; slice_defect_px: mask pixels per slice;
-        mask: "masks/part_000000.png" (dirt, scratch) or null; roi_rect: the rectangle service.roi found;
+        mask: "masks/part_000000.png" (dirt, scratch, novel) or null; roi_rect: the rectangle service.roi found;
         roi_threshold, min_defect_px: what the labels were computed with; defects, lighting: render details.
 
-    Part i is rendered from ``np.random.default_rng([seed, i, attempt])``; a dirt or scratch part whose
-    defect covers no slice enough to label it (or a frame the ROI rejects, which should not happen) is
-    rendered again with the next attempt, so each part of class dirt/scratch has >= 1 such slice.
+    Part i is rendered from ``np.random.default_rng([seed, i, attempt])``; a dirt, scratch or novel part
+    whose defect covers no slice enough to label it (or a frame the ROI rejects, which should not happen) is
+    rendered again with the next attempt, so each part of class dirt/scratch/novel has >= 1 such slice.
     """
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
@@ -535,26 +710,28 @@ def write_dataset(out: str | Path, parts: int, seed: int, mix: str | dict | None
     _prepare_out(out, overwrite)
     digits = max(6, len(str(parts - 1)))
     rows = []
-    for i, cls in enumerate(class_sequence(parts, seed, weights)):
+    for i, kind in enumerate(class_sequence(parts, seed, weights)):
         name = f"part_{i:0{digits}d}.png"
+        cls = NOVEL_LABEL if kind in NOVEL else kind
         for attempt in range(20):
-            frame, mask, info = render_part(np.random.default_rng([seed, i, attempt]), cls, p)
+            frame, mask, info = render_part(np.random.default_rng([seed, i, attempt]), kind, p)
             try:
-                labels, px, batch = label_frame(frame, mask if cls in SEGMENTED else None, cls, p.roi,
+                labels, px, batch = label_frame(frame, mask if cls in MASKED else None, cls, p.roi,
                                                 p.min_defect_px)
             except NoPartError:
                 continue
-            if cls not in SEGMENTED or cls in labels:
+            if cls not in MASKED or cls in labels:
                 break
         else:
-            raise RuntimeError(f"part {i} ({cls}): 20 renders in a row were rejected by the ROI or had no labelled "
+            raise RuntimeError(f"part {i} ({kind}): 20 renders in a row were rejected by the ROI or had no labelled "
                                f"slice; the SynthParams and RoiParams do not fit together")
         cv2.imwrite(str(out / FRAMES_DIR / name), frame, PNG_FLAGS)
         mask_file = None
-        if cls in SEGMENTED:
+        if cls in MASKED:
             mask_file = f"{MASKS_DIR}/{name}"
             cv2.imwrite(str(out / mask_file), mask, PNG_FLAGS)
-        row = {"file": f"{FRAMES_DIR}/{name}", "part": i, "class": cls, "seed": int(seed), "attempt": attempt,
+        head = {"class": cls, "subtype": kind} if cls == NOVEL_LABEL else {"class": cls}
+        row = {"file": f"{FRAMES_DIR}/{name}", "part": i, **head, "seed": int(seed), "attempt": attempt,
                "width": p.width, "height": p.height, "bbox": info["bbox"], "rect": info["rect"],
                "angle_deg": info["angle_deg"], "slice_labels": labels, "slice_defect_px": px, "mask": mask_file,
                "roi_rect": batch.rect.to_dict(), "roi_threshold": p.roi.threshold, "min_defect_px": p.min_defect_px,
@@ -572,13 +749,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="valve-inspect synth",
         description="Render synthetic camera frames (Mono8 PNG) of valves with ground truth: OUT/frames/, "
-                    "OUT/masks/ (dirt, scratch) and OUT/manifest.jsonl. Replay OUT/frames with the pylon "
+                    "OUT/masks/ (dirt, scratch, novel) and OUT/manifest.jsonl. Replay OUT/frames with the pylon "
                     "camera emulator (PYLON_CAMEMU=1, ImageFilename=OUT/frames).")
     ap.add_argument("--out", required=True, type=Path, help="output folder")
     ap.add_argument("--parts", required=True, type=int, help="number of frames (one part each)")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (default 0); same seed -> same PNGs")
     ap.add_argument("--mix", default=None,
-                    help="class weights, default good=0.4,dirt=0.2,scratch=0.2,ec=0.2 (normalised)")
+                    help="class weights, default good=0.4,dirt=0.2,scratch=0.2,ec=0.2 (normalised); "
+                         f"{NOVEL_LABEL} (split evenly over {', '.join(NOVEL)}) or those subtypes render defects "
+                         "no model trains on, e.g. good=0.5,novel=0.5")
     ap.add_argument("--width", type=int, default=2448, help="frame width (default 2448)")
     ap.add_argument("--height", type=int, default=2048, help="frame height (default 2048)")
     ap.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -599,11 +778,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"valve-inspect synth: {exc}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    counts = {c: sum(r["class"] == c for r in rows) for c in CLASSES}
-    slices = {c: sum(lab == c for r in rows for lab in r["slice_labels"]) for c in CLASSES}
+    shown = CLASSES + ((NOVEL_LABEL,) if any(r["class"] == NOVEL_LABEL for r in rows) else ())
+    counts = {c: sum(r["class"] == c for r in rows) for c in shown}
+    slices = {c: sum(lab == c for r in rows for lab in r["slice_labels"]) for c in shown}
     print(f"wrote {len(rows)} frames to {args.out / FRAMES_DIR} ({dt / len(rows) * 1000:.0f} ms per part incl. PNG)")
     print("  parts:  " + "  ".join(f"{c}={n}" for c, n in counts.items()))
     print("  slices: " + "  ".join(f"{c}={n}" for c, n in slices.items()))
+    if NOVEL_LABEL in shown:
+        subtypes = {t: sum(r.get("subtype") == t for r in rows) for t in NOVEL}
+        print("  novel:  " + "  ".join(f"{t}={n}" for t, n in subtypes.items())
+              + "  (never train on these: they test an unknown-defect score)")
     print(f"  manifest: {args.out / MANIFEST}")
     return 0
 
