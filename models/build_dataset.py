@@ -10,16 +10,20 @@ unlabelled). Every frame goes through ``service.roi.extract``, the very code the
 and its slices are written as
 
     OUT/<slice label>/<frame stem>__s<k>.png        192x192 uint8, k = 0..7 in row-major order
-    OUT/<label>/<frame stem>__s<k>_mask.png         0/255, for slices labelled dirt or scratch
+    OUT/<label>/<frame stem>__s<k>_mask.png         0/255, for slices labelled dirt, scratch or novel
     OUT/unlabelled/<frame stem>__s<k>.png           frames without a manifest entry
+    OUT/novel/<frame stem>__s<k>.png                slices of novel defects (synth's dent, stain, chip):
+                                                    for an unknown-defect evaluation, never for training
+                                                    (``valve-model train`` refuses a dataset with novel/)
 
 The double underscore is models.data's group separator: all slices of one frame form one group and
 stay on one side of a train/validation split (slices of one part are strongly correlated).
     OUT/slices.jsonl                                one row per slice: file, label, mask, frame, slice,
-                                                    defect_px, part, part_class, seed (split by part/seed!)
+                                                    defect_px, part, part_class, subtype (novel parts),
+                                                    seed (split by part/seed!)
     OUT/skipped.jsonl                               frames the ROI rejected: file, reason, message
 
-Slice labels of dirt and scratch parts are recomputed from the part's mask pushed through the
+Slice labels of dirt, scratch and novel parts are recomputed from the part's mask pushed through the
 geometry this run cut with (``service.sim.synth.slice_labels``), so they stay consistent with the
 slices even under another ``--roi-threshold``; the manifest's labels are used where there is no mask.
 ``models.data`` (format ``folders``) reads this: ``*_mask.png`` are masks, never images.
@@ -55,7 +59,7 @@ import numpy as np
 
 from service.errors import NoPartError
 from service.roi import RoiParams, extract
-from service.sim.synth import CLASSES, FRAMES_DIR, MANIFEST, SEGMENTED, read_manifest, slice_labels
+from service.sim.synth import CLASSES, FRAMES_DIR, MANIFEST, MASKED, NOVEL_LABEL, read_manifest, slice_labels
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 UNLABELLED = "unlabelled"
@@ -117,7 +121,7 @@ def _labels_for(row: dict | None, folder: Path, batch, n: int) -> tuple[list[str
     cls = row.get("class")
     given = row.get("slice_labels")
     mask_file = row.get("mask")
-    if cls in SEGMENTED and mask_file:
+    if cls in MASKED and mask_file:
         mask_path = folder / mask_file
         mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         if mask is None:
@@ -133,7 +137,7 @@ def _labels_for(row: dict | None, folder: Path, batch, n: int) -> tuple[list[str
         if len(given) != n:
             raise LookupError(f"the manifest has {len(given)} slice labels, the ROI cuts {n} slices")
         return [str(x) for x in given], None, None
-    if cls in CLASSES and cls not in SEGMENTED:
+    if cls in CLASSES and cls not in MASKED:
         return slice_labels(cls, None, 0)[0], None, None
     raise LookupError(f"class {cls!r} without slice_labels or a mask: cannot label the slices")
 
@@ -182,7 +186,7 @@ def build(frames: Path, out: Path, params: RoiParams, overwrite: bool = False, l
                 name = f"{stem}__s{k}.png"  # "__": models.data groups a frame's slices (no leakage)
                 cv2.imwrite(str(out / label / name), batch.slices[k, 0], PNG_FLAGS)
                 mask_name = None
-                if mask_slices is not None and label in SEGMENTED:
+                if mask_slices is not None and label in MASKED:
                     mask_name = f"{label}/{stem}__s{k}_mask.png"
                     cv2.imwrite(str(out / mask_name), np.where(mask_slices[k], 255, 0).astype(np.uint8), PNG_FLAGS)
                     masks_written += 1
@@ -192,6 +196,7 @@ def build(frames: Path, out: Path, params: RoiParams, overwrite: bool = False, l
                     "defect_px": None if mask_slices is None else int(mask_slices[k].sum()),
                     "part": None if row is None else row.get("part"),
                     "part_class": None if row is None else row.get("class"),
+                    "subtype": None if row is None else row.get("subtype"),
                     "seed": None if row is None else row.get("seed")}) + "\n")
             used += 1
     dt = time.perf_counter() - t0
@@ -203,6 +208,9 @@ def build(frames: Path, out: Path, params: RoiParams, overwrite: bool = False, l
     if reasons:
         log(f"  skipped {sum(reasons.values())} frames: " + ", ".join(f"{r}={n}" for r, n in reasons.items())
             + f"  (details: {out / 'skipped.jsonl'})")
+    if counts[NOVEL_LABEL]:
+        log(f"  {counts[NOVEL_LABEL]} novel slices in {out / NOVEL_LABEL}: defects no model trains on, for an "
+            f"unknown-defect evaluation; valve-model train refuses this folder (train on a dataset without it)")
     if relabelled:
         log(f"  {len(relabelled)} frames' slice labels recomputed from their masks for this ROI "
             f"(e.g. {relabelled[0]})")
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="valve-model build-dataset",
         description="Slice camera frames through the runtime's ROI (service.roi) into the 'folders' dataset "
-                    "format: OUT/<label>/<frame>__s<k>.png (+ _mask.png for dirt/scratch).")
+                    "format: OUT/<label>/<frame>__s<k>.png (+ _mask.png for dirt/scratch/novel).")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--frames", type=Path,
                      help="a 'valve-inspect synth' folder (manifest.jsonl) or a folder of Mono8 frames")

@@ -90,6 +90,7 @@ from models.errors import DataError, ValveModelError
 from models.images import INPUT_POLICY
 from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
 from models.samples import SampleSet
+from service.sim.synth import NOVEL_LABEL
 
 PROG = "valve-model train"
 STATE_NAME = "train_state.pt"
@@ -487,6 +488,10 @@ def train(config: TrainConfig) -> RunResult:
 
 def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     data: SampleSet = load_samples(config.data, config.format)
+    if NOVEL_LABEL in data.classes:  # build-dataset's held-out novel defects (synth dent, stain, chip)
+        raise DataError(f"{data.root} has a '{NOVEL_LABEL}' folder: novel-defect slices are held out to test an "
+                        f"unknown-defect score and never train a model; move {Path(data.root) / NOVEL_LABEL} out of "
+                        "the dataset, or build the training set from frames rendered without novel in --mix")
     saved = check_run_dir(out, config)
     if saved is not None:
         check_resume_options(config, saved)

@@ -67,6 +67,34 @@ def test_labelled_frames_become_class_folders_with_masks(frames, tmp_path, capsy
     assert (out / "skipped.jsonl").read_text() == ""
 
 
+def test_novel_slices_go_to_novel_and_training_refuses_them(tmp_path, capsys):
+    """Novel parts' defect slices land in OUT/novel/ with their masks (never in a class folder), slices.jsonl
+    carries the subtype, and valve-model train refuses the dataset while it holds novel/."""
+    from models.errors import DataError
+    from models.train import TrainConfig, train
+
+    src = tmp_path / "frames"
+    rows = write_dataset(src, 3, seed=12, mix="novel=1")
+    out = tmp_path / "ds"
+    assert main(["--frames", str(src), "--out", str(out)]) == 0
+    assert f"novel slices in {out / 'novel'}" in capsys.readouterr().out
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["good", "novel"]
+    for r in rows:
+        stem = r["file"].split("/")[1][:-4]
+        for k, label in enumerate(r["slice_labels"]):
+            assert label in ("good", "novel") and (out / label / f"{stem}__s{k}.png").is_file()
+            mask = out / "novel" / f"{stem}__s{k}_mask.png"
+            assert mask.is_file() == (label == "novel")
+            if label == "novel":
+                assert (cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0).sum() == r["slice_defect_px"][k]
+    index = [json.loads(x) for x in (out / "slices.jsonl").read_text().splitlines()]
+    assert {i["subtype"] for i in index} == {"dent", "stain", "chip"} and {i["part_class"] for i in index} == {"novel"}
+    assert sum(i["label"] == "novel" for i in index) == sum(r["slice_labels"].count("novel") for r in rows) >= 3
+    with pytest.raises(DataError, match=r"'novel' folder: novel-defect slices .* never train a model; move .*novel"):
+        train(TrainConfig(data=out, out=tmp_path / "run", epochs=1, input_size=48, threads=1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unlabelled_frames_and_rejected_frames_are_reported_not_fatal(frames, tmp_path, capsys):
     """Without a manifest the slices go to unlabelled/; blank, clipped, non-Mono8 and unreadable frames are
     listed in skipped.jsonl with a reason instead of crashing."""
