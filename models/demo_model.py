@@ -10,7 +10,8 @@ every dirt/scratch part also yields several good slices, and without the cap the
 learns the prior. The held-out set is kept as the line produces it (no subsampling).
 
 Only synthetic data goes into the shipped model (the public datasets' licences are
-non-commercial). model.json records the seeds, the counts and the held-out metrics.
+non-commercial), and none of synth's novel defect types (dent, stain, chip): ``--mix`` refuses
+them. model.json records the seeds, the counts and the held-out metrics.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-parts", type=int, default=120)
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--test-seed", type=int, default=2)
-    p.add_argument("--mix", default=DEFAULT_MIX)
+    p.add_argument("--mix", default=DEFAULT_MIX,
+                   help=f"class weights of the rendered frames (default {DEFAULT_MIX}); novel types are refused")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--threads", type=int, default=None)
@@ -105,8 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_mix(mix: str) -> None:
+    """Refuse a --mix that would put novel defects (synth's "novel", dent, stain, chip) into the demo model's
+    training or held-out frames: they exist to test an unknown-defect score, so no shipped model sees them."""
+    from service.sim.synth import CLASSES, parse_mix
+
+    try:
+        weights = parse_mix(mix)
+    except ValueError as exc:
+        raise SystemExit(f"demo-model: {exc}") from None
+    novel = [k for k, w in weights.items() if k not in CLASSES and w > 0]
+    if novel:
+        raise SystemExit(f"demo-model: --mix {mix!r} contains {', '.join(novel)}: novel defect types are held out "
+                         f"to test an unknown-defect score and must never train the shipped model. Fix: use only "
+                         f"{', '.join(CLASSES)} in --mix (default {DEFAULT_MIX}); render novel test frames "
+                         f"separately with `valve-inspect synth --mix good=0.5,novel=0.5`.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_mix(args.mix)
     from models.build_dataset import build
     from models.evaluate import evaluate
     from models.export import export_run
