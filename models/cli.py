@@ -1,8 +1,9 @@
 """``valve-model``: the model side's command line (torch). Dispatch only; see service.cli.
 
 Each command reports its own user errors; a model-side error that escapes one (any
-models.errors.ValveModelError) ends here as ``valve-model <command>: error: <message>`` and exit 2,
-never as a traceback. Other exceptions are bugs and propagate.
+models.errors.ValveModelError) ends here as ``valve-model <command>: error: <message>`` and exit 2
+(or the error's own ``exit_code``: export's ParityError exits 1), never as a traceback. Other
+exceptions are bugs and propagate.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
     "realdata": ("models.experiments.realdata:main", "the paper's slicing on KolektorSDD/Magnetic-tile: tiles, "
                  "train (seeds), summary.json"),
+    "unknown": ("models.unknown:main", "the unknown-defect score: attach (fit + calibrate), evaluate, measure"),
     "results": ("models.experiments.results.command:main", "regenerate one table of docs/results.md (cached runs, "
                 "seeds, timing)"),
 }
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch("valve-model", COMMANDS, argv)
     except ValveModelError as exc:
         print(f"valve-model {argv[0]}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,11 @@ from service.plc import (
 
 log = get_logger(__name__)
 
-MANIFEST_CLASSES = ("good", "dirt", "scratch", "ec")
+#: the manifest classes the simulator scores; "novel" (service.sim.synth's defect types no model trains on)
+#: is right when the part is rejected with RejectUnknown
+MANIFEST_CLASSES = ("good", "dirt", "scratch", "ec", "novel")
+#: the defect bit a manifest class must have among the part's rejects (its own name, except novel)
+EXPECTED_DEFECT = {"novel": "unknown"}
 
 
 def load_manifest(path: str | Path) -> list[str]:
@@ -116,8 +120,8 @@ class _Part:
 
 def verdict_correct(expected: str, accepted: bool, defects: Sequence[str]) -> bool:
     """How a result is scored against the ground truth: a good part must be accepted, a defect part
-    rejected with its own class among the defects."""
-    return accepted if expected == "good" else (expected in defects and not accepted)
+    rejected with its own class among the defects (a novel part: with RejectUnknown)."""
+    return accepted if expected == "good" else (EXPECTED_DEFECT.get(expected, expected) in defects and not accepted)
 
 
 class PlcSimulator:

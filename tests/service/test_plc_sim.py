@@ -209,3 +209,15 @@ def test_keep_outcomes_bounds_the_per_part_records():
     assert PlcSimulator(port=0).outcomes.maxlen == 100_000
     with pytest.raises(ConfigError, match="keep_outcomes"):
         PlcSimulator(port=0, keep_outcomes=-1)
+
+
+def test_novel_parts_are_right_only_with_reject_unknown(tmp_path):
+    """A manifest's "novel" parts (synth's defect types no model trains on) load, and score right only when
+    rejected with RejectUnknown; accepted or rejected for another class only, they are wrong."""
+    from service.sim.plc_sim import load_manifest, verdict_correct
+
+    (tmp_path / "m.jsonl").write_text('{"class": "good"}\n{"class": "novel", "subtype": "dent"}\n')
+    assert load_manifest(tmp_path / "m.jsonl") == ["good", "novel"]
+    assert verdict_correct("novel", False, ["unknown"]) and verdict_correct("novel", False, ["dirt", "unknown"])
+    assert not verdict_correct("novel", False, ["dirt"]) and not verdict_correct("novel", True, [])
+    assert verdict_correct("dirt", False, ["dirt"]) and not verdict_correct("dirt", False, ["unknown"])

@@ -1,0 +1,154 @@
+"""models.unknown: the Mahalanobis unknown score in the graph, against references that share no code with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models import export
+from models import unknown as U
+from models.ira_cnn import build_model, preset_config
+from service.infer import InferenceModel
+from service.sim.synth import write_dataset
+
+CLASSES = ("good", "dirt", "scratch", "ec")
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    m = build_model(preset_config("compact", "iam"))
+    m.train()
+    with torch.no_grad():  # realistic BN statistics (as tests/models/test_export.py does)
+        for _ in range(2):
+            m(torch.randint(0, 256, (4, 1, 192, 192), dtype=torch.uint8))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random compact IAM model, its ONNX export and a model.json as the exporter writes one (minimal)."""
+    model = _model()
+    path = tmp_path_factory.mktemp("unknown") / "model.onnx"
+    export.export_onnx(model, path)
+    meta = {"format": "valve-inspect/model/1", "model_file": "model.onnx", "sha256": "0" * 64,
+            "classes": list(CLASSES), "segmented_classes": ["dirt", "scratch"],
+            "input": {"name": "slices", "dtype": "uint8", "shape": ["batch", 1, 192, 192]},
+            "outputs": [{"name": n} for n in ("logits", "probs", "saliency")],
+            "preset": "compact", "attention": "iam", "opset": 17}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return model, path
+
+
+def torch_pooled(model, x: np.ndarray) -> list[np.ndarray]:
+    """[GAP, GMP] of each IRA-Block's output by forward hooks on the torch model (not the graph)."""
+    got = []
+    hooks = [getattr(model, f"block{i}").pool.register_forward_hook(lambda _m, _i, o: got.append(o))
+             for i in (1, 2, 3)]
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    for h in hooks:
+        h.remove()
+    return [torch.cat([a.double().mean(dim=(2, 3)), a.double().amax(dim=(2, 3))], dim=1).numpy() for a in got]
+
+
+def mahalanobis_reference(f: np.ndarray, means: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """min_k (f - mu_k)^T cov^-1 (f - mu_k) / D by an explicit inverse (no whitening, no Cholesky)."""
+    inv = np.linalg.inv(cov)
+    d = f[:, None, :] - means[None]
+    return np.einsum("nkd,de,nke->nk", d, inv, d).min(axis=1) / f.shape[1]
+
+
+def test_the_graph_score_matches_torch_features_and_an_explicit_inverse(exported):
+    """ONNX Runtime's ``unknown`` on new slices equals the reference computed from torch's own block outputs
+    with an explicit covariance inverse, within 1e-4 relative (blocks 1-3, fitted on other slices)."""
+    model, path = exported
+    rng = np.random.default_rng(0)
+    fit_x = rng.integers(0, 256, (24, 1, 192, 192), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 6)
+    feats = torch_pooled(model, fit_x)
+    g = U.fit_gaussians(feats, labels, CLASSES, (1, 2, 3))
+    proto = onnx.load(str(path))
+    work, names = U._features_graph(proto, (1, 2, 3))
+    U.add_score(work, names, g)
+    x = rng.integers(0, 256, (5, 1, 192, 192), dtype=np.uint8)
+    sess = U._session(work)
+    (got,) = sess.run([U.UNKNOWN_OUTPUT], {"slices": x})
+    ref = np.zeros(5)
+    for f_fit, f in zip(feats, torch_pooled(model, x), strict=True):
+        mu = np.stack([f_fit[labels == c].mean(axis=0) for c in range(4)])
+        c = (f_fit - mu[labels]).T @ (f_fit - mu[labels]) / (len(f_fit) - 1)
+        c = c + U.SHRINKAGE * np.trace(c) / c.shape[0] * np.eye(c.shape[0]) + 1e-9 * np.eye(c.shape[0])
+        ref += mahalanobis_reference(f, mu, c) / 3
+    assert got.shape == (5,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert (got > 0).all()
+
+
+def test_whitening_makes_the_covariance_the_identity_and_the_class_mean_scores_zero():
+    """W S W^T = I for the shrunk covariance, and a class mean has distance 0."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(6, 6))
+    f = rng.normal(size=(400, 6)) @ a + np.repeat(np.eye(6)[:4] * 5, 100, axis=0)
+    labels = np.repeat(np.arange(4), 100)
+    g = U.fit_gaussians([f], labels, CLASSES, (3,), shrinkage=0.0)
+    centred = f - g.means[0][labels]
+    s = centred.T @ centred / (len(f) - 1)
+    np.testing.assert_allclose(g.whiteners[0] @ s @ g.whiteners[0].T, np.eye(6), atol=1e-6)
+    np.testing.assert_allclose(g.score([g.means[0]]), 0.0, atol=1e-12)
+    far = g.means[0][:1] + 50 * a[:1]
+    assert g.score([far])[0] > 10 * g.score([f[:50]]).mean()
+
+
+def test_fitting_refuses_a_class_without_slices():
+    """Every class the model knows needs slices in the fit data: the message names the class and the fix."""
+    with pytest.raises(U.UnknownError, match=r"\['ec'\]"):
+        U.fit_gaussians([np.zeros((6, 2))], np.array([0, 0, 1, 1, 2, 2]), CLASSES, (3,))
+
+
+@pytest.mark.parametrize("n, rate", [(200, 0.01), (200, 0.005), (37, 0.1), (1000, 0.0)])
+def test_calibrate_flags_at_most_the_rate_and_no_lower_threshold_would(n, rate):
+    """The threshold flags <= rate * n parts, and the next lower score would flag more than that."""
+    s = np.random.default_rng(n).normal(size=n)
+    t = U.calibrate(s, rate)
+    flagged = int((s >= t).sum())
+    assert flagged <= rate * n
+    below = s[s < t]
+    if len(below):
+        assert int((s >= below.max()).sum()) > rate * n
+
+
+def test_auroc_matches_the_pairwise_definition():
+    """AUROC = P(positive > negative) + P(tie) / 2, counted over every pair."""
+    rng = np.random.default_rng(2)
+    neg, pos = rng.integers(0, 6, 30).astype(float), rng.integers(2, 9, 20).astype(float)
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert U.auroc(neg, pos) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert U.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0 and U.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+
+
+@pytest.mark.slow
+def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(exported, tmp_path, monkeypatch):
+    """attach on rendered frames: the runtime loads the pair (sha256, contract), the threshold flags at most
+    the rate of the calibration's good parts, novel slices in the calibration data and a second attach are refused."""
+    _, path = exported
+    fit, cal, bad = tmp_path / "fit", tmp_path / "cal", tmp_path / "novel"
+    write_dataset(fit, 8, seed=1, mix="good=1,dirt=1,scratch=1,ec=1")
+    write_dataset(cal, 10, seed=3, mix="good=1")
+    write_dataset(bad, 4, seed=5, mix="good=0.5,novel=0.5")
+    monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 10)
+    u = U.attach(path, fit, cal, tmp_path / "out", rate=0.1, threads=1)
+    assert u["calibration"]["good_parts"] == 10 and u["calibration"]["flagged_parts"] <= 1
+    assert u["parity_max_rel"] <= U.PARITY_TOLERANCE
+    m = InferenceModel(tmp_path / "out" / "model.onnx", providers=("CPUExecutionProvider",), intra_op_threads=1)
+    assert m.has_unknown and m.unknown_threshold == pytest.approx(u["threshold"])
+    with pytest.raises(U.UnknownError, match="novel"):
+        U.attach(path, fit, bad, tmp_path / "out2", rate=0.1, threads=1)
+    with pytest.raises(U.UnknownError, match="already has"):
+        U.attach(tmp_path / "out" / "model.onnx", fit, cal, tmp_path / "out3", rate=0.1, threads=1)
+    monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 100)
+    with pytest.raises(U.UnknownError, match="good parts"):
+        U.attach(path, fit, cal, tmp_path / "out4", rate=0.1, threads=1)
