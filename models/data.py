@@ -35,11 +35,8 @@ from torch.utils.data import Dataset
 
 from models import real_data
 from models.errors import DataError
-from models.images import INPUT_POLICY as INPUT_POLICY  # re-exported: models.evaluate imports it from here
 from models.images import read_image
-from models.images import read_mask as read_mask  # re-exported: models.evaluate imports it from here
 from models.samples import Sample, SampleSet, order_classes
-from models.samples import remap_classes as remap_classes  # re-exported: models.evaluate imports it from here
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask.png"

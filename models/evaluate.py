@@ -38,23 +38,15 @@ from tqdm import tqdm
 
 from models.checkpoint import load as load_model
 from models.checkpoint import read_metadata, resolve_weights
-from models.data import (
-    FORMATS,
-    INPUT_POLICY,
-    DataError,
-    Sample,
-    SampleSet,
-    load_samples,
-    read_image,
-    read_mask,
-    remap_classes,
-)
+from models.data import FORMATS, load_samples
+from models.errors import DataError, ValveModelError
 from models.figures import (
     OverlayItem,
     plot_confusion_matrix,
     plot_pr_curves,
     plot_saliency_grid,
 )
+from models.images import INPUT_POLICY, read_image, read_mask
 from models.ira_cnn import segmented_classes
 from models.metrics import (
     aggregate_segmentation,
@@ -64,6 +56,7 @@ from models.metrics import (
     scores_from_counts,
 )
 from models.saliency import METHODS, saliency
+from models.samples import Sample, SampleSet, remap_classes
 from service.segment import DEFAULT_METHOD as DEFAULT_SEGMENTATION
 from service.segment import METHODS as SEGMENTATION_METHODS
 from service.segment import masks_for, otsu_mask, refined_mask
@@ -71,7 +64,7 @@ from service.segment import masks_for, otsu_mask, refined_mask
 PROG = "valve-model evaluate"
 
 
-class EvalError(ValueError):
+class EvalError(ValveModelError, ValueError):
     """A user error about the evaluation: the run, the options or the device."""
 
 
@@ -120,7 +113,7 @@ def content_box(path: Path, size: int) -> tuple[slice, slice] | None:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from models.real_data import letterbox_geometry
+    from models.images import letterbox_geometry
 
     try:
         with Image.open(path) as im:

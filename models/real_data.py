@@ -58,7 +58,6 @@ from pathlib import Path
 
 from models.errors import DataError
 from models.images import INPUT_POLICY, imread_gray
-from models.images import letterbox_geometry as letterbox_geometry  # re-exported: models.evaluate imports it
 from models.samples import Sample, SampleSet, order_classes
 
 DEFAULT_SPLIT_SEED = 0
