@@ -57,6 +57,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from models.errors import ValveModelError
 from service.errors import NoPartError
 from service.roi import RoiParams, extract
 from service.sim.synth import CLASSES, FRAMES_DIR, MANIFEST, MASKED, NOVEL_LABEL, read_manifest, slice_labels
@@ -74,7 +75,7 @@ EXCLUDE = "exclude"
 _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class UsageError(Exception):
+class UsageError(ValveModelError):
     """A problem with the arguments or the folders: exit code 2 with this message."""
 
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import resolve_weights
+from models.errors import ValveModelError
 from models.ira_cnn import IRACNN, ModelConfig, segmented_classes
 from models.saliency import saliency, scale_map, weighted_map
 from service.infer import INPUT_NAME, OUTPUT_NAMES, sha256_file  # the runtime owns the graph contract
@@ -72,7 +73,7 @@ STRUCTURED = ("gray", "disc", "line", "gradient")
 CHECK_SEED = 0
 
 
-class ExportError(Exception):
+class ExportError(ValveModelError):
     """A problem the user can fix (missing run, bad metrics path, unsupported opset); exit 2."""
 
     exit_code = 2
