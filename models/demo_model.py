@@ -127,7 +127,7 @@ def check_mix(mix: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_mix(args.mix)
-    from models.build_dataset import build
+    from models.build_dataset import UNLABELLED, build
     from models.evaluate import evaluate
     from models.export import export_run
     from models.train import TrainConfig, train
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if slices.exists():
                 shutil.rmtree(slices)
             summary = build(frames, slices, RoiParams())  # the folder with manifest.jsonl: labelled slices
-            if "unlabelled" in summary.get("counts", {}):
+            if UNLABELLED in summary["slices"]:
                 raise SystemExit(f"demo-model: {frames} gave unlabelled slices: its manifest.jsonl was not found")
             timings[f"slice_{name}_s"] = round(time.monotonic() - t0, 1)
     if args.resume and not args.reuse:
