@@ -1,7 +1,7 @@
 """``valve-model train``: run directory, log, config, exact resume, user errors, and that it learns.
 
 The runs use the compact preset at 48x48 (``--input-size 48``) on the synthetic dataset of
-tests/models/helpers.py so that the whole module takes seconds on one CPU thread.
+tests/helpers/datasets.py so that the whole module takes seconds on one CPU thread.
 """
 
 import json
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from models.checkpoint import load, load_train_state, read_metadata
 from models.cli import main as cli_main
 from models.train import TrainConfig, TrainError, train
-from tests.models.helpers import make_folders_dataset
+from tests.helpers.datasets import make_folders_dataset
 
 FAST = ["--preset", "compact", "--input-size", "48", "--threads", "1", "--batch-size", "16"]
 

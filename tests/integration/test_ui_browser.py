@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.service.daemon_fixtures import DaemonProcess, clean_env, wait_until
+from tests.helpers.daemon_fixtures import DaemonProcess, clean_env, wait_until
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

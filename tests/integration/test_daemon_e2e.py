@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.daemon_fixtures import (
+from tests.helpers.daemon_fixtures import (
     EXPECTED_BIT,
     PARTS,
     DaemonProcess,

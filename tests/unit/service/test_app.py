@@ -25,7 +25,7 @@ from service.parts import PartBook
 from service.plc import PlcEvent, PlcLinkConfig
 from service.records import Frame, Prediction, Verdict
 from service.roi import RoiParams
-from tests.service.daemon_fixtures import write_toml
+from tests.helpers.daemon_fixtures import write_toml
 
 pytestmark = pytest.mark.timeout(30)
 

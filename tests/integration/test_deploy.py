@@ -25,16 +25,16 @@ from prometheus_client import CollectorRegistry
 from service.app import STOP_BUDGET_S
 from service.config import MetricsSettings, Settings, UiSettings
 from service.metrics import LATENCY_BUCKETS, Metrics
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
-COMPOSE = REPO / "deploy" / "docker-compose.yml"
-PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
-RULES = REPO / "deploy" / "prometheus" / "valve-inspect-rules.yml"
-DASHBOARD = REPO / "deploy" / "grafana" / "valve-inspect-dashboard.json"
-UNIT = REPO / "systemd" / "valve-inspect.service"
-OPERATIONS = REPO / "docs" / "operations.md"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+COMPOSE = REPO_ROOT / "deploy" / "docker-compose.yml"
+PROMETHEUS = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RULES = REPO_ROOT / "deploy" / "prometheus" / "valve-inspect-rules.yml"
+DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "valve-inspect-dashboard.json"
+UNIT = REPO_ROOT / "systemd" / "valve-inspect.service"
+OPERATIONS = REPO_ROOT / "docs" / "operations.md"
 CONFIG_PATH = "/etc/valve-inspect/config.toml"
 
 try:
@@ -230,7 +230,7 @@ def test_dockerfile_pins_onnxruntime_gpu_inside_the_pyproject_range():
     build = build_stage()
     version = build.args.get("ORT_VERSION", "")
     assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     req = next(Requirement(d) for d in deps if Requirement(d).name == "onnxruntime-gpu")
     assert req.specifier.contains(version), f"{version} outside pyproject's {req}"
     assert any(f"onnxruntime-gpu=={version}" in i.value for i in build.all("RUN"))
@@ -309,7 +309,7 @@ def test_dockerfile_refuses_to_build_without_the_shipped_model():
     """The build checks service/data/model.onnx and model.json are present, and pyproject packages them."""
     runs = " ".join(i.value for i in build_stage().all("RUN"))
     assert "service/data/model.onnx" in runs and "service/data/model.json" in runs and "exit 1" in runs
-    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert {"data/*.onnx", "data/*.json"} <= set(package_data["service"])
 
 
@@ -391,7 +391,7 @@ def dockerignored(path: str) -> bool:
     ".git/HEAD", ".venv/bin/python", "venv/lib/python3.11/site.py", "service/__pycache__/app.cpython-311.pyc",
     ".pytest_cache/v/cache/nodeids", ".ruff_cache/0.5/x", ".hypothesis/examples/x", "valve_inspect.egg-info/PKG-INFO",
     "runs/r1/checkpoint.safetensors", "runs/r1/model.onnx", "model.onnx", "out/frames/f0001.png", "cache/demo/x",
-    "tests/service/test_deploy.py", "tests/models/helpers.py", "data/train/good/x.png",
+    "tests/integration/test_deploy.py", "tests/helpers/datasets.py", "data/train/good/x.png",
 ])
 def test_dockerignore_excludes_venvs_caches_runs_and_tests(path):
     """Virtual environments, caches, VCS data, training runs, stray models, tests and data are not sent."""
@@ -522,7 +522,7 @@ def test_runbook_links_point_at_sections_of_operations_md():
     assert links
     for link in links:
         path, _, anchor = link.partition("#")
-        assert (REPO / path).resolve() == OPERATIONS.resolve() and anchor in anchors, link
+        assert (REPO_ROOT / path).resolve() == OPERATIONS.resolve() and anchor in anchors, link
 
 
 @needs_promtool

@@ -17,7 +17,7 @@ from service.records import Verdict
 from service.roi import extract
 from service.sim.synth import Pose, render_part
 from service.ui import REJECTS, LiveParts, start_ui
-from tests.service.daemon_fixtures import run_cli
+from tests.helpers.daemon_fixtures import run_cli
 
 STATUS = {"parts": {"accept": 3, "reject": 1, "no_part": 0, "not_inspected": 0}, "camera_connected": True,
           "plc_connected": False, "provider": "CPUExecutionProvider", "gpu": False}
@@ -193,7 +193,7 @@ def test_binding_beyond_loopback_needs_a_token():
 def test_run_refuses_to_start_without_a_token_beyond_loopback(tmp_path):
     """`valve-inspect run` with the live view on 0.0.0.0 and no token exits 2 naming ui.token, and
     check-config never prints a token that is set."""
-    from tests.service.daemon_fixtures import clean_env
+    from tests.helpers.daemon_fixtures import clean_env
 
     proc = run_cli("run", "--duration", "5", env=clean_env(VALVE_INSPECT_UI__HOST="0.0.0.0"), timeout=60)
     assert proc.returncode == 2 and "ui.token" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,7 +1,7 @@
 """``valve-model results``: caching, sections of the doc, mean ± std, the ordering sentence, failures.
 
 The end-to-end tests train and evaluate for real (subprocesses) on the tiny synthetic dataset of
-tests/models/helpers.py with PROTOCOL patched to input 32, one epoch; table6 and the cache checks
+tests/helpers/datasets.py with PROTOCOL patched to input 32, one epoch; table6 and the cache checks
 use hand-written run directories (nothing trained).
 """
 
@@ -15,7 +15,7 @@ from models.experiments.results import command, protocol, tables
 from models.experiments.results import doc as results_doc
 from models.experiments.results import runs as results_runs
 from models.experiments.results import stats as results_stats
-from tests.models.helpers import make_folders_dataset
+from tests.helpers.datasets import make_folders_dataset
 
 
 def synth_protocol(data, **over):

@@ -35,7 +35,7 @@ from service.plc import (
 )
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
-from tests.service.daemon_fixtures import free_port, wait_until
+from tests.helpers.daemon_fixtures import free_port, wait_until
 from tools.plc_artifacts import classic_layout, parse_udt_source
 
 pytestmark = pytest.mark.timeout(30)

@@ -12,7 +12,8 @@ import pytest
 import structlog
 
 from service.bench import KEEP_UP_FRACTION, _rates, format_table, highest_sustained, main
-from tests.service.daemon_fixtures import REPO_ROOT, clean_env, shipped_model
+from tests.helpers import REPO_ROOT
+from tests.helpers.daemon_fixtures import clean_env, shipped_model
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from models.metrics import segmentation_scores
 from models.saliency import saliency
 from models.train import TrainConfig, train
 from service.segment import otsu_mask, refined_mask
-from tests.models.helpers import make_folders_dataset
+from tests.helpers.datasets import make_folders_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from service.config import Settings, load_config, to_toml
 from service.errors import ConfigError
-from tests.service.daemon_fixtures import DB_NUMBER, LinePlc, clean_env, run_cli, wait_until, write_toml
+from tests.helpers.daemon_fixtures import DB_NUMBER, LinePlc, clean_env, run_cli, wait_until, write_toml
 
 ENV = {"XDG_CACHE_HOME": "/var/cache/test"}
 KEY = "simulation.mix_with_real_hardware"

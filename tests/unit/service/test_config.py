@@ -20,9 +20,9 @@ from service.config import (
     tomllib,  # tomllib, or tomli on Python 3.10
 )
 from service.errors import ConfigError
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "deploy" / "config.example.toml"
+EXAMPLE = REPO_ROOT / "deploy" / "config.example.toml"
 ENV = {"XDG_CACHE_HOME": "/var/cache/test"}  # a fixed environment: no overrides, a known cache dir
 
 
@@ -293,7 +293,7 @@ def test_require_gpu_accepts_every_gpu_provider_the_runtime_knows(tmp_path):
     import service.infer
     from service.config import GPU_PROVIDERS
 
-    root = Path(__file__).resolve().parents[2]
+    root = REPO_ROOT
     defined = [p.relative_to(root).as_posix() for p in sorted((root / "service").rglob("*.py"))
                for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
                if isinstance(node, (ast.Assign, ast.AnnAssign))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.daemon_fixtures import (
+from tests.helpers.daemon_fixtures import (
     LineFrames,
     LinePlc,
     ModelUnderTest,

@@ -8,8 +8,9 @@
   independently of ``service.plc``.
 * :class:`DaemonProcess` / :func:`running_daemon`: the daemon as a subprocess (``python -m service.cli
   run --config FILE``), JSON log on stdout into a file, always killed in a ``finally``.
-* What the session fixtures in conftest.py build: ``line_frames`` (:func:`render_line_frames`, 16
-  synthetic parts, 4 of each class, rendered once by ``service.sim.synth.write_dataset``) and
+* What the session fixtures in tests/integration/conftest.py build: ``line_frames``
+  (:func:`render_line_frames`, 16 synthetic parts, 4 of each class, rendered once by
+  ``service.sim.synth.write_dataset``) and
   ``inspection_model`` (:func:`build_inspection_model`: the shipped, trained demo model when
   service/data/model.onnx exists; otherwise an *untrained* compact IRA-CNN exported in a subprocess,
   good for plumbing only: ``inspection_model.trained`` is False and the verdict-vs-manifest checks skip).
@@ -47,8 +48,8 @@ from snap7.type import SrvArea
 
 import service
 from service.sim.synth import read_manifest, write_dataset
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 # ------------------------------------------------------------------ the interface, as the spec writes it

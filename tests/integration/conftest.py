@@ -1,17 +1,15 @@
-"""Fixtures shared by the tests in tests/service (pytest finds them here; no imports needed).
+"""Fixtures for the integration tests (pytest finds them here; no imports needed); valve_image is in
+tests/conftest.py.
 
-The helpers behind them stay importable from their modules: tests.service.daemon_fixtures
-(render_line_frames, build_inspection_model, LinePlc, running_daemon, ...) and tests.service.test_app
-(the daemon's test doubles).
+The helpers behind them are tests.helpers.daemon_fixtures (render_line_frames, build_inspection_model,
+LinePlc, running_daemon, ...).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from service.sim.synth import render_part
-from tests.service.daemon_fixtures import (
+from tests.helpers.daemon_fixtures import (
     LineFrames,
     ModelUnderTest,
     build_inspection_model,
@@ -29,10 +27,3 @@ def line_frames(tmp_path_factory) -> LineFrames:
 def inspection_model(tmp_path_factory) -> ModelUnderTest:
     """The shipped demo model when present (trained), else an untrained compact model for plumbing tests."""
     return build_inspection_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def valve_image() -> np.ndarray:
-    """A rendered good valve (one per test module)."""
-    image, _, _ = render_part(np.random.default_rng(5), "good")
-    return image

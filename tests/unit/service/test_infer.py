@@ -14,7 +14,7 @@ from service.config import GPU_PROVIDERS
 from service.errors import ConfigError, GpuRequiredError, ModelContractError, ModelError, ModelHashMismatch
 from service.infer import InferenceModel, resolve_providers, shipped_model_path
 from service.records import Prediction
-from tests.service import onnx_fixtures as fx
+from tests.helpers import onnx_fixtures as fx
 
 CPU = ["CPUExecutionProvider"]
 

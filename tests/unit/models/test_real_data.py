@@ -15,8 +15,9 @@ import models.real_data as rd
 from models.data import FORMATS, load_samples
 from models.errors import DataError
 from models.images import letterbox, letterbox_geometry, read_mask, to_input_size, unletterbox
+from tests.helpers import REPO_ROOT
 
-DATASETS = Path(os.environ.get("VALVE_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
+DATASETS = Path(os.environ.get("VALVE_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 KOLEKTOR = DATASETS / "kolektorsdd"
 MTILE = DATASETS / "magnetic-tile"
 SEEDS = range(25)

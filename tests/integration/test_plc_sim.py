@@ -13,7 +13,7 @@ from service.errors import ConfigError
 from service.plc import DB_SIZE, RESULT_START, PlcLink, pack_result, unpack_inputs
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator, load_manifest, main
-from tests.service.daemon_fixtures import wait_until
+from tests.helpers.daemon_fixtures import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,9 +17,9 @@ from service.metrics import Metrics
 from service.plc import PlcEvent, PlcLink, unpack_result
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
-from tests.service.daemon_fixtures import wait_until
-from tests.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings
-from tests.service.test_plc import make_link
+from tests.helpers.daemon_fixtures import wait_until
+from tests.integration.test_plc import make_link
+from tests.unit.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -314,7 +314,7 @@ def test_result_written_before_the_link_drops_is_not_written_again(sim, line):
 def test_line_plc_binds_a_free_port_itself_and_keeps_it_across_a_restart():
     """The test PLC binds port 0 (no free_port() picked, released and raced for) and re-binds the same port
     when the cable is plugged back in, so a link reconnects to it."""
-    from tests.service.daemon_fixtures import LinePlc
+    from tests.helpers.daemon_fixtures import LinePlc
 
     plc = LinePlc()
     assert plc.port == 0

@@ -13,14 +13,14 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pytest
 
 from service.config import load_config
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "systemd" / "valve-inspect.service"
+UNIT = REPO_ROOT / "systemd" / "valve-inspect.service"
 MAX_EXPOSURE = 2.0
 #: systemd's specifiers for the directories of system units (systemd.unit(5), "Specifiers").
 SPECIFIERS = {"%S": "/var/lib", "%C": "/var/cache", "%L": "/var/log", "%t": "/run", "%%": "%"}

@@ -19,7 +19,7 @@ from models.data import (
 from models.errors import DataError
 from models.images import read_image, read_mask, to_input_size
 from models.samples import Sample, SampleSet, order_classes, remap_classes
-from tests.models.helpers import make_folders_dataset
+from tests.helpers.datasets import make_folders_dataset
 
 
 @pytest.fixture(autouse=True)

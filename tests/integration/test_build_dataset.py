@@ -15,8 +15,8 @@ import pytest
 from models.build_dataset import main
 from service.roi import extract
 from service.sim.synth import Pose, render_part, write_dataset
-from tests.service.daemon_fixtures import (
-    REPO_ROOT,
+from tests.helpers import REPO_ROOT
+from tests.helpers.daemon_fixtures import (
     LinePlc,
     clean_env,
     daemon_config,
