@@ -2,6 +2,8 @@
 
     daemon_fixtures   the line for ``valve-inspect run`` as a subprocess (LinePlc, running_daemon, ...) and
                       small helpers (write_toml, wait_until, clean_env, run_cli)
+    daemon_doubles    test doubles for the daemon's camera, PLC link and model (FakeCamera, FakePlc, FakeModel)
+                      and a Daemon wired with them (make_daemon)
     onnx_fixtures     small ONNX models that follow (or bend) the runtime's graph contract, without torch
     datasets          a tiny synthetic dataset in the ``folders`` format for the model side
 """

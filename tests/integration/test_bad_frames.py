@@ -142,7 +142,7 @@ def test_a_device_double_covers_what_the_emulator_cannot_produce(grab, reason):
 
 def test_a_bad_frame_reaches_the_plc_as_not_inspected_with_its_reason(tmp_path):
     """The daemon answers the part of a bad frame NotInspected, reason camera_<what is wrong>, never Accept."""
-    from tests.unit.service.test_app import make_daemon, part_event
+    from tests.helpers.daemon_doubles import make_daemon, part_event
 
     d = make_daemon(tmp_path)
     d._on_plc_event(part_event(41))

@@ -17,9 +17,9 @@ from service.metrics import Metrics
 from service.plc import PlcEvent, PlcLink, unpack_result
 from service.records import Verdict
 from service.sim.plc_sim import PlcSimulator
+from tests.helpers.daemon_doubles import FakeCamera, FakeModel, FakePlc, frame, make_settings
 from tests.helpers.daemon_fixtures import wait_until
 from tests.integration.test_plc import make_link
-from tests.unit.service.test_app import FakeCamera, FakeModel, FakePlc, frame, make_settings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,8 +26,8 @@ from service.decide import decide
 from service.parts import PartBook
 from service.plc import pack_result
 from service.records import Prediction, Verdict
+from tests.helpers.daemon_doubles import FakeModel, drain_worker, frame, make_daemon, part_event
 from tests.helpers.daemon_fixtures import wait_until
-from tests.unit.service.test_app import FakeModel, drain_worker, frame, make_daemon, part_event
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ import pytest
 
 from service.app import _Job
 from service.segment import masks_for, otsu_mask
-from tests.unit.service.test_app import FakeModel, frame, make_daemon, part_event
+from tests.helpers.daemon_doubles import FakeModel, frame, make_daemon, part_event
 
 pytestmark = pytest.mark.timeout(60)
 
