@@ -54,7 +54,6 @@ import numpy as np
 from service.infer import UNKNOWN_OUTPUT, sha256_file  # the runtime owns the graph contract
 from service.sim.synth import read_manifest
 
-METHOD = "mahalanobis"
 #: the blocks whose pooled features the score uses, by default (1-based, in graph order)
 DEFAULT_BLOCKS = (1, 2, 3)
 #: shrinkage of the tied covariance towards eps * mean variance * I
@@ -215,6 +214,117 @@ def add_score(proto, feature_names: Sequence[str], g: Gaussians) -> None:
     proto.graph.output.append(helper.make_tensor_value_info(UNKNOWN_OUTPUT, TensorProto.FLOAT, ["batch"]))
 
 
+# ----------------------------------------------------------------------------- the variation model
+
+#: the variation model's defaults: 4 x 4 mean pooling (192 -> 48 px per slice), 3 x 3 smoothing of the deviation
+VARIATION_FACTOR = 4
+VARIATION_SMOOTH = 3
+
+
+@dataclass
+class VariationModel:
+    """A variation model of good parts (as machine vision's "variation model" of a golden part): per slice
+    position and per (pooled) pixel, the mean gray value of the good slices and their spread.
+
+    score(slice at position s) = max over pixels of box_k( |pool_f(x) - mean_s| / (std_s + floor) )
+
+    pool_f: f x f mean pooling; box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
+    count_include_pad = 0); floor: the median std, so that a pixel with no spread in the good data does not
+    divide by ~0. It looks at the pixels, not at the classifier's features: what the classifier never
+    learned to see can still be unlike every good part (docs/model.md, "Unknown defects").
+    """
+
+    factor: int
+    smooth: int
+    mean: np.ndarray   # (S, h, w) float64
+    scale: np.ndarray  # (S, h, w) float64: std + floor
+    floor: float = 0.0
+
+    def deviation(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(N, h, w) smoothed normalised deviation, float64 reference (slices (N, 1, H, W) uint8)."""
+        x = np.asarray(slices, np.float64)[:, 0]
+        n, hh, ww = x.shape
+        f = self.factor
+        p = x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
+        d = np.abs(p - self.mean[positions]) / self.scale[positions]
+        k = self.smooth
+        if k > 1:
+            r = k // 2
+            pad = np.pad(d, ((0, 0), (r, r), (r, r)))
+            ones = np.pad(np.ones(d.shape[1:]), r)
+            box = sum(pad[:, i:i + d.shape[1], j:j + d.shape[2]] for i in range(k) for j in range(k))
+            cnt = sum(ones[i:i + d.shape[1], j:j + d.shape[2]] for i in range(k) for j in range(k))
+            d = box / cnt
+        return d
+
+    def score(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.deviation(slices, positions).max(axis=(1, 2))
+
+
+def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH) -> VariationModel:
+    """Mean and spread per slice position of the slices labelled good (the good parts' and the good slices of
+    defect parts)."""
+    n_pos = parts.slices.shape[1]
+    size = parts.slices.shape[-1]
+    if size % factor:
+        raise UnknownError(f"slice size {size} is not a multiple of the pooling factor {factor}")
+    good = np.asarray([[lab == "good" for lab in labs] for labs in parts.slice_labels])
+    h = size // factor
+    mean, std = np.zeros((n_pos, h, h)), np.zeros((n_pos, h, h))
+    for s in range(n_pos):
+        x = parts.slices[good[:, s], s, 0].astype(np.float64)
+        if len(x) < 10:
+            raise UnknownError(f"slice position {s}: {len(x)} good slices in the fit data, the variation model "
+                               f"needs >= 10. Fix: fit on more parts.")
+        p = x.reshape(len(x), h, factor, h, factor).mean(axis=(2, 4))
+        mean[s], std[s] = p.mean(axis=0), p.std(axis=0)
+    floor = float(np.median(std))
+    return VariationModel(factor, smooth, mean, std + floor, floor)
+
+
+def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
+    """Append the variation model's nodes and the ``unknown`` (B,) output. The slice's position is its batch
+    index modulo the number of positions: the runtime sends one part's slices in row-major order."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = _PREFIX + "var/"
+    n_pos = v.mean.shape[0]
+    inits = [numpy_helper.from_array(v.mean[:, None].astype(np.float32), p + "mean"),                # (S, 1, h, w)
+             numpy_helper.from_array((1.0 / v.scale)[:, None].astype(np.float32), p + "inv_scale"),
+             numpy_helper.from_array(np.asarray(0, np.int64), p + "zero"),
+             numpy_helper.from_array(np.asarray(1, np.int64), p + "one"),
+             numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos"),
+             numpy_helper.from_array(np.asarray([0], np.int64), p + "first")]
+    nodes = [
+        helper.make_node("Cast", [input_name], [p + "x"], to=TensorProto.FLOAT),                      # (B, 1, H, W)
+        helper.make_node("AveragePool", [p + "x"], [p + "pooled"], kernel_shape=[v.factor] * 2,
+                         strides=[v.factor] * 2),                                                      # (B, 1, h, w)
+        helper.make_node("Shape", [input_name], [p + "shape"]),
+        helper.make_node("Gather", [p + "shape", p + "zero"], [p + "batch"], axis=0),                 # B
+        helper.make_node("Range", [p + "zero", p + "batch", p + "one"], [p + "index"]),               # 0..B-1
+        helper.make_node("Mod", [p + "index", p + "n_pos"], [p + "position"]),
+        helper.make_node("Gather", [p + "mean", p + "position"], [p + "mean_b"], axis=0),             # (B, 1, h, w)
+        helper.make_node("Gather", [p + "inv_scale", p + "position"], [p + "inv_b"], axis=0),
+        helper.make_node("Sub", [p + "pooled", p + "mean_b"], [p + "diff"]),
+        helper.make_node("Abs", [p + "diff"], [p + "abs"]),
+        helper.make_node("Mul", [p + "abs", p + "inv_b"], [p + "dev"]),
+    ]
+    dev = p + "dev"
+    if v.smooth > 1:
+        r = v.smooth // 2
+        nodes.append(helper.make_node("AveragePool", [dev], [p + "smooth"], kernel_shape=[v.smooth] * 2,
+                                      strides=[1, 1], pads=[r] * 4, count_include_pad=0))
+        dev = p + "smooth"
+    nodes.append(helper.make_node("ReduceMax", [dev], [UNKNOWN_OUTPUT], axes=[1, 2, 3], keepdims=0)
+                 if _opset(proto) < 18 else
+                 helper.make_node("ReduceMax", [dev, p + "axes"], [UNKNOWN_OUTPUT], keepdims=0))
+    if _opset(proto) >= 18:
+        inits.append(numpy_helper.from_array(np.asarray([1, 2, 3], np.int64), p + "axes"))
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(inits)
+    proto.graph.output.append(helper.make_tensor_value_info(UNKNOWN_OUTPUT, TensorProto.FLOAT, ["batch"]))
+
+
 # ----------------------------------------------------------------------------- data
 
 @dataclass
@@ -322,43 +432,87 @@ def calibrate(part_scores: np.ndarray, rate: float) -> float:
     return float(np.nextafter(s[k], np.inf)) if k >= 0 else float(s[0])
 
 
+METHODS = ("variation", "mahalanobis")
+DEFAULT_METHOD = "variation"
+
+
+def _positions(n_parts: int, n_slices: int) -> np.ndarray:
+    return np.tile(np.arange(n_slices), n_parts)
+
+
 def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str | Path, *,
-           blocks: Sequence[int] = DEFAULT_BLOCKS, rate: float = DEFAULT_FALSE_FLAG_RATE,
+           method: str = DEFAULT_METHOD, blocks: Sequence[int] = DEFAULT_BLOCKS,
+           rate: float = DEFAULT_FALSE_FLAG_RATE, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
            threads: int = 0, limit: int | None = None) -> dict:
-    """Fit the score on ``fit``, calibrate its threshold on ``calibration``, write ``out``/model.onnx + model.json."""
+    """Fit the score on ``fit``, calibrate its threshold on ``calibration``'s good parts, write ``out``/model.onnx +
+    model.json. ``method``: "variation" (the pixels' variation model of good parts) or "mahalanobis" (pooled block
+    features). Nothing is written unless the graph's score agrees with the float64 reference (PARITY_TOLERANCE)."""
     import onnx
 
+    if method not in METHODS:
+        raise UnknownError(f"method {method!r}: one of {', '.join(METHODS)}")
     model = Path(model)
-    meta_path = model.with_suffix(".json")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
     classes = list(meta["classes"])
     proto = onnx.load(str(model))
+    if any(o.name == UNKNOWN_OUTPUT for o in proto.graph.output):
+        raise UnknownError(f"{model} already has an {UNKNOWN_OUTPUT!r} output. Fix: attach to the model without it "
+                           f"(the original export).")
     t0 = time.perf_counter()
-    work, feat_names = _features_graph(proto, blocks)
-    _expose(work, feat_names)
     fit_parts = load_parts(fit, limit)
-    feats = run_outputs(work, fit_parts, feat_names, threads=threads)
-    g = fit_gaussians([feats[n] for n in feat_names], slice_label_index(fit_parts, classes), classes, blocks)
-    add_score(work, feat_names, g)
-    # keep only the contract's outputs and the score
-    keep = [o for o in work.graph.output if not o.name.startswith(_PREFIX)]
+    labels = slice_label_index(fit_parts, classes)  # refuses novel slices in the fit set
+    n_slices = fit_parts.slices.shape[1]
+    if method == "variation":
+        v = fit_variation(fit_parts, factor, smooth)
+        work = copy.deepcopy(proto)
+        add_variation_score(work, proto.graph.input[0].name, v)
+        extra: list[str] = []
+
+        def reference(parts: PartSlices, _outs: dict) -> np.ndarray:
+            x = parts.slices.reshape(-1, *parts.slices.shape[2:])
+            return v.score(x, _positions(len(parts.part_class), n_slices))
+
+        described = {"method": "variation", "pooling": factor, "smoothing": smooth,
+                     "features": "per slice position: mean and spread of the good slices' f x f pooled gray values; "
+                                 "score = max of the k x k smoothed |x - mean| / (std + median std)",
+                     "positions": "batch index modulo the slices per part (one part's slices in row-major order)",
+                     "floor": round(v.floor, 4)}
+        meaning = ("per slice: the largest smoothed deviation of its pooled gray values from the good parts' "
+                   "variation model at its position, in standard deviations; unknown when >= unknown.threshold")
+    else:
+        work, extra = _features_graph(proto, blocks)
+        _expose(work, extra)
+        feats = run_outputs(work, fit_parts, extra, threads=threads)
+        g = fit_gaussians([feats[n] for n in extra], labels, classes, blocks)
+        add_score(work, extra, g)
+
+        def reference(_parts: PartSlices, outs: dict) -> np.ndarray:
+            return g.score([outs[n] for n in extra])
+
+        described = {"method": "mahalanobis", "blocks": list(blocks), "shrinkage": SHRINKAGE,
+                     "features": "per block: [GAP, GMP] of the IRA-Block's output (its 2x2 max-pool)"}
+        meaning = ("per slice: Mahalanobis distance of the pooled block features to the nearest known class "
+                   "(tied covariance), per feature dimension, averaged over blocks; unknown when >= "
+                   "unknown.threshold")
+    keep = [o for o in work.graph.output if not o.name.startswith(_PREFIX)]  # the contract's outputs + the score
     del work.graph.output[:]
     work.graph.output.extend(keep)
     onnx.checker.check_model(work)
 
     cal_parts = load_parts(calibration, limit)
     slice_label_index(cal_parts, classes)  # refuses novel slices in the calibration set
-    cal = run_outputs(_with_features(work, feat_names), cal_parts, [UNKNOWN_OUTPUT, *feat_names], threads=threads)
-    ref = g.score([cal[n] for n in feat_names])
+    good = np.asarray([c == "good" for c in cal_parts.part_class])
+    if good.sum() < MIN_CALIBRATION_GOOD:
+        raise UnknownError(f"{calibration}: {int(good.sum())} good parts; the threshold needs >= "
+                           f"{MIN_CALIBRATION_GOOD} good parts (rate {rate} of them). Fix: synthesise more "
+                           f"(`valve-inspect synth --mix good=1`).")
+    cal = run_outputs(_with_features(work, extra), cal_parts, [UNKNOWN_OUTPUT, *extra], threads=threads)
+    ref = reference(cal_parts, cal)
     rel = float(np.max(np.abs(cal[UNKNOWN_OUTPUT] - ref) / np.maximum(1.0, np.abs(ref))))
     if rel > PARITY_TOLERANCE:
         raise UnknownError(f"the graph's unknown score differs from the float64 reference by {rel:.2e} "
                            f"(> {PARITY_TOLERANCE}); nothing written")
     pm_all = part_max(cal[UNKNOWN_OUTPUT], len(cal_parts.part_class))
-    good = np.asarray([c == "good" for c in cal_parts.part_class])
-    if good.sum() < MIN_CALIBRATION_GOOD:
-        raise UnknownError(f"{calibration}: {int(good.sum())} good parts; the threshold needs >= {MIN_CALIBRATION_GOOD} good parts "
-                           f"(rate {rate} of them). Fix: synthesise more (`valve-inspect synth --mix good=1`).")
     pm = pm_all[good]
     threshold = calibrate(pm, rate)
     flagged = int((pm >= threshold).sum())
@@ -375,22 +529,18 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
     new["sha256"] = sha256_file(onnx_out)
     new["size_bytes"] = onnx_out.stat().st_size
     new["outputs"] = [o for o in meta["outputs"] if o.get("name") != UNKNOWN_OUTPUT] + [{
-        "name": UNKNOWN_OUTPUT, "dtype": "float32", "shape": ["batch"],
-        "meaning": "per slice: Mahalanobis distance of the pooled block features to the nearest known class "
-                   "(tied covariance), per feature dimension, averaged over blocks; unknown when >= "
-                   "unknown.threshold"}]
-    classes_cal = sorted(set(cal_parts.part_class))
+        "name": UNKNOWN_OUTPUT, "dtype": "float32", "shape": ["batch"], "meaning": meaning}]
     new["unknown"] = {
-        "method": METHOD, "output": UNKNOWN_OUTPUT, "blocks": list(blocks),
-        "features": "per block: [GAP, GMP] of the IRA-Block's output (its 2x2 max-pool)",
-        "shrinkage": SHRINKAGE, "threshold": threshold, "rule": "a slice is unknown when unknown >= threshold; "
-        "a part is RejectUnknown when any of its slices is",
+        **described, "output": UNKNOWN_OUTPUT, "threshold": threshold,
+        "rule": "a slice is unknown when unknown >= threshold; a part is RejectUnknown when any of its slices is",
         "false_flag_rate_target": rate,
-        "fit": {"frames": str(fit), "parts": len(fit_parts.part_class), "slices": int(len(fit_parts.part_class) * 8)},
+        "fit": {"frames": str(fit), "parts": len(fit_parts.part_class),
+                "good_slices": int(sum(lab == "good" for labs in fit_parts.slice_labels for lab in labs))},
         "calibration": {"frames": str(calibration), "parts": len(pm_all), "good_parts": len(pm),
-                        "classes": classes_cal, "flagged_parts": flagged, "flagged_rate": round(flagged / len(pm), 5),
+                        "classes": sorted(set(cal_parts.part_class)), "flagged_parts": flagged,
+                        "flagged_rate": round(flagged / len(pm), 5),
                         "known_defect_parts_flagged_rate": defect_flagged,
-                        "part_max_quantiles": {q: float(np.quantile(pm, q)) for q in (0.5, 0.9, 0.99)}},
+                        "part_max_quantiles": {str(q): float(np.quantile(pm, q)) for q in (0.5, 0.9, 0.99)}},
         "parity_max_rel": rel, "seconds": round(time.perf_counter() - t0, 1),
     }
     tmpj = out / "model.json.tmp"
@@ -521,12 +671,17 @@ def measure(model: str | Path, fit: str | Path, calibration: str | Path, known: 
     novel_sets, novel_out = load(novel)
     labels = slice_label_index(fit_parts, classes)
     cands: dict[str, object] = {"max-softmax": None, "energy": None}
+    for f, k in ((4, 3), (4, 1), (8, 1)):
+        cands[f"variation f{f} k{k}"] = fit_variation(fit_parts, f, k)
     for blocks in CANDIDATE_BLOCKS:
         if max(blocks) <= n_blocks:
             cands["mahalanobis " + "+".join(map(str, blocks))] = fit_gaussians(
                 [fit_out[names[b - 1]] for b in blocks], labels, classes, blocks)
 
-    def score(name: str, g, out: dict) -> np.ndarray:
+    def score(name: str, g, out: dict, parts: PartSlices) -> np.ndarray:
+        if isinstance(g, VariationModel):
+            x = parts.slices.reshape(-1, *parts.slices.shape[2:])
+            return g.score(x, _positions(len(parts.part_class), parts.slices.shape[1]))
         if name == "max-softmax":
             lg = out["logits"].astype(np.float64)
             return 1.0 - np.exp(lg.max(axis=1) - _logsumexp(lg))
@@ -537,13 +692,13 @@ def measure(model: str | Path, fit: str | Path, calibration: str | Path, known: 
     def parts_of(sets, outs_, name, g, want):
         vals = []
         for p, o in zip(sets, outs_, strict=True):
-            pm = part_max(score(name, g, o), len(p.part_class))
+            pm = part_max(score(name, g, o, p), len(p.part_class))
             vals.append(pm[[want(c) for c in p.part_class]])
         return np.concatenate(vals) if vals else np.asarray([])
 
     rows = {}
     for name, g in cands.items():
-        cal_pm = part_max(score(name, g, cal_out), len(cal_parts.part_class))
+        cal_pm = part_max(score(name, g, cal_out, cal_parts), len(cal_parts.part_class))
         t = calibrate(cal_pm[[c == "good" for c in cal_parts.part_class]], rate)
         good = parts_of(known_sets + novel_sets, known_out + novel_out, name, g, lambda c: c == "good")
         kdef = parts_of(known_sets, known_out, name, g, lambda c: c not in ("good", "novel"))
@@ -576,7 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--calibrate", required=True, help="held-out synthetic frames, >= 100 good parts (another seed; "
                    "e.g. `valve-inspect synth --mix good=1`)")
     a.add_argument("--out", required=True, help="folder for model.onnx and model.json")
-    a.add_argument("--blocks", type=_blocks, default=DEFAULT_BLOCKS, help="IRA-Blocks used (default 1,2,3)")
+    a.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="variation (the good parts' pixels, default) or mahalanobis (pooled block features)")
+    a.add_argument("--blocks", type=_blocks, default=DEFAULT_BLOCKS, help="mahalanobis: IRA-Blocks used (default 1,2,3)")
     a.add_argument("--false-flag-rate", type=float, default=DEFAULT_FALSE_FLAG_RATE,
                    help="false-flag rate of the calibration's good parts (default 0.005)")
     e = sub.add_parser("evaluate", help="part-level flag rates on known and novel synthetic folders")
@@ -605,9 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "attach":
             if not 0 < args.false_flag_rate < 1:
                 raise UnknownError(f"--false-flag-rate {args.false_flag_rate}: must be in (0, 1), e.g. 0.005")
-            u = attach(args.model, args.fit, args.calibrate, args.out, blocks=args.blocks,
+            u = attach(args.model, args.fit, args.calibrate, args.out, method=args.method, blocks=args.blocks,
                        rate=args.false_flag_rate, threads=args.threads, limit=args.limit)
-            print(f"unknown score attached: blocks {u['blocks']}, threshold {u['threshold']:.5g} "
+            print(f"unknown score attached: {u['method']}, threshold {u['threshold']:.5g} "
                   f"({u['calibration']['flagged_parts']} of {u['calibration']['parts']} calibration parts flagged), "
                   f"parity {u['parity_max_rel']:.1e}, {u['seconds']} s -> {args.out}")
         elif args.cmd == "measure":

@@ -136,19 +136,79 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
     the rate of the calibration's good parts, novel slices in the calibration data and a second attach are refused."""
     _, path = exported
     fit, cal, bad = tmp_path / "fit", tmp_path / "cal", tmp_path / "novel"
-    write_dataset(fit, 8, seed=1, mix="good=1,dirt=1,scratch=1,ec=1")
+    write_dataset(fit, 16, seed=1, mix="good=2,dirt=1,scratch=1,ec=1")
     write_dataset(cal, 10, seed=3, mix="good=1")
     write_dataset(bad, 4, seed=5, mix="good=0.5,novel=0.5")
     monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 10)
-    u = U.attach(path, fit, cal, tmp_path / "out", rate=0.1, threads=1)
-    assert u["calibration"]["good_parts"] == 10 and u["calibration"]["flagged_parts"] <= 1
-    assert u["parity_max_rel"] <= U.PARITY_TOLERANCE
-    m = InferenceModel(tmp_path / "out" / "model.onnx", providers=("CPUExecutionProvider",), intra_op_threads=1)
-    assert m.has_unknown and m.unknown_threshold == pytest.approx(u["threshold"])
+    for method in U.METHODS:
+        u = U.attach(path, fit, cal, tmp_path / "out" / method, rate=0.1, threads=1, method=method)
+        assert u["method"] == method and u["calibration"]["good_parts"] == 10
+        assert u["calibration"]["flagged_parts"] <= 1 and u["parity_max_rel"] <= U.PARITY_TOLERANCE
+        m = InferenceModel(tmp_path / "out" / method / "model.onnx", providers=("CPUExecutionProvider",),
+                           intra_op_threads=1)
+        assert m.has_unknown and m.unknown_threshold == pytest.approx(u["threshold"])
+        pred = m.run(np.zeros((8, 1, 192, 192), np.uint8))
+        assert pred.unknown.shape == (8,) and (pred.unknown >= u["threshold"]).all()  # a black "part" is unknown
     with pytest.raises(U.UnknownError, match="novel"):
         U.attach(path, fit, bad, tmp_path / "out2", rate=0.1, threads=1)
     with pytest.raises(U.UnknownError, match="already has"):
-        U.attach(tmp_path / "out" / "model.onnx", fit, cal, tmp_path / "out3", rate=0.1, threads=1)
+        U.attach(tmp_path / "out" / "variation" / "model.onnx", fit, cal, tmp_path / "out3", rate=0.1, threads=1)
     monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 100)
     with pytest.raises(U.UnknownError, match="good parts"):
         U.attach(path, fit, cal, tmp_path / "out4", rate=0.1, threads=1)
+
+
+# ------------------------------------------------------------------ the variation model (the default method)
+
+def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: int, k: int, pos: np.ndarray):
+    """Independent of models.unknown: OpenCV's area resize (= f x f mean pooling at an integer factor) and a
+    box filter over the valid neighbours (zero-padded sums divided by the zero-padded count)."""
+    import cv2
+
+    out = []
+    for img, p in zip(x[:, 0].astype(np.float64), pos, strict=True):
+        small = cv2.resize(img, (img.shape[1] // f, img.shape[0] // f), interpolation=cv2.INTER_AREA)
+        d = np.abs(small - mean[p]) / scale[p]
+        if k > 1:
+            box = cv2.boxFilter(d, -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+            cnt = cv2.boxFilter(np.ones_like(d), -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+            d = box / cnt
+        out.append(d.max())
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k):
+    """ORT's variation score equals an OpenCV reference within 1e-4 relative, position = batch index mod 8
+    (a batch of 11 slices wraps), and a slice's score changes when it is scored at another position."""
+    _, path = exported
+    rng = np.random.default_rng(3)
+    mean = rng.uniform(60, 200, (8, 48, 48))
+    scale = rng.uniform(2, 9, (8, 48, 48))
+    v = U.VariationModel(4, k, mean, scale)
+    work = onnx.load(str(path))
+    U.add_variation_score(work, "slices", v)
+    x = rng.integers(0, 256, (11, 1, 192, 192), dtype=np.uint8)
+    (got,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x})
+    pos = np.arange(11) % 8
+    ref = _variation_reference(x, mean, scale, 4, k, pos)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    np.testing.assert_allclose(v.score(x, pos), ref, rtol=1e-9)
+    (shifted,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x[1:9]})  # the same slices, positions - 1
+    assert not np.allclose(shifted, got[1:9], rtol=1e-3)
+
+
+def test_fit_variation_takes_good_slices_per_position_and_refuses_too_few():
+    """Mean/spread per position come from the slices labelled good only; a position with < 10 good slices is refused."""
+    rng = np.random.default_rng(4)
+    slices = rng.integers(90, 110, (12, 8, 1, 192, 192)).astype(np.uint8)
+    labels = [["good"] * 8 for _ in range(12)]
+    slices[0, 2] = 255  # a defect slice at position 2, labelled dirt: not part of the model
+    labels[0][2] = "dirt"
+    parts = U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [str(i) for i in range(12)])
+    v = U.fit_variation(parts, 4, 3)
+    assert v.mean.shape == (8, 48, 48) and abs(v.mean[2].mean() - 99.5) < 1.0
+    assert v.floor == pytest.approx(float(np.median(v.scale - v.floor)))
+    labels[1][5] = labels[2][5] = labels[3][5] = "scratch"
+    with pytest.raises(U.UnknownError, match="position 5: 9 good slices"):
+        U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3)
