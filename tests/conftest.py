@@ -1,6 +1,6 @@
 """Fixtures shared by tests/unit and tests/integration (pytest finds them here; no imports needed).
 
-    tests/unit/          one process, test doubles, synthetic data: seconds to a minute or two, nothing to install
+    tests/unit/          one process, test doubles, synthetic data (about 2 minutes on one core, service/ 20 s)
       service/  models/  the runtime's modules (no torch) and the model side's (torch)
     tests/integration/   the real things: the daemon as a subprocess, pylon's camera emulator, a Snap7 server,
                          promtool, systemd-analyze, chromium, the bench and the soak (fixtures: its conftest.py)
