@@ -1,6 +1,6 @@
 """valve-inspect runtime: grab -> ROI -> infer -> segment -> decide -> report.
 
-This package must never import torch (tests/service/test_no_torch.py proves it in a
+This package must never import torch (tests/unit/service/test_no_torch.py proves it in a
 subprocess). Everything here runs on numpy, OpenCV, ONNX Runtime, pypylon and python-snap7.
 """
 

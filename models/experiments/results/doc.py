@@ -20,7 +20,7 @@ DOC_HEADER = """\
 # Results: IRA-CNN on KolektorSDD and Magnetic-tile
 
 Every section below is written by one command, `valve-model results <table>` (code:
-`models/experiments/results/`, tests: `tests/models/test_results.py`). Each command rewrites only
+`models/experiments/results/`, tests: `tests/unit/models/test_results.py`). Each command rewrites only
 its own section, between the `<!-- BEGIN name -->` and `<!-- END name -->` markers; text outside
 the markers is kept. Each section records the exact command, the protocol, the machine, the wall-clock time
 and the date; the numbers are also in `runs/results/<table>.json`.
