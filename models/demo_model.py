@@ -2,7 +2,9 @@
 
     synthetic frames (train seed)  --build-dataset-->  slices  --balance-->  train (compact, IAM)
     synthetic frames (test seed)   --build-dataset-->  slices  ------------> evaluate (held out)
-    export (ONNX with in-graph Grad-CAM++, parity-checked) -> service/data/model.onnx + model.json
+    export (ONNX with in-graph Grad-CAM++, parity-checked)
+    + the unknown-defect score (models.unknown: variation model of the training frames' good slices,
+      threshold calibrated on good parts of another seed)  -> service/data/model.onnx + model.json
 
 Train and test frames come from different seeds, so the test parts were never seen in training.
 The training set's good slices are subsampled (seeded) to the size of the largest defect class:
@@ -48,7 +50,8 @@ def balance_good(folder: Path, seed: int) -> dict[str, int]:
 
 def part_level(frames: Path, model_path: Path) -> dict:
     """Part verdicts on rendered frames through the daemon's own pipeline (service.pipeline.inspect_frame, default
-    thresholds) against the manifest: what the PLC would see for each part."""
+    thresholds, the model's unknown threshold when it has the score) against the manifest: what the PLC would see
+    for each part."""
     import time
     from collections import Counter
 
@@ -69,7 +72,7 @@ def part_level(frames: Path, model_path: Path) -> dict:
     for i, r in enumerate(rows):
         image = cv2.imread(str(frames / r["file"]), cv2.IMREAD_GRAYSCALE)
         v, _ = inspect_frame(Frame(image=image, frame_id=i, arrival=time.monotonic()), i + 1, RoiParams(),
-                             model, thresholds)
+                             model, thresholds, unknown_threshold=model.unknown_threshold)
         cls = r["class"]
         got = "accept" if v.accept else ("+".join(v.defects) or v.label)
         outcomes[f"{cls} -> {got}"] += 1
@@ -82,7 +85,7 @@ def part_level(frames: Path, model_path: Path) -> dict:
     n = len(rows)
     return {"parts": n, "accept_vs_reject": disposition, "exact_bits": exact, "defective": defective,
             "own_reject_bit": own, "escapes": escapes, "outcomes": dict(sorted(outcomes.items())),
-            "thresholds": thresholds}
+            "thresholds": thresholds, "unknown_threshold": model.unknown_threshold}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="reuse frames/slices already in --work")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --work/run up to --epochs (bit-identical to training in one go)")
+    p.add_argument("--calibration-parts", type=int, default=600,
+                   help="good parts rendered to calibrate the unknown score's threshold (default 600)")
+    p.add_argument("--calibration-seed", type=int, default=3, help="their seed (default 3)")
+    p.add_argument("--unknown-rate", type=float, default=0.005,
+                   help="the unknown score's false-flag rate on the calibration's good parts (default 0.005)")
     p.add_argument("--no-ship", action="store_true", help="stop after export into --work")
     p.add_argument("--part-level-only", action="store_true",
                    help="only measure part verdicts of the exported model on the test frames")
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.evaluate import evaluate
     from models.export import export_run
     from models.train import TrainConfig, train
+    from models.unknown import attach
     from service.roi import RoiParams
     from service.sim.synth import write_dataset
 
@@ -186,11 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     out_onnx = work / "export" / "model.onnx"
     export_run(run, out_onnx, metrics=run / "report" / "metrics.json")
     timings["export_s"] = round(time.monotonic() - t0, 1)
+
+    # The unknown-defect score (models.unknown): the good parts' variation model, fitted on the training
+    # frames, its threshold calibrated on good parts of another seed; novel types never enter either.
+    t0 = time.monotonic()
+    cal = work / "frames-calibration"
+    if not (args.reuse and (cal / "manifest.jsonl").is_file()):
+        write_dataset(cal, parts=args.calibration_parts, seed=args.calibration_seed, mix="good=1", overwrite=True)
+    u = attach(out_onnx, work / "frames-train", cal, work / "shipped", rate=args.unknown_rate,
+               threads=args.threads or 0)
+    timings["unknown_s"] = round(time.monotonic() - t0, 1)
+    print(f"[demo-model] unknown score: {u['method']}, threshold {u['threshold']:.4g} "
+          f"({u['calibration']['flagged_parts']}/{u['calibration']['good_parts']} calibration parts flagged)",
+          flush=True)
     if not args.no_ship:
         ship = Path(args.ship)
         ship.mkdir(parents=True, exist_ok=True)
         for name in ("model.onnx", "model.json"):
-            shutil.copy2(out_onnx.with_name(name), ship / name)
+            shutil.copy2(work / "shipped" / name, ship / name)
         print(f"[demo-model] shipped {ship / 'model.onnx'} and model.json", flush=True)
     _report_part_level(work)
     acc = metrics.get("classification", metrics).get("accuracy")
@@ -200,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_part_level(work: Path) -> int:
-    summary = part_level(work / "frames-test", work / "export" / "model.onnx")
+    shipped = work / "shipped" / "model.onnx"
+    summary = part_level(work / "frames-test", shipped if shipped.is_file() else work / "export" / "model.onnx")
     out = work / "run" / "report" / "part_level.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"[demo-model] part level on {summary['parts']} held-out parts: accept-vs-reject "

@@ -1,31 +1,31 @@
-"""The unknown-defect score inside the graph: Mahalanobis distance of pooled block features.
+"""The unknown-defect score inside the graph: one more output, per slice, of the same ONNX Runtime run.
 
 The paper ends on its limit: the classifier cannot tell a defect type it never saw; it gives it a
-softmax over good / dirt / scratch / ec, often "good". This module adds one more output to the
-exported graph, per slice, computed in the same ONNX Runtime run as the class and the saliency:
+softmax over good / dirt / scratch / ec, often "good". ``attach`` adds an ``unknown`` output (B,) to an
+exported graph by graph surgery (the classifier's nodes and weights are untouched), by one of two
+methods (docs/model.md, "Unknown defects", has the measurements that chose the default):
 
-    A_b = the output of IRA-Block b (its 2x2 max-pool), b in ``blocks``       # (B, C_b, H_b, W_b)
-    f_b = [GAP(A_b), GMP(A_b)]                                                 # (B, 2 C_b)
-    d_b = min_k || W_b (f_b - mu_bk) ||^2 / (2 C_b)                            # (B,)
-    unknown = mean_b d_b                                                        # (B,)
+**variation** (default): a variation model of the good parts, as machine vision's golden-part model.
+Per slice position s (the batch index modulo the slices per part: the runtime sends one part's slices
+in row-major order) and per f x f pooled pixel, the mean m_s and spread sd_s of the training frames'
+good slices:
 
-mu_bk are the class means of f_b over the training side's slices (their slice labels), W_b the
-whitening of their tied (shared) covariance with a small shrinkage: W_b^T W_b = (S_b + eps I)^-1,
-so d_b is the Mahalanobis distance to the nearest known class (Lee et al., "A Simple Unified
-Framework for Detecting Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018), divided
-by the feature dimension so that blocks of different width weigh alike. The means and W_b are graph
-constants; the graph's own pooled features are what the Gaussians are fitted on (the fit runs the
-graph with the pooled features exposed), so fit and runtime cannot disagree.
+    d = | pool_f(x) - m_s | / (sd_s + median(sd))                              # (B, 1, 48, 48)
+    unknown = max over pixels of mean_k x k(d)                                  # (B,)
+
+It looks at the pixels, not at the classifier's features, so what the classifier never learned to see
+can still be unlike every good part.
+
+**mahalanobis**: the Mahalanobis distance of pooled block features to the nearest known class (Lee
+et al., NeurIPS 2018): f_b = [GAP, GMP] of IRA-Block b's output, class means mu_bk and the whitening
+W_b of their tied covariance with a small shrinkage (graph constants, fitted on the graph's own
+features), ``unknown = mean_b min_k || W_b (f_b - mu_bk) ||^2 / dim(f_b)``.
 
 A slice is unknown when ``unknown >= threshold``; model.json's ``unknown.threshold`` is calibrated on
 held-out good parts of the training distribution (never the fit parts) to a stated false-flag rate of
 *good parts* (a part is flagged when any of its slices is), and the daemon's config can override it.
-(A known defect part flagged as well costs nothing: it is rejected for its class anyway.)
-
-Why this score (docs/model.md, "Unknown defects", has the measurements): the energy of the logits and
-the maximum softmax only see what the 4-way head sees, which is exactly what fails on a defect the
-head was never trained on; pooled features of several blocks keep texture and shape statistics the
-head discards. ``valve-model unknown measure`` prints every candidate side by side.
+Nothing is written unless the graph agrees with a float64 reference within 1e-4 (relative).
+``measure`` prints every candidate side by side (max-softmax, energy, Mahalanobis, variation).
 
 Commands:
 
@@ -128,6 +128,22 @@ def add_pooled_features(proto, tensors: Sequence[str]) -> list[str]:
         proto.graph.initializer.extend(inits)
         names.append(p + "features")
     return names
+
+
+def strip_unknown(proto) -> bool:
+    """Remove an attached unknown score (its nodes, constants and output) in place; True when there was one."""
+    had = any(o.name == UNKNOWN_OUTPUT for o in proto.graph.output)
+    keep = [n for n in proto.graph.node
+            if not any(o == UNKNOWN_OUTPUT or o.startswith(_PREFIX) for o in n.output)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    inits = [i for i in proto.graph.initializer if not i.name.startswith(_PREFIX)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(inits)
+    outs = [o for o in proto.graph.output if o.name != UNKNOWN_OUTPUT]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outs)
+    return had
 
 
 def _expose(proto, names: Sequence[str]) -> None:
@@ -293,8 +309,7 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
              numpy_helper.from_array((1.0 / v.scale)[:, None].astype(np.float32), p + "inv_scale"),
              numpy_helper.from_array(np.asarray(0, np.int64), p + "zero"),
              numpy_helper.from_array(np.asarray(1, np.int64), p + "one"),
-             numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos"),
-             numpy_helper.from_array(np.asarray([0], np.int64), p + "first")]
+             numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos")]
     nodes = [
         helper.make_node("Cast", [input_name], [p + "x"], to=TensorProto.FLOAT),                      # (B, 1, H, W)
         helper.make_node("AveragePool", [p + "x"], [p + "pooled"], kernel_shape=[v.factor] * 2,
@@ -578,8 +593,12 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 
 def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshold: float | None = None,
-             threads: int = 0, limit: int | None = None) -> dict:
-    """Part-level flag rates of an attached model on synthetic folders (known and novel), per class and subtype."""
+             threads: int = 0, limit: int | None = None, class_threshold: float = 0.5) -> dict:
+    """Part-level rates of an attached model on synthetic folders (known and novel), per class/subtype and per folder.
+
+    For each part: ``flagged`` (some slice's unknown score >= the threshold: RejectUnknown), ``classifier``
+    (some slice's predicted defect class has p >= ``class_threshold``: a known Reject bit, the daemon's default
+    thresholds), ``rejected`` (either: the part is not accepted) and ``escaped`` (neither: accepted)."""
     import onnx
 
     model = Path(model)
@@ -588,48 +607,72 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
         raise UnknownError(f"{model}: model.json has no 'unknown' section. Fix: `valve-model unknown attach` first.")
     t = float(meta["unknown"]["threshold"]) if threshold is None else float(threshold)
     classes = meta["classes"]
+    good_i = classes.index("good")
     proto = onnx.load(str(model))
     rows: dict[str, dict] = {}
+    per_set: list[dict] = []
     scores: dict[str, list[float]] = {}
     for name, folder in sets:
         parts = load_parts(folder, limit)
         out = run_outputs(proto, parts, ["probs", UNKNOWN_OUTPUT], threads=threads)
         n = len(parts.part_class)
         pm = part_max(out[UNKNOWN_OUTPUT], n)
-        pred = out["probs"].argmax(axis=1).reshape(n, -1)
-        predicted_defect = (pred != classes.index("good")).any(axis=1)
+        probs = out["probs"].reshape(n, -1, len(classes))
+        pred = probs.argmax(axis=2)
+        classifier = ((pred != good_i) & (probs.max(axis=2) >= class_threshold)).any(axis=1)
+        flagged = pm >= t
+        kinds = ["novel" if c == "novel" else ("good" if c == "good" else "known defect") for c in parts.part_class]
+        entry = {"set": name, "folder": str(folder), "parts": n}
+        for kind in ("good", "known defect", "novel"):
+            m = np.asarray([k == kind for k in kinds])
+            if m.any():
+                entry[kind] = {"parts": int(m.sum()), "flagged": round(float(flagged[m].mean()), 4),
+                               "rejected": round(float((flagged | classifier)[m].mean()), 4),
+                               "classifier_rejected": round(float(classifier[m].mean()), 4)}
+        per_set.append(entry)
         for i in range(n):
             key = parts.part_class[i] if parts.part_class[i] != "novel" else f"novel:{parts.subtype[i]}"
-            r = rows.setdefault(key, {"parts": 0, "flagged": 0, "argmax_defect": 0, "neither": 0, "set": name})
+            r = rows.setdefault(key, {"parts": 0, "flagged": 0, "classifier": 0, "rejected": 0, "escaped": 0})
             r["parts"] += 1
-            r["flagged"] += int(pm[i] >= t)
-            r["argmax_defect"] += int(predicted_defect[i])
-            r["neither"] += int(pm[i] < t and not predicted_defect[i])
+            r["flagged"] += int(flagged[i])
+            r["classifier"] += int(classifier[i])
+            r["rejected"] += int(flagged[i] or classifier[i])
+            r["escaped"] += int(not (flagged[i] or classifier[i]))
             scores.setdefault(key, []).append(float(pm[i]))
     for r in rows.values():
-        r["flagged_rate"] = round(r["flagged"] / r["parts"], 4)
-        r["argmax_defect_rate"] = round(r["argmax_defect"] / r["parts"], 4)
-        r["missed_rate"] = round(r["neither"] / r["parts"], 4)
+        for k in ("flagged", "classifier", "rejected", "escaped"):
+            r[f"{k}_rate"] = round(r[k] / r["parts"], 4)
     good = np.asarray(scores.get("good", []))
     novel = np.concatenate([np.asarray(v) for k, v in scores.items() if k.startswith("novel")]) \
         if any(k.startswith("novel") for k in scores) else np.asarray([])
-    summary = {"threshold": t, "classes": rows,
-               "good_flagged_rate": rows.get("good", {}).get("flagged_rate"),
-               "novel_flagged_rate": round(float((novel >= t).mean()), 4) if len(novel) else None,
-               "auroc_novel_vs_good": auroc(good, novel) if len(novel) and len(good) else None}
     for k in scores:
         if k.startswith("novel:") and len(good):
             rows[k]["auroc_vs_good"] = round(auroc(good, np.asarray(scores[k])), 4)
-    return summary
+
+    def spread(kind: str, what: str) -> dict | None:
+        v = [e[kind][what] for e in per_set if kind in e]
+        return {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4), "n_sets": len(v)} if v else None
+
+    return {"threshold": t, "class_threshold": class_threshold, "classes": rows, "sets": per_set,
+            "good_flagged_rate": rows.get("good", {}).get("flagged_rate"),
+            "novel_flagged_rate": round(float((novel >= t).mean()), 4) if len(novel) else None,
+            "auroc_novel_vs_good": round(auroc(good, novel), 4) if len(novel) and len(good) else None,
+            "per_set": {f"{kind} {what}": spread(kind, what) for kind in ("good", "known defect", "novel")
+                        for what in ("flagged", "rejected", "classifier_rejected")}}
 
 
 def format_evaluation(s: dict) -> str:
     lines = [f"unknown threshold {s['threshold']:.4g}: good parts flagged {s['good_flagged_rate']}, novel parts "
              f"flagged {s['novel_flagged_rate']}, AUROC novel vs good {s['auroc_novel_vs_good']}",
-             f"  {'class':16s} {'parts':>6s} {'flagged':>8s} {'argmax defect':>14s} {'neither':>8s} {'AUROC':>6s}"]
+             f"  {'class':16s} {'parts':>6s} {'flagged':>8s} {'classifier':>11s} {'rejected':>9s} {'escaped':>8s} "
+             f"{'AUROC':>6s}"]
     for k, r in sorted(s["classes"].items()):
-        lines.append(f"  {k:16s} {r['parts']:6d} {r['flagged_rate']:8.3f} {r['argmax_defect_rate']:14.3f} "
-                     f"{r['missed_rate']:8.3f} {r.get('auroc_vs_good', float('nan')):6.3f}")
+        lines.append(f"  {k:16s} {r['parts']:6d} {r['flagged_rate']:8.3f} {r['classifier_rate']:11.3f} "
+                     f"{r['rejected_rate']:9.3f} {r['escaped_rate']:8.3f} {r.get('auroc_vs_good', float('nan')):6.3f}")
+    lines.append("  per folder (mean +- std over folders):")
+    for k, v in s["per_set"].items():
+        if v:
+            lines.append(f"    {k:32s} {v['mean']:.3f} +- {v['std']:.3f} ({v['n_sets']} folders)")
     return "\n".join(lines)
 
 
@@ -655,6 +698,7 @@ def measure(model: str | Path, fit: str | Path, calibration: str | Path, known: 
     model = Path(model)
     classes = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))["classes"]
     proto = onnx.load(str(model))
+    strip_unknown(proto)  # a model with a score attached is measured as the classifier it was exported as
     n_blocks = len(block_outputs(proto))
     work, names = _features_graph(proto, list(range(1, n_blocks + 1)))
     _expose(work, names)

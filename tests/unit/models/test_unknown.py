@@ -212,3 +212,15 @@ def test_fit_variation_takes_good_slices_per_position_and_refuses_too_few():
     labels[1][5] = labels[2][5] = labels[3][5] = "scratch"
     with pytest.raises(U.UnknownError, match="position 5: 9 good slices"):
         U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3)
+
+
+def test_strip_unknown_gives_back_the_exported_graph(exported):
+    """Attaching then stripping the score leaves the exported graph's nodes, constants and outputs as they were."""
+    _, path = exported
+    original = onnx.load(str(path))
+    work = onnx.load(str(path))
+    U.add_variation_score(work, "slices", U.VariationModel(4, 3, np.zeros((8, 48, 48)), np.ones((8, 48, 48))))
+    assert U.strip_unknown(work) and not U.strip_unknown(work)
+    assert [n.name + n.op_type for n in work.graph.node] == [n.name + n.op_type for n in original.graph.node]
+    assert [i.name for i in work.graph.initializer] == [i.name for i in original.graph.initializer]
+    assert [o.name for o in work.graph.output] == [o.name for o in original.graph.output]
