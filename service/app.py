@@ -250,6 +250,11 @@ class Daemon:
         self._stop.set()
 
     @property
+    def queue_depth(self) -> int:
+        """Frames waiting for an inspection worker (the bounded queue of [pipeline] queue_size)."""
+        return self._jobs.qsize()
+
+    @property
     def stop_requested(self) -> bool:
         """True once a stop was asked for (request_stop(), a signal, or stop() itself)."""
         return self._stop.is_set()

@@ -80,7 +80,7 @@ def sample(daemon: Daemon, sim: Any, t0: float) -> dict[str, Any]:
     link = daemon.plc.stats()
     return {
         "t": round(time.monotonic() - t0, 2), "rss_mib": _rss_mib(), "threads": _proc_status("Threads"),
-        "py_threads": threading.active_count(), "fds": _fds(), "frame_queue": daemon._jobs.qsize(),
+        "py_threads": threading.active_count(), "fds": _fds(), "frame_queue": daemon.queue_depth,
         "open_parts": len(daemon.book), "plc_events": daemon.plc.events.qsize(),
         "plc_results": link.get("queue_depth"), "produced": st["parts"], "results": st["results"],
         "watchdog_rejects": st["watchdog_rejects"], "inspected": daemon.stats.inspected,
