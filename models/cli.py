@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("models.demo_model:main", "regenerate the shipped demo model end to end (synthetic data)"),
     "realdata": ("models.experiments.realdata:main", "the paper's slicing on KolektorSDD/Magnetic-tile: tiles, "
                  "train (seeds), summary.json"),
+    "frame-cost": ("models.experiments.frame_cost:main", "per-stage cost of one 8-slice frame: refined masks and "
+                   "the unknown score side by side"),
     "unknown": ("models.unknown:main", "the unknown-defect score: attach (fit + calibrate), evaluate, measure"),
     "results": ("models.experiments.results.command:main", "regenerate one table of docs/results.md (cached runs, "
                 "seeds, timing)"),
