@@ -6,7 +6,7 @@ The graph contract (models/export.py writes it, this module checks it at start-u
     outputs  logits    float32 (B, K)
              probs     float32 (B, K)   softmax over the K classes
              saliency  float32 (B, 192, 192) in [0, 1], Grad-CAM++ for each slice's predicted class
-    optional unknown   float32 (B,)     the unknown-defect score (models/unknown.py); with it model.json
+    optional unknown   float32 (B,)     the unknown-defect score (models/unknown/); with it model.json
                                         carries "unknown": {"threshold": t > 0, ...} and without it must not
 
 and beside model.onnx a model.json (models/export.py, format "valve-inspect/model/1") with at least
@@ -62,7 +62,7 @@ INPUT_NAME = "slices"
 INPUT_DTYPE = "uint8"
 SLICE_SHAPE = (1, 192, 192)
 OUTPUT_NAMES = ("logits", "probs", "saliency")
-#: the optional per-slice unknown-defect score (models/unknown.py attaches it; model.json "unknown" describes it)
+#: the optional per-slice unknown-defect score (models/unknown/ attaches it; model.json "unknown" describes it)
 UNKNOWN_OUTPUT = "unknown"
 REQUIRED_JSON_KEYS = ("classes", "input", "outputs", "sha256")  # + one of SEGMENTED_KEYS
 #: model.json may say which classes are segmented as names ("segmented", "segmented_classes") or as

@@ -139,7 +139,7 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
     write_dataset(fit, 16, seed=1, mix="good=2,dirt=1,scratch=1,ec=1")
     write_dataset(cal, 10, seed=3, mix="good=1")
     write_dataset(bad, 4, seed=5, mix="good=0.5,novel=0.5")
-    monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 10)
+    monkeypatch.setattr(U.command, "MIN_CALIBRATION_GOOD", 10)
     for method in U.METHODS:
         u = U.attach(path, fit, cal, tmp_path / "out" / method, rate=0.1, threads=1, method=method)
         assert u["method"] == method and u["calibration"]["good_parts"] == 10
@@ -153,7 +153,7 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
         U.attach(path, fit, bad, tmp_path / "out2", rate=0.1, threads=1)
     with pytest.raises(U.UnknownError, match="already has"):
         U.attach(tmp_path / "out" / "variation" / "model.onnx", fit, cal, tmp_path / "out3", rate=0.1, threads=1)
-    monkeypatch.setattr(U, "MIN_CALIBRATION_GOOD", 100)
+    monkeypatch.setattr(U.command, "MIN_CALIBRATION_GOOD", 100)
     with pytest.raises(U.UnknownError, match="good parts"):
         U.attach(path, fit, cal, tmp_path / "out4", rate=0.1, threads=1)
 

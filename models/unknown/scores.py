@@ -1,0 +1,160 @@
+"""The score's numbers in float64: the Mahalanobis Gaussians and the variation model of good parts (fit and
+reference score; the graph must agree with these), the threshold's calibration, AUROC and the part score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.unknown.frames import PartSlices, UnknownError
+
+#: shrinkage of the tied covariance towards eps * mean variance * I
+SHRINKAGE = 0.01
+
+
+@dataclass
+class Gaussians:
+    """Class-conditional Gaussians with a tied covariance, per block: the score's constants."""
+
+    blocks: list[int]
+    classes: list[str]
+    means: list[np.ndarray]       # per block (K, D_b) float64
+    whiteners: list[np.ndarray]   # per block (D_b, D_b) float64, W^T W = (S + eps I)^-1
+
+    def score(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """The float64 reference of the graph's ``unknown`` output from the pooled features (B, D_b) per block."""
+        total = 0.0
+        for f, mu, w in zip(features, self.means, self.whiteners, strict=True):
+            z = np.asarray(f, np.float64) @ w.T                       # (B, D)
+            m = mu @ w.T                                              # (K, D)
+            d = ((z[:, None, :] - m[None]) ** 2).sum(axis=2).min(axis=1) / mu.shape[1]
+            total = total + d
+        return np.asarray(total / len(self.means), np.float64)
+
+
+def fit_gaussians(features: Sequence[np.ndarray], labels: np.ndarray, classes: Sequence[str], blocks: Sequence[int],
+                  shrinkage: float = SHRINKAGE) -> Gaussians:
+    """Class means and the whitening of the tied covariance of each block's features (rows = slices)."""
+    labels = np.asarray(labels)
+    present = [c for c in range(len(classes)) if (labels == c).any()]
+    missing = [classes[c] for c in range(len(classes)) if c not in present]
+    if missing:
+        raise UnknownError(f"the fit data has no slice of class(es) {missing}: the score needs every class the "
+                           f"model knows. Fix: fit on the model's training side (all classes).")
+    means, whiteners = [], []
+    for f in features:
+        f = np.asarray(f, np.float64)
+        mu = np.stack([f[labels == c].mean(axis=0) for c in range(len(classes))])
+        centred = f - mu[labels]
+        cov = centred.T @ centred / max(1, len(f) - 1)
+        cov = cov + shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0]) + 1e-9 * np.eye(cov.shape[0])
+        chol = np.linalg.cholesky(cov)                                # cov = L L^T
+        w = np.linalg.inv(chol)                                       # W = L^-1: W^T W = cov^-1
+        means.append(mu)
+        whiteners.append(w)
+    return Gaussians(list(blocks), list(classes), means, whiteners)
+
+
+#: the variation model's defaults: 4 x 4 mean pooling (192 -> 48 px per slice), 3 x 3 smoothing of the deviation
+VARIATION_FACTOR = 4
+VARIATION_SMOOTH = 3
+
+
+@dataclass
+class VariationModel:
+    """A variation model of good parts (as machine vision's "variation model" of a golden part): per slice
+    position and per (pooled) pixel, the mean gray value of the good slices and their spread.
+
+    score(slice at position s) = max over pixels of box_k( |pool_f(x) - mean_s| / (std_s + floor) )
+
+    pool_f: f x f mean pooling; box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
+    count_include_pad = 0); floor: the median std, so that a pixel with no spread in the good data does not
+    divide by ~0. It looks at the pixels, not at the classifier's features: what the classifier never
+    learned to see can still be unlike every good part (docs/model.md, "Unknown defects").
+    """
+
+    factor: int
+    smooth: int
+    mean: np.ndarray   # (S, h, w) float64
+    scale: np.ndarray  # (S, h, w) float64: std + floor
+    floor: float = 0.0
+
+    def deviation(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(N, h, w) smoothed normalised deviation, float64 reference (slices (N, 1, H, W) uint8)."""
+        x = np.asarray(slices, np.float64)[:, 0]
+        n, hh, ww = x.shape
+        f = self.factor
+        p = x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
+        d = np.abs(p - self.mean[positions]) / self.scale[positions]
+        k = self.smooth
+        if k > 1:
+            r = k // 2
+            pad = np.pad(d, ((0, 0), (r, r), (r, r)))
+            ones = np.pad(np.ones(d.shape[1:]), r)
+            box = sum(pad[:, i:i + d.shape[1], j:j + d.shape[2]] for i in range(k) for j in range(k))
+            cnt = sum(ones[i:i + d.shape[1], j:j + d.shape[2]] for i in range(k) for j in range(k))
+            d = box / cnt
+        return d
+
+    def score(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.deviation(slices, positions).max(axis=(1, 2))
+
+
+def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH) -> VariationModel:
+    """Mean and spread per slice position of the slices labelled good (the good parts' and the good slices of
+    defect parts)."""
+    n_pos = parts.slices.shape[1]
+    size = parts.slices.shape[-1]
+    if size % factor:
+        raise UnknownError(f"slice size {size} is not a multiple of the pooling factor {factor}")
+    good = np.asarray([[lab == "good" for lab in labs] for labs in parts.slice_labels])
+    h = size // factor
+    mean, std = np.zeros((n_pos, h, h)), np.zeros((n_pos, h, h))
+    for s in range(n_pos):
+        x = parts.slices[good[:, s], s, 0].astype(np.float64)
+        if len(x) < 10:
+            raise UnknownError(f"slice position {s}: {len(x)} good slices in the fit data, the variation model "
+                               f"needs >= 10. Fix: fit on more parts.")
+        p = x.reshape(len(x), h, factor, h, factor).mean(axis=(2, 4))
+        mean[s], std[s] = p.mean(axis=0), p.std(axis=0)
+    floor = float(np.median(std))
+    return VariationModel(factor, smooth, mean, std + floor, floor)
+
+
+def part_max(scores: np.ndarray, n_parts: int) -> np.ndarray:
+    return np.asarray(scores, np.float64).reshape(n_parts, -1).max(axis=1)
+
+
+def calibrate(part_scores: np.ndarray, rate: float) -> float:
+    """The smallest threshold that flags at most ``rate`` of these parts (a part: its max slice score).
+
+    >>> calibrate(np.arange(200.0), 0.01)  # 2 of 200 may be flagged: 198 and 199
+    197.00000000000003
+    """
+    s = np.sort(np.asarray(part_scores, np.float64))
+    allowed = int(np.floor(rate * len(s)))                   # parts that may be flagged
+    # flag score >= t: t just above the (allowed+1)-th largest score
+    k = len(s) - allowed - 1
+    return float(np.nextafter(s[k], np.inf)) if k >= 0 else float(s[0])
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties count half (the Mann-Whitney U / (n m))."""
+    neg, pos = np.asarray(negatives, np.float64), np.asarray(positives, np.float64)
+    if not len(neg) or not len(pos):
+        return float("nan")
+    allv = np.concatenate([neg, pos])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):  # average ranks over ties
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(neg) * len(pos)))
