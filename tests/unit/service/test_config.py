@@ -299,7 +299,7 @@ def test_require_gpu_accepts_every_gpu_provider_the_runtime_knows(tmp_path):
                if isinstance(node, (ast.Assign, ast.AnnAssign))
                and "GPU_PROVIDERS" in [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
                                        if isinstance(t, ast.Name)]]
-    assert defined == ["service/config.py"]  # one definition; service.infer imports it
+    assert defined == ["service/config/sections.py"]  # one definition; service.infer imports it
     assert service.infer.GPU_PROVIDERS is GPU_PROVIDERS
     ok = write(tmp_path, '[model]\nrequire_gpu = true\nproviders = ["ROCMExecutionProvider", "CPUExecutionProvider"]\n',
                "rocm.toml")
