@@ -2,7 +2,7 @@
 
     ValveModelError                     a user error the command explains (data, options, a run); exit 2
     ├── DataError (ValueError)          here: the user's data (missing folder, empty class, unreadable file)
-    ├── TrainError (ValueError)         models.train: the training's options or run directory
+    ├── TrainError (ValueError)         models.recipe: the training's options or run directory
     ├── EvalError (ValueError)          models.evaluate: the run, the options or the device
     ├── ExportError                     models.export: missing run, bad metrics path, unsupported opset
     │   └── ParityError                 ONNX Runtime and the torch reference disagree; exit 1 (exit_code)

@@ -53,6 +53,10 @@ config.json gets a "resumed" entry) or ``--force`` (start over: removes only the
 above, after the data has been read successfully).
 
 Python API: ``train(TrainConfig(data=..., out=..., epochs=...)) -> RunResult``.
+
+The options and what follows from them alone (the schedule, the sampling weights, the seeds) are
+``models.recipe``; the run directory's files, checks and RNG state ``models.run_dir``; this module is
+the device, one epoch, the BatchNorm statistics, the loop and the command.
 """
 
 from __future__ import annotations
@@ -61,13 +65,10 @@ import argparse
 import json
 import math
 import platform
-import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -86,122 +87,58 @@ from models.checkpoint import (
     save_weights,
 )
 from models.data import FORMATS, Augment, ImageDataset, load_samples, split_samples
-from models.errors import DataError, ValveModelError
+from models.errors import DataError
 from models.images import INPUT_POLICY
-from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters, preset_config
+from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters
+from models.recipe import (
+    LR_FLOOR,
+    PRECISIONS,
+    SCHEDULES,
+    RunResult,
+    TrainConfig,
+    TrainError,
+    _validate,
+    balanced_weights,
+    epoch_seed,
+    lr_at,
+    model_config_for,
+    seed_everything,
+)
+from models.run_dir import (
+    CONFIG_NAME,
+    CURVES_NAME,
+    LEGACY_OPTIONS,
+    LOG_NAME,
+    RUN_FILES,
+    SPLIT_NAME,
+    STATE_FORMAT,
+    STATE_NAME,
+    check_resume_options,
+    check_run_dir,
+    clean_run_dir,
+    read_log,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 from models.samples import SampleSet
 from service.sim.synth import NOVEL_LABEL
 
+#: with the names of models.recipe and models.run_dir that callers import from here
+__all__ = [
+    "CONFIG_NAME", "CURVES_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
+    "SCHEDULES", "SPLIT_NAME", "STATE_FORMAT", "STATE_NAME", "RunResult", "TrainConfig", "TrainError",
+    "balanced_accuracy", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
+    "clean_run_dir", "config_from_args", "cpu_has_bf16", "epoch_seed", "lr_at", "main", "model_config_for",
+    "read_log", "recalibrate_bn", "resolve_device", "resolve_precision", "rng_state", "run_epoch",
+    "seed_everything", "set_rng_state", "train", "write_json",
+]
+
 PROG = "valve-model train"
-STATE_NAME = "train_state.pt"
-LOG_NAME = "log.jsonl"
-CONFIG_NAME = "config.json"
-SPLIT_NAME = "split.json"
-CURVES_NAME = "curves.png"
-#: what a run writes; ``--force`` removes exactly these (and their .tmp leftovers), nothing else
-RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
-STATE_FORMAT = 1
-SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
-#: the cosine schedule ends at lr * LR_FLOOR
-LR_FLOOR = 0.01
-
-
-class TrainError(ValveModelError, ValueError):
-    """A user error about the run: its directory, resume, options or the device."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``train`` needs. Defaults are the paper's recipe with the compact preset.
-
-    ``width``, ``head_width`` and ``input_size`` override the preset when set. ``threads`` sets
-    torch's intra-op threads for the duration of the call. ``progress`` None: a tqdm bar when
-    stderr is a terminal, else one line per epoch.
-    """
-
-    data: str | Path
-    out: str | Path
-    format: str = "folders"
-    preset: str = "compact"
-    attention: str = "iam"
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    val_fraction: float = 0.2
-    seed: int = 0
-    width: float | None = None
-    head_width: int | None = None
-    input_size: int | None = None
-    augment: bool = True
-    balance: bool = True
-    schedule: str = "cosine"
-    bn_recal: int = 256
-    epoch_size: int | None = None
-    precision: str = "auto"
-    threads: int | None = None
-    workers: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    force: bool = False
-    progress: bool | None = None
-    command: list[str] | None = None
-
-    #: options a resumed run must share with the run it continues
-    LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
-                                         "val_fraction", "seed", "width", "head_width", "input_size",
-                                         "augment", "balance", "schedule", "bn_recal", "epoch_size")
-
-
-@dataclass
-class RunResult:
-    """What ``train`` produced."""
-
-    run_dir: Path
-    weights: Path
-    model_config: ModelConfig
-    history: list[dict]
-    epochs: int
-    best_epoch: int | None
-    best_val_acc: float | None
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _validate(config: TrainConfig) -> None:
-    if config.epochs < 1:
-        raise TrainError(f"--epochs must be at least 1, not {config.epochs}")
-    if config.batch_size < 1:
-        raise TrainError(f"--batch-size must be at least 1, not {config.batch_size}")
-    if not config.lr > 0:
-        raise TrainError(f"--lr must be positive, not {config.lr}")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise TrainError(f"--val-fraction must be in [0, 1), not {config.val_fraction}")
-    if config.seed < 0:
-        raise TrainError(f"--seed must be 0 or more, not {config.seed}")
-    if config.workers < 0:
-        raise TrainError(f"--workers must be 0 or more, not {config.workers}")
-    if config.threads is not None and config.threads < 1:
-        raise TrainError(f"--threads must be at least 1, not {config.threads}")
-    if config.format not in FORMATS:
-        raise TrainError(f"unknown --format {config.format!r}: choose one of {', '.join(sorted(FORMATS))}")
-    if config.schedule not in SCHEDULES:
-        raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {config.schedule!r}")
-    if config.epoch_size is not None and config.epoch_size < 1:
-        raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
-    if config.epoch_size is not None and not config.balance:
-        raise TrainError("--epoch-size sets the draws of class-balanced sampling; drop --no-balance or --epoch-size")
-    if config.precision not in PRECISIONS:
-        raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
-    if config.bn_recal < 0:
-        raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
-    if config.resume and config.force:
-        raise TrainError("--resume and --force contradict each other: --resume continues the run, "
-                         "--force starts it over")
+# the device, one epoch, BatchNorm statistics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,15 +150,6 @@ def resolve_device(name: str) -> torch.device:
                              f"(torch {torch.__version__}): use --device cpu")
         return torch.device(name)
     raise TrainError(f"unknown --device {name!r}: use cpu or cuda")
-
-
-def model_config_for(config: TrainConfig, classes: tuple[str, ...]) -> ModelConfig:
-    overrides = {k: v for k, v in (("width", config.width), ("head_width", config.head_width),
-                                   ("input_size", config.input_size)) if v is not None}
-    try:
-        return preset_config(config.preset, config.attention, classes=classes, **overrides)
-    except ValueError as exc:
-        raise TrainError(f"invalid model options: {exc}") from None
 
 
 def cpu_has_bf16() -> bool:
@@ -243,101 +171,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise TrainError(f"--precision bf16, but this {device.type} has no native bfloat16 (CPU flags avx512_bf16 "
                          "or amx_bf16): use --precision fp32 or auto")
     return name
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of one epoch, independent of every other epoch."""
-    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def rng_state() -> dict:
-    keys = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys[1].astype(np.int64)), "pos": int(keys[2]),
-                  "has_gauss": int(keys[3]), "cached_gaussian": float(keys[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def check_run_dir(out: Path, config: TrainConfig) -> dict | None:
-    """Check the run directory (no changes yet); return the saved config.json on resume, else None."""
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file: give a directory for the run")
-    if config.resume:
-        if not (out / STATE_NAME).is_file() or not (out / CONFIG_NAME).is_file():
-            raise TrainError(f"nothing to resume in {out}: it holds no {STATE_NAME} and {CONFIG_NAME}; "
-                             "start a new run without --resume")
-        try:
-            return json.loads((out / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TrainError(f"cannot read {out / CONFIG_NAME} ({exc}): the run cannot be resumed") from None
-    if out.exists() and any(out.iterdir()) and not config.force:
-        raise TrainError(f"run directory {out} is not empty: pass --resume to continue that run, "
-                         "--force to overwrite it, or choose a new --out")
-    return None
-
-
-def clean_run_dir(out: Path, config: TrainConfig) -> None:
-    """Create the run directory; with --force remove the files of an earlier run (only those)."""
-    if config.force and not config.resume and out.is_dir():
-        for name in RUN_FILES:
-            for p in (out / name, out / (name + ".tmp")):
-                if p.is_file():
-                    p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-#: what runs written before an option existed did (a resume of such a run keeps it)
-LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None}
-
-
-def check_resume_options(config: TrainConfig, saved: dict) -> None:
-    train = saved.get("train", {})
-    stored = {**LEGACY_OPTIONS, **train, "format": saved.get("data", {}).get("format")}
-    diffs = []
-    for name in TrainConfig.LOCKED:
-        mine, theirs = _jsonable(getattr(config, name)), _jsonable(stored.get(name))
-        if mine != theirs:
-            diffs.append(f"{name} {mine!r} (the run used {theirs!r})")
-    if diffs:
-        raise TrainError("--resume continues the saved configuration, but these options differ: "
-                         + "; ".join(diffs) + ". Drop those options, or start a new run")
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
@@ -383,18 +216,6 @@ def balanced_accuracy(per_class: dict) -> float | None:
     """Mean recall over the classes present: {label: [correct, total]} -> float."""
     rec = [c / t for c, t in per_class.values() if t]
     return float(np.mean(rec)) if rec else None
-
-
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of an epoch (1-based): constant, or cosine from lr to lr * LR_FLOOR.
-
-    A function of the epoch alone, so a resumed run continues the same schedule (raising --epochs on
-    resume stretches the rest of it).
-    """
-    if config.schedule == "constant" or config.epochs <= 1:
-        return config.lr
-    t = (epoch - 1) / (config.epochs - 1)
-    return config.lr * (LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -454,14 +275,6 @@ def bn_check(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_s
     return {"images": n, "batch_stats_acc": train_acc, "running_stats_acc": eval_acc,
             "gap_points": round(100.0 * abs(train_acc - eval_acc), 2),
             "within_1_point": abs(train_acc - eval_acc) <= 0.01}
-
-
-def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
-    """Per-sample weights 1 / (count of its class): every class is drawn equally often."""
-    counts: dict[int, int] = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
-    return torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
