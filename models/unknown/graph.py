@@ -53,7 +53,7 @@ def add_pooled_features(proto, tensors: Sequence[str]) -> list[str]:
     """Append [GAP, GMP] of each (B, C, H, W) tensor to the graph; returns the (B, 2C) feature names.
 
     GAP is two means (over W, then H), as the export does for the head's pool (ONNX Runtime's float32
-    accuracy on one 2-axis mean is worse, models.export.split_spatial_means)."""
+    accuracy on one 2-axis mean is worse, models.onnx_graph.split_spatial_means)."""
     from onnx import helper
 
     opset = _opset(proto)
