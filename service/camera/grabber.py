@@ -63,7 +63,8 @@ class GrabFailure:
         error: GrabFailed (failed buffer, or a frame the camera's frame counter shows was lost),
             GrabTimeout (frame missing), CameraRemoved / CameraError (the camera was lost, or the
             stream was resynchronised before the frame could be placed); str(error) is the reason.
-        arrival: time.monotonic() when the failure was noticed.
+        arrival: the camera's clock (time.monotonic() unless the Camera was given another) when the failure
+            was noticed.
         frame_id: the failed buffer's frame id (failed buffers only).
         part_id: the PartId given to trigger(), when known.
         error_code: pylon's error code of a failed buffer (0 otherwise).
@@ -142,12 +143,16 @@ class Camera:
             reconnects, frames dropped, the "grab" stage = software trigger -> buffer arrived).
         device_factory: settings -> Device; default PylonDevice (tests pass a double).
         poll_ms: RetrieveResult slice.
+        clock: the time source of trigger times, grab timeouts and event arrivals; default
+            time.monotonic (tests pass one they move by hand).
     """
 
     def __init__(self, settings: CameraSettings, *, on_event: Callable[[CameraEvent], None] | None = None,
                  queue_size: int = 8, metrics: Metrics | None = None,
-                 device_factory: Callable[[CameraSettings], Device] | None = None, poll_ms: int = POLL_MS) -> None:
+                 device_factory: Callable[[CameraSettings], Device] | None = None, poll_ms: int = POLL_MS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._clock = clock
         self._on_event = on_event
         self._queue: queue.Queue[CameraEvent] = queue.Queue(maxsize=max(1, queue_size))
         self._metrics = metrics
@@ -274,7 +279,7 @@ class Camera:
                 if self._resync_reason is not None:
                     raise CameraError(f"camera stream being resynchronised ({self._resync_reason}): part "
                                       f"{part_id} cannot be grabbed")
-                entry = _Pending(part_id, time.monotonic(), self._seq_next)
+                entry = _Pending(part_id, self._clock(), self._seq_next)
                 self._seq_next += 1
                 self._pending.append(entry)
             try:
@@ -291,7 +296,7 @@ class Camera:
                 if isinstance(exc, CameraError):
                     raise
                 raise CameraError(f"software trigger failed: {exc}") from exc
-            entry.fired = time.monotonic()
+            entry.fired = self._clock()
             self._stats["triggers"] += 1
 
     def get(self, timeout: float | None = None) -> CameraEvent | None:
@@ -345,7 +350,7 @@ class Camera:
                     self._new_stream()
                 self._device = dev
         self._info = dict(getattr(dev, "info", {}))
-        self._connected_t = time.monotonic()
+        self._connected_t = self._clock()
         self._last_frame_t = None
         self._timeouts_in_row = 0
         self._set_connected_metric(True)
@@ -388,7 +393,7 @@ class Camera:
                 removed = self._safe_removed(dev)
                 self._lose(dev, f"grab failed: {exc}", removed)
                 continue
-            now = time.monotonic()
+            now = self._clock()
             if grab is None:
                 self._idle(dev, now)
             else:
@@ -588,7 +593,7 @@ class Camera:
         self._stats["resyncs"] += 1
         log.warning("camera_resynchronised", reason=reason, failed_parts=stranded,
                     seconds=round(time.monotonic() - t0, 3), resyncs=self._stats["resyncs"])
-        now = time.monotonic()
+        now = self._clock()
         for part_id in stranded:
             err = CameraError(f"frame cannot be attributed safely: the camera stream was resynchronised ({reason})")
             self._emit(GrabFailure(error=err, arrival=now, part_id=part_id))
@@ -613,7 +618,7 @@ class Camera:
             self._pending.clear()
             self._resync_reason = None  # the next device starts a new stream
         cls = CameraRemoved if removed else CameraError
-        now = time.monotonic()
+        now = self._clock()
         for part_id in lost or [None]:
             self._emit(GrabFailure(error=cls(f"camera lost: {reason}"), arrival=now, part_id=part_id))
 

@@ -510,18 +510,35 @@ def test_a_frame_the_counter_shows_lost_fails_its_part_and_the_next_part_keeps_i
         cam.close()
 
 
+class ManualClock:
+    """A camera clock that only moves when the test moves it (``advance``)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 @pytest.mark.parametrize("block_ids", [True, False], ids=["before-the-first-frame", "no-block-id"])
 def test_a_timeout_the_counter_cannot_place_resynchronises_the_stream(block_ids):
     """A timeout with no frame counter to pair by restarts the stream: the late frame never surfaces, the part in
     flight fails, later parts get their own frames."""
     factory = FlakyFactory(block_ids=block_ids)
-    cam = Camera(fake_settings(grab_timeout_ms=600), device_factory=factory, poll_ms=5).start(require_camera=True)
+    clock = ManualClock()  # the grab thread's timeouts follow it: no race between this thread and the grab thread
+    cam = Camera(fake_settings(grab_timeout_ms=600), device_factory=factory, poll_ms=5,
+                 clock=clock).start(require_camera=True)
     try:
         dev = factory.devices[0]
         dev.hold = True
         cam.trigger(part_id=1)
-        time.sleep(0.3)  # half way: part 1 times out while part 2 is still within its time
+        clock.advance(0.3)  # half way through part 1's 600 ms
         cam.trigger(part_id=2)  # in flight behind the late one: its frame cannot be told from part 1's
+        assert cam.get(timeout=0.05) is None  # neither has timed out: the camera's time stands still
+        clock.advance(0.31)  # part 1 is past its 600 ms, part 2 (310 ms) still within its time
         timeout, stranded = next_event(cam, 3.0), next_event(cam)
         assert isinstance(timeout, GrabFailure) and timeout.kind == "timeout" and timeout.part_id == 1, timeout
         assert isinstance(stranded, GrabFailure) and stranded.kind == "error" and stranded.part_id == 2, stranded
