@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.unknown.frames import UnknownError
-from models.unknown.scores import Gaussians, VariationModel
+from models.unknown.scores import Gaussians, VariationModel, gaussian_kernel
 from service.infer import UNKNOWN_OUTPUT  # the runtime owns the graph contract
 
 _PREFIX = "unknown_score/"
@@ -141,9 +141,21 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
              numpy_helper.from_array(np.asarray(0, np.int64), p + "zero"),
              numpy_helper.from_array(np.asarray(1, np.int64), p + "one"),
              numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos")]
-    nodes = [
-        helper.make_node("Cast", [input_name], [p + "x"], to=TensorProto.FLOAT),                      # (B, 1, H, W)
-        helper.make_node("AveragePool", [p + "x"], [p + "pooled"], kernel_shape=[v.factor] * 2,
+    nodes = [helper.make_node("Cast", [input_name], [p + "x"], to=TensorProto.FLOAT)]                # (B, 1, H, W)
+    x = p + "x"
+    if v.highpass:  # x - GaussianBlur(x): reflect-101 padding (ONNX Pad "reflect"), a separable Gaussian as 2 Convs
+        k = gaussian_kernel(v.highpass).astype(np.float32)
+        r = len(k) // 2
+        inits += [numpy_helper.from_array(np.asarray([0, 0, r, r, 0, 0, r, r], np.int64), p + "pads"),
+                  numpy_helper.from_array(k.reshape(1, 1, 1, -1), p + "gauss_w"),
+                  numpy_helper.from_array(k.reshape(1, 1, -1, 1), p + "gauss_h")]
+        nodes += [helper.make_node("Pad", [x, p + "pads"], [p + "padded"], mode="reflect"),
+                  helper.make_node("Conv", [p + "padded", p + "gauss_w"], [p + "blur_w"]),
+                  helper.make_node("Conv", [p + "blur_w", p + "gauss_h"], [p + "blur"]),
+                  helper.make_node("Sub", [x, p + "blur"], [p + "hp"])]
+        x = p + "hp"
+    nodes += [
+        helper.make_node("AveragePool", [x], [p + "pooled"], kernel_shape=[v.factor] * 2,
                          strides=[v.factor] * 2),                                                      # (B, 1, h, w)
         helper.make_node("Shape", [input_name], [p + "shape"]),
         helper.make_node("Gather", [p + "shape", p + "zero"], [p + "batch"], axis=0),                 # B

@@ -60,6 +60,28 @@ def fit_gaussians(features: Sequence[np.ndarray], labels: np.ndarray, classes: S
 #: the variation model's defaults: 4 x 4 mean pooling (192 -> 48 px per slice), 3 x 3 smoothing of the deviation
 VARIATION_FACTOR = 4
 VARIATION_SMOOTH = 3
+#: the shading removed before the model (Gaussian low-pass sigma, px): part-to-part lighting and pose move the
+#: specular band, and the good parts' spread of raw gray values hides a dent or a stain; 0 = raw gray values
+VARIATION_HIGHPASS = 12.0
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """The 1-D kernel OpenCV's GaussianBlur uses for float images at ``sigma`` (ksize = round(8 sigma + 1) | 1)."""
+    import cv2
+
+    ksize = int(round(sigma * 8 + 1)) | 1
+    return cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F)[:, 0]
+
+
+def highpass(x: np.ndarray, sigma: float) -> np.ndarray:
+    """x - GaussianBlur(x, sigma) per image, reflect-101 borders (float64; x (N, H, W)); sigma 0: x."""
+    import cv2
+
+    if not sigma:
+        return x
+    k = gaussian_kernel(sigma)
+    return np.stack([img - cv2.sepFilter2D(img, cv2.CV_64F, k, k, borderType=cv2.BORDER_REFLECT_101)
+                     for img in np.asarray(x, np.float64)])
 
 
 @dataclass
@@ -67,8 +89,9 @@ class VariationModel:
     """A variation model of good parts (as machine vision's "variation model" of a golden part): per slice
     position and per (pooled) pixel, the mean gray value of the good slices and their spread.
 
-    score(slice at position s) = max over pixels of box_k( |pool_f(x) - mean_s| / (std_s + floor) )
+    score(slice at position s) = max over pixels of box_k( |pool_f(hp(x)) - mean_s| / (std_s + floor) )
 
+    hp: the slice minus its Gaussian low-pass (sigma ``highpass`` px; the shading that lighting and pose move);
     pool_f: f x f mean pooling; box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
     count_include_pad = 0); floor: the median std, so that a pixel with no spread in the good data does not
     divide by ~0. It looks at the pixels, not at the classifier's features: what the classifier never
@@ -80,10 +103,11 @@ class VariationModel:
     mean: np.ndarray   # (S, h, w) float64
     scale: np.ndarray  # (S, h, w) float64: std + floor
     floor: float = 0.0
+    highpass: float = 0.0
 
     def deviation(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(N, h, w) smoothed normalised deviation, float64 reference (slices (N, 1, H, W) uint8)."""
-        x = np.asarray(slices, np.float64)[:, 0]
+        x = highpass(np.asarray(slices, np.float64)[:, 0], self.highpass)
         n, hh, ww = x.shape
         f = self.factor
         p = x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
@@ -102,7 +126,8 @@ class VariationModel:
         return self.deviation(slices, positions).max(axis=(1, 2))
 
 
-def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH) -> VariationModel:
+def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
+                  highpass_sigma: float = VARIATION_HIGHPASS) -> VariationModel:
     """Mean and spread per slice position of the slices labelled good (the good parts' and the good slices of
     defect parts)."""
     n_pos = parts.slices.shape[1]
@@ -113,14 +138,14 @@ def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int
     h = size // factor
     mean, std = np.zeros((n_pos, h, h)), np.zeros((n_pos, h, h))
     for s in range(n_pos):
-        x = parts.slices[good[:, s], s, 0].astype(np.float64)
+        x = highpass(parts.slices[good[:, s], s, 0].astype(np.float64), highpass_sigma)
         if len(x) < 10:
             raise UnknownError(f"slice position {s}: {len(x)} good slices in the fit data, the variation model "
                                f"needs >= 10. Fix: fit on more parts.")
         p = x.reshape(len(x), h, factor, h, factor).mean(axis=(2, 4))
         mean[s], std[s] = p.mean(axis=0), p.std(axis=0)
     floor = float(np.median(std))
-    return VariationModel(factor, smooth, mean, std + floor, floor)
+    return VariationModel(factor, smooth, mean, std + floor, floor, highpass_sigma)
 
 
 def part_max(scores: np.ndarray, n_parts: int) -> np.ndarray:

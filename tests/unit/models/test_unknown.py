@@ -160,13 +160,17 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
 
 # ------------------------------------------------------------------ the variation model (the default method)
 
-def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: int, k: int, pos: np.ndarray):
-    """Independent of models.unknown: OpenCV's area resize (= f x f mean pooling at an integer factor) and a
-    box filter over the valid neighbours (zero-padded sums divided by the zero-padded count)."""
+def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: int, k: int, pos: np.ndarray,
+                         sigma: float = 0.0):
+    """Independent of models.unknown: OpenCV's GaussianBlur (reflect-101 borders) for the high-pass, its area
+    resize (= f x f mean pooling at an integer factor) and a box filter over the valid neighbours (zero-padded
+    sums divided by the zero-padded count)."""
     import cv2
 
     out = []
     for img, p in zip(x[:, 0].astype(np.float64), pos, strict=True):
+        if sigma:
+            img = img - cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
         small = cv2.resize(img, (img.shape[1] // f, img.shape[0] // f), interpolation=cv2.INTER_AREA)
         d = np.abs(small - mean[p]) / scale[p]
         if k > 1:
@@ -177,21 +181,21 @@ def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: 
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k):
-    """ORT's variation score equals an OpenCV reference within 1e-4 relative, position = batch index mod 8
-    (a batch of 11 slices wraps), and a slice's score changes when it is scored at another position."""
+@pytest.mark.parametrize("k, sigma", [(1, 0.0), (3, 0.0), (3, 12.0)])
+def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k, sigma):
+    """ORT's variation score equals an OpenCV reference within 1e-4 relative (with and without the high-pass),
+    position = batch index mod 8 (a batch of 11 slices wraps), and a slice's score changes at another position."""
     _, path = exported
     rng = np.random.default_rng(3)
-    mean = rng.uniform(60, 200, (8, 48, 48))
+    mean = rng.uniform(60, 200, (8, 48, 48)) if not sigma else rng.normal(0, 3, (8, 48, 48))
     scale = rng.uniform(2, 9, (8, 48, 48))
-    v = U.VariationModel(4, k, mean, scale)
+    v = U.VariationModel(4, k, mean, scale, highpass=sigma)
     work = onnx.load(str(path))
     U.add_variation_score(work, "slices", v)
     x = rng.integers(0, 256, (11, 1, 192, 192), dtype=np.uint8)
     (got,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x})
     pos = np.arange(11) % 8
-    ref = _variation_reference(x, mean, scale, 4, k, pos)
+    ref = _variation_reference(x, mean, scale, 4, k, pos, sigma)
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     np.testing.assert_allclose(v.score(x, pos), ref, rtol=1e-9)
     (shifted,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x[1:9]})  # the same slices, positions - 1
@@ -206,12 +210,12 @@ def test_fit_variation_takes_good_slices_per_position_and_refuses_too_few():
     slices[0, 2] = 255  # a defect slice at position 2, labelled dirt: not part of the model
     labels[0][2] = "dirt"
     parts = U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [str(i) for i in range(12)])
-    v = U.fit_variation(parts, 4, 3)
+    v = U.fit_variation(parts, 4, 3, highpass_sigma=0.0)
     assert v.mean.shape == (8, 48, 48) and abs(v.mean[2].mean() - 99.5) < 1.0
     assert v.floor == pytest.approx(float(np.median(v.scale - v.floor)))
     labels[1][5] = labels[2][5] = labels[3][5] = "scratch"
     with pytest.raises(U.UnknownError, match="position 5: 9 good slices"):
-        U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3)
+        U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3, 0.0)
 
 
 def test_strip_unknown_gives_back_the_exported_graph(exported):
