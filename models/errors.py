@@ -8,6 +8,7 @@
     │   └── ParityError                 ONNX Runtime and the torch reference disagree; exit 1 (exit_code)
     ├── UsageError                      models.build_dataset: the arguments or the folders
     ├── BenchError (ValueError)         models.experiments.saliency_bench: bad options, a missing run
+    ├── UnknownError                    models.unknown: the fit/calibration frames, a model that has the score
     └── ResultsError (RuntimeError)     models.experiments.results: the doc's markers, a missing report
 
 Each command still catches its own errors and says ``valve-model <command>: error: ...``; what escapes

@@ -11,10 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from models.errors import ValveModelError
 from service.sim.synth import read_manifest
 
 
-class UnknownError(Exception):
+class UnknownError(ValveModelError):
     """A problem the user can fix (no blocks found, no data, a class without slices); exit 2."""
 
     exit_code = 2

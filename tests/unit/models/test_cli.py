@@ -51,8 +51,9 @@ def test_the_model_side_errors_share_one_base_and_keep_their_builtin_bases():
     from models.experiments.saliency_bench import BenchError
     from models.export import ExportError, ParityError
     from models.train import TrainError
+    from models.unknown import UnknownError
 
     for cls, builtin in ((DataError, ValueError), (TrainError, ValueError), (EvalError, ValueError),
                          (ExportError, Exception), (ParityError, ExportError), (UsageError, Exception),
-                         (BenchError, ValueError), (ResultsError, RuntimeError)):
+                         (BenchError, ValueError), (ResultsError, RuntimeError), (UnknownError, Exception)):
         assert issubclass(cls, ValveModelError) and issubclass(cls, builtin), cls
