@@ -4,11 +4,13 @@ tools/plc_artifacts.py generates from the table."""
 from __future__ import annotations
 
 import doctest
+import itertools
 import math
 import struct
 import time
 
 import pytest
+import snap7
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,6 +65,20 @@ def next_part(link: PlcLink, timeout: float = 2.0):
         if ev is not None and ev.kind == "part":
             return ev
     return None
+
+
+def wait_for_a_full_poll(sim: PlcSimulator, link: PlcLink, timeout: float = 5.0) -> bool:
+    """True once the link has finished a poll of the DB as it is now (every event of that poll is queued).
+
+    The simulator's PlcHeartbeat only grows (20 per second here, far from the wrap): a poll that read a value
+    above the one current now read the DB after this call; a later poll that read a value above the one
+    current once the first was seen is a different poll, so the first one had finished.
+    """
+    for _ in range(2):
+        now = sim.stats()["plc_heartbeat"]
+        if not wait_until(lambda now=now: (link.stats()["plc_heartbeat"] or 0) > now, timeout):
+            return False
+    return True
 
 
 @pytest.fixture
@@ -131,6 +147,13 @@ def test_artifact_check_reports_a_drifted_docs_table(tmp_path):
     assert artifacts.main(["--check", "--root", str(tmp_path)]) == 1
 
 
+def test_absolute_addresses_of_byte_word_and_double_word_fields():
+    """absolute() spells a 1-byte field DBB, a 2-byte one DBW and a 4-byte one DBD."""
+    assert plc.Field("Spare", 1, None, "Byte", plc.VISION_TO_PLC, "").absolute(100) == "DB100.DBB1"
+    assert plc.FIELDS["PlcHeartbeat"].absolute(7) == "DB7.DBW2"
+    assert plc.FIELDS["ScoreEC"].absolute(100) == "DB100.DBD42"
+
+
 def test_module_doctests_pass():
     """The examples in service.plc's docstrings (and the artifact tool's) hold."""
     import service.plc.codec
@@ -194,6 +217,20 @@ def test_unpack_names_the_wrong_buffer():
     """Unpacking too short a buffer says which DB bytes were needed and how to pass them."""
     with pytest.raises(ValueError, match=r"need DB bytes 12\.\.49"):
         unpack_result(bytes(10))
+
+
+def test_scratch_area_saturates_like_the_dirt_area():
+    """Both pixel areas saturate at 0..2**31-1 instead of wrapping negative."""
+    r = unpack_result(pack_result(Verdict(part_id=1, reject_scratch=True, scratch_area_px=2**40), seq=1))
+    assert r.scratch_area_px == 2**31 - 1
+
+
+@pytest.mark.parametrize("unpack, need", [(unpack_inputs, "0..7"), (unpack_status, "8..11"),
+                                          (unpack_result, "12..49")])
+def test_unpack_errors_name_the_function_and_the_bytes(unpack, need):
+    """Each unpacker's error names itself and the DB bytes it needed."""
+    with pytest.raises(ValueError, match=rf"^{unpack.__name__}: need DB bytes {need}, got 3 bytes"):
+        unpack(bytes(3))
 
 
 f32 = st.floats(width=32, allow_nan=False)
@@ -273,8 +310,8 @@ def test_link_announces_each_part_id_exactly_once(sim):
                 if ev.kind == "part" and ev.part_id == pid:
                     break
         sim.new_part(part_id=6)  # the same PartId written again: not a new part
-        time.sleep(0.2)
-        while (ev := lk.next_event(timeout=0.05)) is not None:
+        assert wait_for_a_full_poll(sim, lk), lk.stats()  # the link has read it again
+        while (ev := lk.next_event(timeout=0)) is not None:  # that poll's events are queued already
             events.append(ev)
         parts = [e.part_id for e in events if e.kind == "part"]
         assert parts == [2, 3, 4, 5, 6]
@@ -336,15 +373,17 @@ def test_numbering_continues_from_the_db_for_a_new_link(sim):
 def test_vision_heartbeat_increments_at_least_every_1_2_s(sim, link):
     """VisionHeartbeat in the DB changes at least once in every 1.2 s window (written every 0.25 s)."""
     first, _ = unpack_status(sim.snapshot(), base=0)
-    changes, last, t_last = 0, first, time.monotonic()
+    last, t_last = first, time.monotonic()
     end = time.monotonic() + 1.3
     while time.monotonic() < end:
         hb, _ = unpack_status(sim.snapshot(), base=0)
         if hb != last:
-            changes, last, t_last = changes + 1, hb, time.monotonic()
+            last, t_last = hb, time.monotonic()
+        # t_last is after the write of `last`, so this is a lower bound of the time without a write
         assert time.monotonic() - t_last < 1.2
-        time.sleep(0.02)
-    assert changes >= 3
+        time.sleep(0.02)  # the sampling period, not a wait for the link
+    # +1 per write: counted from the values, so a sampler that falls behind still counts every write
+    assert (last - first) % 65536 >= 3
     assert sim.stats()["vision_alive"] is True
 
 
@@ -353,7 +392,8 @@ def test_set_status_bits_are_written_at_once(sim):
     lk = make_link(sim, status_interval_s=1.0).start()
     try:
         assert lk.wait_connected(5)
-        time.sleep(0.1)
+        # the write every connect makes is done: the next periodic one is status_interval_s (1 s) away
+        assert wait_until(lambda: lk.stats()["status_writes"] >= 1, 5.0), lk.stats()
         lk.set_status(ready=True, camera_ok=True, model_ok=True, gpu_active=False)
         want = VisionStatus(True, True, True, False, False)
         assert wait_until(lambda: unpack_status(sim.snapshot(), base=0)[1] == want, 0.5)
@@ -370,7 +410,9 @@ def test_stale_plc_heartbeat_sets_fault_and_clears(sim):
         assert lk.wait_connected(5)
         lk.set_status(ready=True)
         fault = lambda: unpack_status(sim.snapshot(), base=0)[1].fault  # noqa: E731
-        time.sleep(0.5)
+        # longer than the timeout passes while the link reads a moving heartbeat (5 steps of 0.05 s at least)
+        t0, hb0 = time.monotonic(), lk.stats()["plc_heartbeat"]
+        assert wait_until(lambda: time.monotonic() - t0 > 0.5 and lk.stats()["plc_heartbeat"] >= hb0 + 5, 5.0)
         assert not fault() and not lk.stats()["plc_heartbeat_stale"]
         sim.freeze_heartbeat(True)
         assert wait_until(fault, 2.0)
@@ -454,12 +496,23 @@ def test_stop_writes_queued_results_then_ready_0(sim):
 
 def test_connect_failures_back_off_exponentially():
     """With nothing listening the link retries with growing delays, not in a tight loop."""
-    lk = PlcLink(host="127.0.0.1", port=free_port(), reconnect_min_s=0.05, reconnect_max_s=0.2).start()
+    attempts: list[float] = []
+
+    def client():  # the link makes a fresh client right before each connection attempt
+        attempts.append(time.monotonic())
+        return snap7.client.Client()
+
+    lk = PlcLink(host="127.0.0.1", port=free_port(), reconnect_min_s=0.05, reconnect_max_s=0.2,
+                 client_factory=client).start()
     try:
-        time.sleep(1.0)
+        assert wait_until(lambda: len(attempts) >= 6, 10.0), (attempts, lk.stats())
         s = lk.stats()
-        # 0.05 + 0.1 + 0.2 + 0.2 + 0.2 + ... -> about 6 attempts in 1 s (a tight loop would be hundreds)
-        assert 3 <= s["connect_failures"] <= 10, s
+        # 0.05, 0.1, 0.2, 0.2, 0.2 between attempts, at least (a tight loop would be hundreds per second);
+        # a slow machine only makes them longer
+        gaps = [b - a for a, b in itertools.pairwise(attempts[:6])]
+        for gap, backoff in zip(gaps, [0.05, 0.1, 0.2, 0.2, 0.2], strict=True):
+            assert gap >= backoff * 0.9, gaps
+        assert s["connect_failures"] >= 5, s
         assert not lk.connected and s["last_error"]
     finally:
         assert lk.stop(2)
@@ -493,14 +546,31 @@ def test_enable_changes_are_events(sim, link):
     assert ev is not None and (ev.kind, ev.enable) == ("enable", True)
 
 
+def heartbeat_held(link: PlcLink, writes: int = 2):
+    """A wait_until predicate: true once ``writes`` status writes in a row left VisionHeartbeat where it was."""
+    since: dict[str, int] = {}
+
+    def held() -> bool:
+        s = link.stats()
+        if since.get("hb") != s["vision_heartbeat"]:
+            since.update(hb=s["vision_heartbeat"], writes=s["status_writes"])
+        return s["status_writes"] - since["writes"] >= writes
+
+    return held
+
+
 def test_app_watchdog_holds_the_vision_heartbeat_while_the_app_is_silent(sim):
     """With app_watchdog_s, VisionHeartbeat stops while the app does not touch() the link, and resumes after."""
+    t_start = time.monotonic()  # the link's last touch is its construction, after this
     lk = make_link(sim, app_watchdog_s=0.3, status_interval_s=0.1).start()
     try:
         assert lk.wait_connected(5)
-        time.sleep(0.6)  # silent longer than app_watchdog_s
+        # silent longer than app_watchdog_s: status writes go on every 0.1 s, VisionHeartbeat stops
+        assert wait_until(heartbeat_held(lk), 5.0), lk.stats()
+        assert time.monotonic() - t_start > 0.3
         hb1, _ = unpack_status(sim.snapshot(), base=0)
-        time.sleep(0.35)
+        writes = lk.stats()["status_writes"]
+        assert wait_until(lambda: lk.stats()["status_writes"] >= writes + 3, 5.0), lk.stats()
         assert unpack_status(sim.snapshot(), base=0)[0] == hb1
         lk.touch()
         assert wait_until(lambda: unpack_status(sim.snapshot(), base=0)[0] != hb1, 1.0)
