@@ -52,25 +52,32 @@ def test_sim_generates_parts_at_its_rate_up_to_count():
         assert sorted(o.part_id for o in sim.outcomes) == [1, 2, 3, 4, 5]
 
 
+class StampingSimulator(PlcSimulator):
+    """Records the PLC program's own time of each PartId it makes (``made``), so that the spacing is measured
+    where it is decided, not by a sampler that may fall behind."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.made: list[float] = []
+
+    def _new_part_locked(self, now: float, part_id: int | None) -> int:
+        self.made.append(now)
+        return super()._new_part_locked(now, part_id)
+
+
 def test_parts_never_come_closer_than_one_period_after_enable():
     """After a time with Enable = 0 the simulator does not catch up: the first parts come one period apart,
     not back to back (which would overwrite PartId 1 before any client could read it)."""
     import time
 
-    with PlcSimulator(port=0, rate=10, watchdog_s=5.0, enable=False) as sim:
-        time.sleep(0.5)  # five periods pass with Enable = 0
+    with StampingSimulator(port=0, rate=10, watchdog_s=5.0, enable=False) as sim:
+        time.sleep(0.5)  # five periods pass with Enable = 0: the duration under test, not a wait for a thread
+        assert sim.made == [] and sim.stats()["parts"] == 0  # nothing while disabled
         sim.set_enable(True)
-        seen: list[tuple[int, float]] = []
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end and len(seen) < 3:
-            n = sim.stats()["parts"]
-            if not seen or n != seen[-1][0]:
-                seen.append((n, time.monotonic()))
-            time.sleep(0.002)
-        counts = [n for n, _ in seen]
-        assert counts[:3] == [counts[0], counts[0] + 1, counts[0] + 2], seen
-        assert all(b - a >= 0.07 for (_, a), (_, b) in zip(seen[1:], seen[2:], strict=False)), seen  # 0.1 s
-        assert counts[0] <= 1  # at most the first part was made before the first poll
+        assert wait_until(lambda: len(sim.made) >= 3, 5.0), sim.made
+        first, second, third = sim.made[:3]
+        # one period (0.1 s) from the first part on: the schedule restarts at enable instead of catching up
+        assert second - first >= 0.1 - 1e-9 and third - first >= 0.2 - 1e-9, sim.made
 
 
 def test_watchdog_counts_a_missing_result_as_rejected():
