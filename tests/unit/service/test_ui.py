@@ -153,25 +153,30 @@ def test_token_is_checked_on_every_request(part):
 
 
 def test_put_never_waits_for_a_slow_encode(served, part, monkeypatch):
-    """While the view is drawing a part (here: 1 s), the pipeline's put returns at once."""
+    """While the view is drawing a part (here: until the 200 puts are done), the pipeline's put returns at once."""
     parts, server = served
     img, extras = part
     real = ui_mod.part_overlay
+    drawing, finish, drawn = threading.Event(), threading.Event(), threading.Event()
 
     def slow(*a, **k):
-        time.sleep(1.0)
+        drawing.set()
+        finish.wait(5.0)  # a put that waited for the drawing would hold the test these 5 s, then fail
+        drawn.set()
         return real(*a, **k)
 
     monkeypatch.setattr(ui_mod, "part_overlay", slow)
     parts.put(reject(1), img, extras)
     t = threading.Thread(target=get, args=(server.url + "api/parts/latest.jpg",))
     t.start()
-    time.sleep(0.2)  # the request is inside the encode now
+    assert drawing.wait(10.0)  # the request is inside the encode now
     worst = 0.0
     for i in range(200):
         t0 = time.perf_counter()
         parts.put(reject(10 + i), img, extras)
         worst = max(worst, time.perf_counter() - t0)
+    assert not drawn.is_set(), "a put waited until the drawing ended"  # every put ran while it was drawn
+    finish.set()
     t.join()
     assert worst < 0.01, worst
     assert parts.latest().verdict.part_id == 209
