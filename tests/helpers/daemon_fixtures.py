@@ -199,6 +199,7 @@ class LinePlc:
         self.results: list[Result] = []
         self.statuses: list[StatusWrite] = []
         self.clients_added = 0
+        self._probes = 0  # clients_so_far()'s own connections, in clients_added too
         self.illegal_writes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -305,6 +306,26 @@ class LinePlc:
                 self.results.append(decode_result(db, now))
 
     # ---------------------------------------------------------------- what the test reads
+
+    def clients_so_far(self) -> int:
+        """The connections made before this call, once every one of them has been counted (probes not).
+
+        The server accepts connections one at a time in arrival order and counts each (EVC_CLIENT_ADDED)
+        before it starts the thread that answers it, so once a probe client's handshake is answered every
+        earlier connection, even one whose process has exited, has been counted: no sleep. ``clients_added``
+        itself counts the probes too.
+        """
+        import snap7
+
+        probe = snap7.client.Client()
+        with self._rec:
+            self._probes += 1
+        try:
+            probe.connect(HOST, 0, 1, self.port)
+            with self._rec:
+                return self.clients_added - self._probes
+        finally:
+            probe.disconnect()
 
     def recorded(self) -> tuple[list[Result], list[StatusWrite]]:
         with self._rec:
