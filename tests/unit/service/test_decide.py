@@ -313,3 +313,153 @@ def test_accept_implies_every_unknown_score_below_the_threshold(scores, t):
     assert v.accept == (not any(unknown))
     assert v.reject_unknown == any(unknown)
     assert not (v.accept and v.reject_unknown)
+
+
+# ----------------------------------------------------------------- pinned by mutation testing (docs/testing.md)
+
+
+def test_a_not_inspected_or_rejected_part_keeps_its_frame_id_and_inspect_time():
+    """Every verdict, NotInspected and Reject alike, carries the part's frame id and inspection time to the PLC."""
+    for v in (run(good8()[:7]), run([row("dirt", 0.9)] + good8()[1:])):
+        assert (v.part_id, v.frame_id, v.inspect_ms) == (101, 7, 12.5)
+
+
+def test_one_expected_slice_is_inspected_and_zero_is_refused():
+    """n_expected_slices = 1 inspects a one-slice part; 0 is NotInspected with the reason."""
+    assert run([row("good", 0.9)], n=1).accept
+    v = run([row("good", 0.9)], n=0)
+    assert v.not_inspected and "n_expected_slices = 0, must be >= 1" in v.reason
+
+
+def test_probabilities_not_a_2d_array_are_not_inspected_naming_the_shape():
+    """A 1-D probability vector is NotInspected (never raises), and the reason names its shape."""
+    pred = pred_from(good8())
+    object.__setattr__(pred, "probs", np.full(4, 0.25, np.float32))
+    v = decide(101, 7, pred, None, TH, SEG, inspect_ms=1.0)
+    assert v.not_inspected and "probs of shape (4,), expected (N, K)" in v.reason
+
+
+@pytest.mark.parametrize("bad", [[1.00002, -0.000009, 0.0, 0.0], [-0.00002, 1.000009, 0.0, 0.0]])
+def test_one_probability_just_outside_0_1_is_not_inspected(bad):
+    """A probability above 1 + 1e-5 or below -1e-5 is refused even when its row sums to 1 and the other end holds."""
+    v = run([bad] + good8()[1:])
+    assert v.not_inspected and v.reason == "probabilities outside [0, 1]"
+
+
+def test_one_hot_rows_and_sums_within_1e_3_are_inspected():
+    """A probability of exactly 1 is valid, and a row sum within 1e-3 of 1 (e.g. 1.0005) is accepted as rounding."""
+    assert run([[1.0, 0.0, 0.0, 0.0]] * 8).accept
+    assert run([[0.9005, 0.05, 0.05, 0.0]] * 8).accept
+
+
+def test_a_row_sum_off_by_more_than_1e_3_is_named_in_the_reason():
+    """The NotInspected reason lists the row sums, rounded to 4 decimals."""
+    v = run([[0.75, 0.25, 0.25, 0.0]] + good8()[1:])
+    assert v.not_inspected and "row sums [1.25, 1.0," in v.reason
+
+
+def test_masks_of_the_wrong_dimension_are_not_inspected_naming_the_shape():
+    """2-D masks with one row per slice are refused, not summed: the reason names their shape."""
+    v = run(good8(), masks=np.zeros((8, S), bool))
+    assert v.not_inspected and f"inconsistent masks: shape (8, {S}) for 8 slices" in v.reason
+
+
+def test_unknown_scores_name_their_shape_and_exactly_the_bad_slices():
+    """An unknown score of the wrong shape names it; otherwise only the negative or non-finite slices are listed."""
+    v = run_unknown(good8(), [0.0] * 7, 1.0)
+    assert v.not_inspected and "shape (7,) for 8 slices" in v.reason
+    scores = [0.0, 0.5, -1.0, 0.3, 0.3, math.nan, 0.3, 0.3]
+    v = run_unknown(good8(), scores, 1.0)
+    assert v.not_inspected and v.reason.endswith("on slice(s) [2, 5]")
+
+
+def test_segmented_names_outside_the_classes_are_not_inspected_with_the_reason():
+    """Segmented flags of the wrong length or names the model lacks make the part NotInspected, saying why."""
+    v = run(good8(), seg=np.array([True, False, True]))
+    assert v.not_inspected and v.reason == "inconsistent segmented classes: segmented has 3 flags for 4 classes"
+    v = run(good8(), seg=["dirt", "rust"])
+    assert v.not_inspected and "segmented names ['rust'] not in classes ['good', 'dirt'," in v.reason
+
+
+def test_thresholds_that_are_not_a_table_are_not_inspected():
+    """decide never raises on thresholds that are not a mapping: the part is NotInspected."""
+    v = run(good8(), thresholds=None)
+    assert v.not_inspected and "no valid threshold for class 'dirt'" in v.reason
+
+
+def test_a_model_without_a_score_class_reports_that_score_as_zero():
+    """ScoreEC is 0 for a model with no 'ec' class, while the classes it has report their maxima."""
+    classes = ("good", "dirt", "scratch")
+    v = run([row("dirt", 0.9, classes)] + [row("good", 0.9, classes)] * 7, thresholds={"dirt": 0.6, "scratch": 0.7},
+            classes=classes, seg=np.array([False, True, True]))
+    assert v.reject_dirt and v.score_ec == 0.0 and v.score_dirt == pytest.approx(0.9)
+
+
+def test_extra_lists_each_slice_with_its_class_rounded_probability_and_decision():
+    """extra['slices'] (read by the live view) and extra['thresholds'] hold the per-slice decision."""
+    v = run([row("scratch", 0.123456789 + 0.7)] + good8()[1:])
+    assert v.extra["slices"][0] == {"class": "scratch", "p": round(float(np.float32(0.823456789)), 6),
+                                    "rejects": True}
+    assert v.extra["slices"][0]["p"] == 0.823457
+    assert v.extra["slices"][1] == {"class": "good", "p": 0.9, "rejects": False}
+    assert v.extra["thresholds"] == TH
+
+
+def test_reasons_list_each_rejecting_class_and_the_below_threshold_slices():
+    """The reason names every rejecting class with its max p and threshold, then the slices counted good."""
+    rows = [row("scratch", 0.9), row("ec", 0.85), row("dirt", 0.55)] + good8()[3:]
+    assert run(rows).reason == ("reject: scratch on slice(s) [0] (max p 0.900 >= 0.700); ec on slice(s) [1] "
+                                "(max p 0.850 >= 0.800); dirt below threshold on slice(s) [2] (counted good)")
+    assert run([row("scratch", 0.9)] + good8()[1:]).reason == "reject: scratch on slice(s) [0] (max p 0.900 >= 0.700)"
+    assert run(good8()).reason == "all 8 slices good"
+    assert run([row("dirt", 0.55), row("scratch", 0.6)] + good8()[2:]).reason == (
+        "all 8 slices good; dirt below threshold on slice(s) [0] (counted good); "
+        "scratch below threshold on slice(s) [1] (counted good)")
+
+
+def test_without_a_threshold_the_unknown_scores_are_kept_with_no_unknown_slices():
+    """A model's unknown scores are reported (rounded to 4 decimals) with an empty slice list when the rule is off."""
+    scores = [0.123456, 5.0, 0, 0, 0, 0, 0, 0]
+    v = run_unknown(good8(), scores, None)
+    assert v.accept and v.extra["unknown"] == {"scores": [0.1235, 5.0] + [0.0] * 6, "slices": [], "threshold": None}
+
+
+def test_validate_thresholds_messages_name_the_fix():
+    """Each refused thresholds table says what is wrong and the fix, listing the model's classes or the missing ones."""
+    with pytest.raises(ConfigError, match=r"^thresholds must be a table of class = probability, got \[0\.5\]$"):
+        validate_thresholds([0.5], CLASSES)
+    with pytest.raises(ConfigError, match=r"^thresholds\.good: 'good' takes no threshold \(a slice is good unless a "
+                                          r"defect class rejects it\)\. Fix: remove it\.$"):
+        validate_thresholds({"good": 0.5}, CLASSES)
+    with pytest.raises(ConfigError, match=r"\(its classes: good, dirt, scratch, ec\)"):
+        validate_thresholds({"rust": 0.5}, CLASSES)
+    with pytest.raises(ConfigError, match=r"^no threshold for the model's class\(es\) scratch, ec\. Fix: add e\.g\. "
+                                          r"scratch = 0\.5, ec = 0\.5 to the thresholds table\.$"):
+        validate_thresholds({"dirt": 0.5}, CLASSES)
+
+
+def test_resolve_unknown_threshold_edges():
+    """A model object without has_unknown has no score; thresholds in (0, 1) are valid, negatives are refused."""
+    from types import SimpleNamespace
+
+    from service.decide import resolve_unknown_threshold
+
+    assert resolve_unknown_threshold(None, SimpleNamespace(unknown_threshold=2.0)) is None
+    assert resolve_unknown_threshold(None, _Model(False, 2.0)) is None
+    assert resolve_unknown_threshold(0.5, _Model(True, 1.5)) == 0.5
+    with pytest.raises(ConfigError, match="finite number > 0"):
+        resolve_unknown_threshold(-1.0, _Model(True, 1.5))
+    with pytest.raises(ConfigError, match="the model m.onnx has no unknown-defect score"):
+        resolve_unknown_threshold(2.0, _Model(False, None))
+
+
+def test_plain_lists_instead_of_arrays_are_not_inspected():
+    """Probabilities, masks or unknown scores passed as lists (no .shape) give NotInspected naming shape None."""
+    pred = pred_from(good8())
+    object.__setattr__(pred, "probs", good8())
+    assert "probs of shape None" in decide(101, 7, pred, None, TH, SEG, inspect_ms=1.0).reason
+    assert "inconsistent masks: shape None" in run(good8(), masks=[[0] * S] * 8).reason
+    pred = pred_from(good8())
+    object.__setattr__(pred, "unknown", [0.0] * 8)
+    v = decide(101, 7, pred, None, TH, SEG, inspect_ms=1.0, unknown_threshold=1.0)
+    assert v.not_inspected and "inconsistent unknown scores: shape None" in v.reason
