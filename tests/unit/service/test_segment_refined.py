@@ -74,3 +74,71 @@ def test_refined_needs_the_slices_and_rejects_unknown_methods():
         masks_for(sal, np.array([1]), np.array([False, True]))
     with pytest.raises(ValueError, match="unknown segmentation method"):
         masks_for(sal, np.array([1]), np.array([False, True]), method="crf")
+
+
+# ----------------------------------------------------------------- pinned by mutation testing (docs/testing.md)
+
+
+def test_maps_outside_0_1_are_clipped_not_wrapped():
+    """A map overshooting [0, 1] (to -0.1 or 1.5) is clipped before Otsu: the overshoot stays fore- or background."""
+    sal = np.zeros((32, 32))
+    sal[0:8, 0:8] = 1.5  # would wrap to 126 of 255
+    sal[10:18, 10:18] = 0.8
+    sal[20:32, :] = 0.3
+    sal[18:20, 0:8] = -0.1  # would wrap to 230
+    mask = otsu_mask(sal)
+    np.testing.assert_array_equal(mask, otsu_mask(np.clip(sal, 0, 1)))
+    assert mask[0:8, 0:8].all() and mask[10:18, 10:18].all() and mask.sum() == 128
+
+
+def test_empty_masks_are_bool():
+    """The empty masks (a flat map; a region with no residual contrast) are bool like every other mask."""
+    assert otsu_mask(np.zeros((8, 8))).dtype == bool
+    sal = np.zeros((32, 32))
+    sal[8:16, 8:16] = 1.0
+    flat = refined_mask(np.full((32, 32), 100, np.uint8), sal)
+    assert flat.dtype == bool and not flat.any()
+    assert background_residual(np.full((4, 4), 7, np.uint8)).dtype == np.float32
+
+
+def test_a_one_grey_level_defect_is_still_delineated():
+    """Any residual contrast in the region counts: a defect one grey level off a flat slice is masked."""
+    img = np.full((64, 64), 100, np.uint8)
+    img[30:36, 30:36] = 101
+    sal = np.zeros((64, 64))
+    sal[24:40, 24:40] = 1.0
+    mask = refined_mask(img, sal, dilate=1)
+    assert mask[30:36, 30:36].all() and mask.sum() == 36
+
+
+def test_a_component_of_exactly_min_px_is_kept_and_min_px_2_drops_single_pixels():
+    """Components of min_px pixels or more stay; with min_px = 2 a lone pixel is dropped."""
+    img = np.full((64, 64), 100, np.uint8)
+    img[30:34, 30:35] = 40  # 20 px
+    img[40, 40] = 40  # 1 px
+    sal = np.zeros((64, 64))
+    sal[20:50, 20:50] = 1.0
+    assert refined_mask(img, sal, dilate=1, min_px=20).sum() == 20
+    assert refined_mask(img, sal, dilate=1, min_px=2).sum() == 20
+    assert refined_mask(img, sal, dilate=1, min_px=1).sum() == 21
+
+
+def test_errors_name_the_shapes_and_the_choices():
+    """refined_mask names both shapes; masks_for names the methods to choose from and what refined needs."""
+    with pytest.raises(ValueError, match=r"^refined_mask: image \(4, 4\) and saliency \(4, 5\) differ$"):
+        refined_mask(np.zeros((4, 4), np.uint8), np.zeros((4, 5)))
+    sal = np.zeros((1, 8, 8))
+    with pytest.raises(ValueError, match=r"^masks_for\(method='refined'\) needs the slices the maps belong to$"):
+        masks_for(sal, np.array([1]), np.array([False, True]))
+    with pytest.raises(ValueError, match=r"^unknown segmentation method 'crf': choose one of refined, otsu$"):
+        masks_for(sal, np.array([1]), np.array([False, True]), method="crf")
+
+
+def test_a_two_pixel_dilation_already_grows_the_region():
+    """dilate = 2 grows the saliency region by a pixel: enough background comes in for the defect to stand out."""
+    img = np.full((64, 64), 100, np.uint8)
+    img[30:36, 30:36] = 40
+    sal = np.zeros((64, 64))
+    sal[31:36, 31:36] = 1.0  # inside the defect: no contrast without dilation
+    assert refined_mask(img, sal, dilate=1, min_px=1).sum() == 0
+    assert refined_mask(img, sal, dilate=2, min_px=1).sum() == 25
