@@ -262,3 +262,25 @@ def test_onnx_graph_matches_loops(tmp_path, head_pool):
     ref = np_scale_map(np_weighted_map("gradcam++", acts.numpy(), grads.numpy()), 32)
     assert (ref.reshape(len(x), -1).max(1) == 1.0).sum() >= len(x) - 1, "the maps should not be flat"
     np.testing.assert_allclose(sal, ref, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------- pinned by mutation testing (docs/testing.md)
+
+
+def test_gradcam_pp_alpha_where_the_denominator_is_exactly_1():
+    """Grad-CAM++'s alpha is g^2 / denominator also where the denominator is exactly 1 (only 0 gives alpha = 0)."""
+    # A = ones (2x2), sum A = 4, g = 1/2: denominator 2/4 + 4/8 = 1, alpha = 1/4, w = 4 * 1/4 * 1/2 = 1/2
+    acts, grads = torch.ones(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)
+    torch.testing.assert_close(weighted_map("gradcam++", acts, grads), torch.full((1, 2, 2), 0.5))
+
+
+def test_unknown_method_is_refused_naming_the_choices():
+    """weighted_map refuses an unknown method, listing the three it knows."""
+    with pytest.raises(ValueError, match=r"^unknown saliency method 'lime': choose one of gradcam\+\+, gradcam, cam$"):
+        weighted_map("lime", torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+
+
+def test_saliency_defaults_to_gradcam_pp(tiny_model):
+    """saliency() without a method gives the Grad-CAM++ maps."""
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(saliency(tiny_model, x)[1], saliency(tiny_model, x, method="gradcam++")[1])

@@ -57,6 +57,15 @@ def test_partbook_refuses_a_duplicate_announcement():
     assert book.claim(1).announced == 10.0
 
 
+def test_partbook_counts_every_duplicate_announcement():
+    """Each further announcement of an open PartId adds one to ``duplicates`` (3 repeats -> 3)."""
+    book = PartBook(timeout_s=2.0)
+    book.announce(1, at=10.0)
+    for t in (11.0, 12.0, 13.0):
+        assert not book.announce(1, at=t)
+    assert book.duplicates == 3
+
+
 def test_partbook_deadline_runs_from_announcement_then_extends_with_the_frame():
     """A part expires timeout_s after its announcement unless its frame came, which gives timeout_s more from the frame."""
     book = PartBook(timeout_s=2.0)

@@ -257,3 +257,12 @@ def test_daemon_answers_a_part_whose_frame_never_came_not_inspected(tmp_path):
     (v,) = d.plc.published
     assert v.part_id == 82 and v.not_inspected and not v.accept and v.reason == "timeout_no_frame"
     assert d.camera.triggers == [82] and len(d.book) == 0
+
+
+def test_make_helpers_carry_frame_id_and_inspect_ms_and_default_them_to_zero():
+    """make_no_part / make_not_inspected keep the part, frame and inspection time; unknown ones are 0."""
+    for make, kind in ((Verdict.make_no_part, "no_part"), (Verdict.make_not_inspected, "not_inspected")):
+        v = make(4, "why", frame_id=7, inspect_ms=3.5)
+        assert (v.part_id, v.frame_id, v.inspect_ms, v.reason, v.label) == (4, 7, 3.5, "why", kind)
+        d = make(4, "why")
+        assert (d.frame_id, d.inspect_ms) == (0, 0.0)
