@@ -135,7 +135,8 @@ class Daemon:
         self.metrics.set_model_info(self.model.sha256, self.model.provider, self.model.preset)
         log.info("model_loaded", provider=self.model.provider, sha256=self.model.sha256, preset=self.model.preset,
                  classes=list(self.model.classes), gpu=gpu, unknown_threshold=self.unknown_threshold,
-                 unknown_threshold_from="config" if s.model.unknown_threshold else "model.json")
+                 unknown_threshold_from="config" if s.model.unknown_threshold else "model.json",
+                 unknown_rule=s.model.unknown_rule)
 
         # 2. Metrics endpoint.
         if s.metrics.enabled:
@@ -487,7 +488,8 @@ class Daemon:
     def inspect(self, frame: Frame, part_id: int) -> tuple[Verdict, dict | None]:
         """One frame -> its Verdict (and what the archive needs); stage times go to the metrics."""
         return inspect_frame(frame, part_id, self.roi_params, self.model, self.thresholds,
-                             observe=self.metrics.observe_stage, unknown_threshold=self.unknown_threshold)
+                             observe=self.metrics.observe_stage, unknown_threshold=self.unknown_threshold,
+                             unknown_rule=self.settings.model.unknown_rule)
 
     # ------------------------------------------------------------------ results
 

@@ -23,11 +23,14 @@ Rules, for one part whose frame gave N slices (normally 8) with probabilities ``
    not count either: an accepted part reports 0), 0 when ``masks`` is None or the class is not segmented.
 
 7. Unknown defects. When the model has an unknown score (``Prediction.unknown``, (N,): models.unknown)
-   and ``unknown_threshold`` is given, a slice whose score is >= the threshold is *unknown*: the part
-   gets RejectUnknown, whatever the slice's class (an unknown slice predicted "good" does not let the
-   part pass). Known defects keep their own bits: a part with a scratch slice and an unknown slice
-   has RejectScratch and RejectUnknown. A score that is not finite, negative or not (N,) makes the
-   part NotInspected (rule 1); so does a threshold that is not a finite number > 0.
+   and ``unknown_threshold`` is given, a slice whose score is >= the threshold is anomalous. With
+   ``unknown_rule`` "unexplained" (the default) it is *unknown* only when no known class explains it:
+   it does not reject for a defect class under rules 3-4 (it is predicted good, or a defect class below
+   its threshold). With "any", every anomalous slice is unknown. An unknown slice gives the part
+   RejectUnknown, whatever its class (an unknown slice predicted "good" does not let the part pass).
+   Known defects keep their own bits: a part with a scratch slice and an unexplained anomalous slice has
+   RejectScratch and RejectUnknown. A score that is not finite, negative or not (N,) makes the part
+   NotInspected (rule 1); so does a threshold that is not a finite number > 0 or an unknown rule.
 
 Class names are matched exactly (lower case, as in model.json).
 """
@@ -50,6 +53,8 @@ DEFECT_FLAGS = {d.name: d.reject for d in DEFECTS_TABLE if d is not UNKNOWN_DEFE
 SCORE_FIELDS = {d.name: d.score for d in DEFECTS_TABLE if d.score is not None}
 AREA_FIELDS = {d.name: d.area for d in DEFECTS_TABLE if d.area is not None}
 PROB_ATOL = 1e-5
+#: rule 7: which anomalous slices are unknown ([model] unknown_rule)
+UNKNOWN_RULES = ("unexplained", "any")
 SUM_ATOL = 1e-3
 
 
@@ -158,7 +163,8 @@ def _check(prediction: Prediction, masks: np.ndarray | None, n_expected: int) ->
 
 def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarray | None,
            thresholds: Mapping[str, float], segmented: np.ndarray | Iterable[str] | Iterable[bool],
-           inspect_ms: float, n_expected_slices: int = 8, unknown_threshold: float | None = None) -> Verdict:
+           inspect_ms: float, n_expected_slices: int = 8, unknown_threshold: float | None = None,
+           unknown_rule: str = "unexplained") -> Verdict:
     """The verdict for one part (rules in the module docstring). Never raises for bad data: NotInspected instead.
 
     Args:
@@ -169,8 +175,10 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         segmented: (K,) bool over the classes, or the names of the segmented classes.
         inspect_ms: time from frame arrival to verdict, reported as is.
         n_expected_slices: slices a fully inspected part has.
-        unknown_threshold: slices with ``prediction.unknown >= unknown_threshold`` are unknown (rule 7); None
+        unknown_threshold: slices with ``prediction.unknown >= unknown_threshold`` are anomalous (rule 7); None
             switches the rule off (a model without the score).
+        unknown_rule: "unexplained" (an anomalous slice that does not reject for a known class is unknown) or
+            "any" (every anomalous slice is).
     """
     def not_inspected(reason: str) -> Verdict:
         return Verdict.make_not_inspected(part_id, reason, frame_id=frame_id, inspect_ms=inspect_ms)
@@ -194,6 +202,8 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         limits[c] = float(t)
     if unknown_threshold is not None and not (_number(unknown_threshold) and float(unknown_threshold) > 0):
         return not_inspected(f"invalid unknown threshold {unknown_threshold!r} (a finite number > 0)")
+    if unknown_rule not in UNKNOWN_RULES:
+        return not_inspected(f"invalid unknown rule {unknown_rule!r} (one of {', '.join(UNKNOWN_RULES)})")
 
     probs = prediction.probs
     predicted = probs.argmax(axis=1)
@@ -221,8 +231,11 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
         fields[fld] = area
 
     unknown_idx: list[int] = []
+    anomalous: list[int] = []
     if unknown_threshold is not None and prediction.unknown is not None:
-        unknown_idx = np.nonzero(prediction.unknown >= float(unknown_threshold))[0].tolist()
+        anomalous = np.nonzero(prediction.unknown >= float(unknown_threshold))[0].tolist()
+        explained = {i for idx in rejecting.values() for i in idx} if unknown_rule == "unexplained" else set()
+        unknown_idx = [i for i in anomalous if i not in explained]
         for i in unknown_idx:
             slices[i]["unknown"] = True
 
@@ -238,6 +251,7 @@ def decide(part_id: int, frame_id: int, prediction: Prediction, masks: np.ndarra
              "thresholds": {c: limits[c] for c in classes if c != GOOD}}
     if prediction.unknown is not None:
         extra["unknown"] = {"scores": [round(float(u), 4) for u in prediction.unknown], "slices": unknown_idx,
+                            "anomalous": anomalous, "rule": unknown_rule,
                             "threshold": None if unknown_threshold is None else float(unknown_threshold)}
 
     if rejecting or unknown_idx:

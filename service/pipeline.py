@@ -16,13 +16,14 @@ log = get_logger(__name__)
 
 
 def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dict[str, float],
-                  observe=None, unknown_threshold: float | None = None) -> tuple[Verdict, dict | None]:
+                  observe=None, unknown_threshold: float | None = None,
+                  unknown_rule: str = "unexplained") -> tuple[Verdict, dict | None]:
     """The inspection pipeline for one frame: ROI -> 8 slices -> ONNX -> Otsu -> decide.
 
     ``observe(stage, seconds)`` receives the roi / infer / segment times. A frame without an
     inspectable valve gives NoPart (no extras); otherwise the extras carry the slice batch, the
     prediction, the masks and the stage timings (what the archive draws). ``unknown_threshold`` is the
-    unknown-score threshold (service.decide rule 7; None = off).
+    unknown-score threshold (service.decide rule 7; None = off), ``unknown_rule`` which anomalous slices count.
     """
     from service.decide import decide
     from service.roi import extract
@@ -49,6 +50,7 @@ def inspect_frame(frame: Frame, part_id: int, roi_params, model, thresholds: dic
     t3 = time.monotonic()
     note("segment", t3 - t2)
     verdict = decide(part_id, frame.frame_id, pred, masks, thresholds, model.segmented,
-                     inspect_ms=(t3 - frame.arrival) * 1000.0, unknown_threshold=unknown_threshold)
+                     inspect_ms=(t3 - frame.arrival) * 1000.0, unknown_threshold=unknown_threshold,
+                     unknown_rule=unknown_rule)
     timings = {"roi_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3}
     return verdict, {"batch": batch, "pred": pred, "masks": masks, "timings": timings}

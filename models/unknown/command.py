@@ -173,7 +173,9 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
              threads: int = 0, limit: int | None = None, class_threshold: float = 0.5) -> dict:
     """Part-level rates of an attached model on synthetic folders (known and novel), per class/subtype and per folder.
 
-    For each part: ``flagged`` (some slice's unknown score >= the threshold: RejectUnknown), ``classifier``
+    For each part: ``flagged`` (some slice's unknown score >= the threshold: RejectUnknown under the rule
+    "any"), ``unexplained`` (such a slice that no known class rejects: RejectUnknown under the default rule
+    "unexplained", service.decide rule 7), ``classifier``
     (some slice's predicted defect class has p >= ``class_threshold``: a known Reject bit, the daemon's default
     thresholds), ``rejected`` (either: the part is not accepted) and ``escaped`` (neither: accepted)."""
     import onnx
@@ -196,20 +198,25 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
         pm = part_max(out[UNKNOWN_OUTPUT], n)
         probs = out["probs"].reshape(n, -1, len(classes))
         pred = probs.argmax(axis=2)
-        classifier = ((pred != good_i) & (probs.max(axis=2) >= class_threshold)).any(axis=1)
-        flagged = pm >= t
+        rejecting = (pred != good_i) & (probs.max(axis=2) >= class_threshold)              # (n, slices)
+        classifier = rejecting.any(axis=1)
+        flagged = pm >= t                                                                  # rule "any"
+        unexplained = ((out[UNKNOWN_OUTPUT].reshape(n, -1) >= t) & ~rejecting).any(axis=1)  # rule "unexplained"
         kinds = ["novel" if c == "novel" else ("good" if c == "good" else "known defect") for c in parts.part_class]
         entry = {"set": name, "folder": str(folder), "parts": n}
         for kind in ("good", "known defect", "novel"):
             m = np.asarray([k == kind for k in kinds])
             if m.any():
                 entry[kind] = {"parts": int(m.sum()), "flagged": round(float(flagged[m].mean()), 4),
+                               "unexplained": round(float(unexplained[m].mean()), 4),
                                "rejected": round(float((flagged | classifier)[m].mean()), 4),
                                "classifier_rejected": round(float(classifier[m].mean()), 4)}
         per_set.append(entry)
         for i in range(n):
             key = parts.part_class[i] if parts.part_class[i] != "novel" else f"novel:{parts.subtype[i]}"
-            r = rows.setdefault(key, {"parts": 0, "flagged": 0, "classifier": 0, "rejected": 0, "escaped": 0})
+            r = rows.setdefault(key, {"parts": 0, "flagged": 0, "unexplained": 0, "classifier": 0, "rejected": 0,
+                                      "escaped": 0})
+            r["unexplained"] += int(unexplained[i])
             r["parts"] += 1
             r["flagged"] += int(flagged[i])
             r["classifier"] += int(classifier[i])
@@ -217,7 +224,7 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
             r["escaped"] += int(not (flagged[i] or classifier[i]))
             scores.setdefault(key, []).append(float(pm[i]))
     for r in rows.values():
-        for k in ("flagged", "classifier", "rejected", "escaped"):
+        for k in ("flagged", "unexplained", "classifier", "rejected", "escaped"):
             r[f"{k}_rate"] = round(r[k] / r["parts"], 4)
     good = np.asarray(scores.get("good", []))
     novel = np.concatenate([np.asarray(v) for k, v in scores.items() if k.startswith("novel")]) \
@@ -235,16 +242,18 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
             "novel_flagged_rate": round(float((novel >= t).mean()), 4) if len(novel) else None,
             "auroc_novel_vs_good": round(auroc(good, novel), 4) if len(novel) and len(good) else None,
             "per_set": {f"{kind} {what}": spread(kind, what) for kind in ("good", "known defect", "novel")
-                        for what in ("flagged", "rejected", "classifier_rejected")}}
+                        for what in ("flagged", "unexplained", "rejected", "classifier_rejected")}}
 
 
 def format_evaluation(s: dict) -> str:
     lines = [f"unknown threshold {s['threshold']:.4g}: good parts flagged {s['good_flagged_rate']}, novel parts "
              f"flagged {s['novel_flagged_rate']}, AUROC novel vs good {s['auroc_novel_vs_good']}",
-             f"  {'class':16s} {'parts':>6s} {'flagged':>8s} {'classifier':>11s} {'rejected':>9s} {'escaped':>8s} "
+             f"  {'class':16s} {'parts':>6s} {'flagged':>8s} {'unexplained':>12s} {'classifier':>11s} {'rejected':>9s} "
+             f"{'escaped':>8s} "
              f"{'AUROC':>6s}"]
     for k, r in sorted(s["classes"].items()):
-        lines.append(f"  {k:16s} {r['parts']:6d} {r['flagged_rate']:8.3f} {r['classifier_rate']:11.3f} "
+        lines.append(f"  {k:16s} {r['parts']:6d} {r['flagged_rate']:8.3f} {r['unexplained_rate']:12.3f} "
+                     f"{r['classifier_rate']:11.3f} "
                      f"{r['rejected_rate']:9.3f} {r['escaped_rate']:8.3f} {r.get('auroc_vs_good', float('nan')):6.3f}")
     lines.append("  per folder (mean +- std over folders):")
     for k, v in s["per_set"].items():

@@ -218,6 +218,9 @@ class ModelSettings(_Section):
     #: the unknown-defect score's threshold (models.unknown); 0 = model.json's calibrated one. > 0 only for a
     #: model with the score (refused otherwise at start-up); a large value (e.g. 1e9) switches the check off.
     unknown_threshold: float = Field(0.0, ge=0, allow_inf_nan=False)
+    #: which anomalous slices are unknown (service.decide rule 7): "unexplained" = those no known class rejects
+    #: (RejectUnknown stays the unexplained anomaly), "any" = all of them (RejectUnknown beside known defects too)
+    unknown_rule: Literal["unexplained", "any"] = "unexplained"
 
     @field_validator("path")
     @classmethod

@@ -225,11 +225,12 @@ def test_never_accept_unless_fully_and_consistently_inspected(probs, th, expecte
 
 # ------------------------------------------------------------------ rule 7: unknown defects
 
-def run_unknown(rows, scores, threshold=2.0):
+def run_unknown(rows, scores, threshold=2.0, rule="unexplained"):
     p = pred_from(rows)
     p = Prediction(logits=p.logits, probs=p.probs, saliency=p.saliency, classes=p.classes,
                    unknown=None if scores is None else np.asarray(scores, np.float32))
-    return decide(101, 7, p, None, TH, SEG, inspect_ms=1.0, n_expected_slices=8, unknown_threshold=threshold)
+    return decide(101, 7, p, None, TH, SEG, inspect_ms=1.0, n_expected_slices=8, unknown_threshold=threshold,
+                  unknown_rule=rule)
 
 
 def test_an_unknown_slice_predicted_good_rejects_the_part_as_unknown():
@@ -257,6 +258,28 @@ def test_a_known_defect_keeps_its_own_bit_beside_reject_unknown():
     scores[6] = 9.0
     v = run_unknown(rows, scores)
     assert v.reject_scratch and v.reject_unknown and set(v.defects) == {"scratch", "unknown"}
+
+
+@pytest.mark.parametrize("rule, unknown", [("unexplained", False), ("any", True)])
+def test_an_anomalous_slice_a_known_class_rejects_is_unknown_only_under_rule_any(rule, unknown):
+    """The dirt slice is also the anomalous one: "unexplained" leaves it dirt (RejectDirt alone), "any" adds
+    RejectUnknown; a below-threshold dirt slice counts as unexplained under both."""
+    rows = good8()
+    rows[3] = row("dirt", 0.95)
+    scores = [0.1] * 8
+    scores[3] = 5.0
+    v = run_unknown(rows, scores, rule=rule)
+    assert v.reject_dirt and v.reject_unknown == unknown and v.extra["unknown"]["anomalous"] == [3]
+    assert v.extra["unknown"]["rule"] == rule
+    rows[3] = row("dirt", 0.55)  # below the 0.6 threshold: counted good, so nothing explains the anomaly
+    v = run_unknown(rows, scores, rule=rule)
+    assert v.reject_unknown and not v.reject_dirt and v.extra["unknown"]["slices"] == [3]
+
+
+def test_an_unknown_rule_that_does_not_exist_is_not_inspected():
+    """A misspelt rule cannot silently switch the check off: NotInspected naming the rules."""
+    v = run_unknown(good8(), [0.1] * 8, rule="anything")
+    assert v.not_inspected and "unexplained, any" in v.reason
 
 
 def test_no_threshold_switches_the_unknown_rule_off():
@@ -307,7 +330,7 @@ def test_resolve_unknown_threshold_prefers_the_config_and_refuses_it_without_a_s
 @given(scores=st.lists(st.floats(0, 10, allow_nan=False), min_size=8, max_size=8),
        t=st.floats(0.01, 10, allow_nan=False))
 def test_accept_implies_every_unknown_score_below_the_threshold(scores, t):
-    """Whatever the scores: Accept only when all are < t; RejectUnknown exactly when one is >= t."""
+    """Whatever the scores (all slices good): Accept only when all are < t; RejectUnknown exactly when one is >= t."""
     v = run_unknown(good8(), scores, threshold=t)
     unknown = [bool(np.float32(s) >= np.float32(t)) for s in scores]  # decide compares in float32
     assert v.accept == (not any(unknown))
@@ -421,7 +444,8 @@ def test_without_a_threshold_the_unknown_scores_are_kept_with_no_unknown_slices(
     """A model's unknown scores are reported (rounded to 4 decimals) with an empty slice list when the rule is off."""
     scores = [0.123456, 5.0, 0, 0, 0, 0, 0, 0]
     v = run_unknown(good8(), scores, None)
-    assert v.accept and v.extra["unknown"] == {"scores": [0.1235, 5.0] + [0.0] * 6, "slices": [], "threshold": None}
+    assert v.accept and v.extra["unknown"] == {"scores": [0.1235, 5.0] + [0.0] * 6, "slices": [], "anomalous": [],
+                                               "rule": "unexplained", "threshold": None}
 
 
 def test_validate_thresholds_messages_name_the_fix():
