@@ -147,8 +147,14 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
         m = InferenceModel(tmp_path / "out" / method / "model.onnx", providers=("CPUExecutionProvider",),
                            intra_op_threads=1)
         assert m.has_unknown and m.unknown_threshold == pytest.approx(u["threshold"])
-        pred = m.run(np.zeros((8, 1, 192, 192), np.uint8))
-        assert pred.unknown.shape == (8,) and (pred.unknown >= u["threshold"]).all()  # a black "part" is unknown
+        part = U.load_parts(cal, limit=1).slices[0].copy()                    # a good part's 8 slices
+        before = m.run(part).unknown
+        part[3, 0, 80:112, 80:112] = 255                                      # a bright 32 px patch on slice 3
+        after = m.run(part).unknown
+        assert after.shape == (8,) and after[3] > before[3]
+        if method == "variation":  # a patch this size is far outside the good parts' variation
+            assert after[3] >= u["threshold"] and (before < u["threshold"]).all()
+        np.testing.assert_allclose(np.delete(after, 3), np.delete(before, 3), rtol=1e-6)  # per-slice scores
     with pytest.raises(U.UnknownError, match="novel"):
         U.attach(path, fit, bad, tmp_path / "out2", rate=0.1, threads=1)
     with pytest.raises(U.UnknownError, match="already has"):
