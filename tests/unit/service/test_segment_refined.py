@@ -142,3 +142,50 @@ def test_a_two_pixel_dilation_already_grows_the_region():
     sal[31:36, 31:36] = 1.0  # inside the defect: no contrast without dilation
     assert refined_mask(img, sal, dilate=1, min_px=1).sum() == 0
     assert refined_mask(img, sal, dilate=2, min_px=1).sum() == 25
+
+
+def _otsu_numpy(u8: np.ndarray) -> int:
+    """Otsu's threshold of 8-bit values, written from the definition (maximise the between-class variance
+    w0 w1 (mu0 - mu1)^2 over t; class 0 is <= t): no OpenCV."""
+    hist = np.bincount(u8.ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    levels = np.arange(256)
+    best_t, best = 0, -1.0
+    for t in range(256):
+        w0, w1 = p[:t + 1].sum(), p[t + 1:].sum()
+        if w0 == 0 or w1 == 0:
+            continue
+        mu0 = (levels[:t + 1] * p[:t + 1]).sum() / w0
+        mu1 = (levels[t + 1:] * p[t + 1:]).sum() / w1
+        var = w0 * w1 * (mu0 - mu1) ** 2
+        if var > best + 1e-12:
+            best_t, best = t, var
+    return best_t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_both_methods_cut_exactly_where_an_independent_otsu_does(seed):
+    """otsu: the map scaled to 0..255 and cut by Otsu's threshold; refined: inside the dilated region, the
+    residual scaled to 0..255 over the region and cut at lo + t/255 (hi - lo). Both are compared pixel for
+    pixel with a from-the-definition Otsu (a cut moved by a fraction of a grey level flips pixels here)."""
+    rng = np.random.default_rng(seed)
+    img = surface(seed)
+    img[70:110, 60:120] -= rng.uniform(8, 20)                       # a dark defect
+    yy, xx = np.mgrid[0:192, 0:192]
+    sal = np.exp(-(((yy - 90) / 30.0) ** 2 + ((xx - 90) / 40.0) ** 2)) + rng.uniform(0, 0.02, (192, 192))
+    sal = (sal - sal.min()) / (sal.max() - sal.min())
+    u8 = np.clip(np.rint(sal * 255.0), 0, 255).astype(np.uint8)
+    region = u8 > _otsu_numpy(u8)
+    np.testing.assert_array_equal(otsu_mask(sal), region)
+
+    import cv2
+
+    grown = cv2.dilate(region.astype(np.uint8), np.ones((31, 31), np.uint8)) > 0
+    r = background_residual(img)
+    vals = r[grown].astype(np.float64)
+    lo, hi = vals.min(), vals.max()
+    q = np.clip(np.rint((vals - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    want = grown & (r > lo + (_otsu_numpy(q) / 255.0) * (hi - lo))
+    got = refined_mask(img, sal, min_px=1)
+    np.testing.assert_array_equal(got, want)
+    assert 50 < want.sum() < grown.sum()  # a real cut: neither empty nor the whole region
