@@ -189,3 +189,30 @@ def test_both_methods_cut_exactly_where_an_independent_otsu_does(seed):
     got = refined_mask(img, sal, min_px=1)
     np.testing.assert_array_equal(got, want)
     assert 50 < want.sum() < grown.sum()  # a real cut: neither empty nor the whole region
+
+
+def test_a_flat_residual_gives_no_mask_and_an_offset_residual_is_scaled_from_its_minimum():
+    """A checkerboard whose residual is the same everywhere (> 0) gives an empty mask; with a defect on it,
+    the residual inside the region starts well above 0 (lo > 0), and the cut still matches the independent
+    Otsu scaled from lo to hi (a formula using hi + lo instead of hi - lo would cut elsewhere)."""
+    import cv2
+
+    yy, xx = np.mgrid[0:192, 0:192]
+    board = 100.0 + 10.0 * np.where((yy + xx) % 2 == 0, 1.0, -1.0)
+    sal = np.exp(-(((yy - 96) / 30.0) ** 2 + ((xx - 96) / 30.0) ** 2))
+    assert np.ptp(background_residual(board)) < 1e-6 and background_residual(board).min() > 5
+    assert not refined_mask(board, sal, min_px=1).any()
+    rng = np.random.default_rng(7)
+    img = board.copy()
+    img[80:110, 80:110] += np.where((yy[80:110, 80:110] + xx[80:110, 80:110]) % 2 == 0, 1.0, -1.0) * \
+        rng.uniform(1, 40, (30, 30))
+    u8 = np.clip(np.rint(sal * 255.0), 0, 255).astype(np.uint8)
+    grown = cv2.dilate((u8 > _otsu_numpy(u8)).astype(np.uint8), np.ones((31, 31), np.uint8)) > 0
+    r = background_residual(img)
+    vals = r[grown].astype(np.float64)
+    lo, hi = vals.min(), vals.max()
+    assert lo > 5  # the offset the formula must subtract
+    q = np.clip(np.rint((vals - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    want = grown & (r > lo + (_otsu_numpy(q) / 255.0) * (hi - lo))
+    np.testing.assert_array_equal(refined_mask(img, sal, min_px=1), want)
+    assert 0 < want.sum() < 900
