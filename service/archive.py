@@ -183,8 +183,7 @@ def part_overlay(image: np.ndarray, verdict: Verdict, extras: dict | None = None
     if extras.get("masks") is not None:
         mask = batch.roi_to_box(batch.assemble(np.asarray(extras["masks"]) > 0), box, interpolation="nearest")
     outlines = batch.slice_polygons() - np.array([x0, y0], dtype=np.float32)
-    unknown = (verdict.extra.get("unknown") or {}).get("slices") or [] if isinstance(verdict.extra, dict) else []
-    highlight = [outlines[i] for i in unknown if 0 <= i < len(outlines)]
+    highlight = [outlines[i] for i in verdict.unknown_slices if 0 <= i < len(outlines)]
     return render_overlay(image[y0:y1, x0:x1], sal, mask, outlines, max_side=max_side, caption=caption,
                           highlight=highlight or None), box
 
@@ -208,9 +207,8 @@ def outlines_box(outlines: Iterable[np.ndarray], shape: tuple[int, ...],
 def caption_for(verdict: Verdict) -> str:
     """One line for the overlay: part, verdict, defects and scores."""
     what = verdict.label + (f" {'+'.join(verdict.defects)}" if verdict.defects else "")
-    u = verdict.extra.get("unknown") if isinstance(verdict.extra, dict) else None
-    unknown = (f"  unknown {max(u['scores']) / u['threshold']:.2f}x" if u and u.get("scores") and u.get("threshold")
-               else "")
+    ratio = verdict.unknown_ratio
+    unknown = f"  unknown {ratio:.2f}x" if ratio is not None else ""
     return (f"part {verdict.part_id} frame {verdict.frame_id}  {what}  dirt {verdict.score_dirt:.2f} "
             f"scratch {verdict.score_scratch:.2f} ec {verdict.score_ec:.2f}{unknown}")
 

@@ -150,9 +150,8 @@ class Metrics:
         self.parts.labels(verdict=verdict.label).inc()
         for defect in verdict.defects:
             self.defects.labels(defect=defect).inc()
-        u = verdict.extra.get("unknown") if isinstance(verdict.extra, dict) else None
-        if u and u.get("threshold") and u.get("scores"):
-            self.unknown_ratio.observe(max(u["scores"]) / u["threshold"])
+        if verdict.unknown_ratio is not None:
+            self.unknown_ratio.observe(verdict.unknown_ratio)
         if latency_s is None and verdict.inspect_ms > 0:
             latency_s = verdict.inspect_ms / 1000.0
         if latency_s is not None:

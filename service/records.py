@@ -152,6 +152,21 @@ class Verdict:
     def defects(self) -> tuple[str, ...]:
         return defect_names(self)
 
+    @property
+    def unknown_slices(self) -> list[int]:
+        """The slices service.decide found unknown (rule 7); [] without an unknown score."""
+        u = self.extra.get("unknown") if isinstance(self.extra, dict) else None
+        return list(u.get("slices") or []) if u else []
+
+    @property
+    def unknown_ratio(self) -> float | None:
+        """The part's highest slice unknown score / the threshold in use (>= 1: anomalous); None without a
+        score or a threshold (service.decide writes both into extra["unknown"])."""
+        u = self.extra.get("unknown") if isinstance(self.extra, dict) else None
+        if not u or not u.get("threshold") or not u.get("scores"):
+            return None
+        return max(u["scores"]) / u["threshold"]
+
     @classmethod
     def make_not_inspected(cls, part_id: int, reason: str, frame_id: int = 0, inspect_ms: float = 0.0) -> Verdict:
         return cls(part_id=part_id, frame_id=frame_id, not_inspected=True, reason=reason, inspect_ms=inspect_ms)

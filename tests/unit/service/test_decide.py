@@ -487,3 +487,17 @@ def test_plain_lists_instead_of_arrays_are_not_inspected():
     object.__setattr__(pred, "unknown", [0.0] * 8)
     v = decide(101, 7, pred, None, TH, SEG, inspect_ms=1.0, unknown_threshold=1.0)
     assert v.not_inspected and "inconsistent unknown scores: shape None" in v.reason
+
+
+def test_the_verdict_reads_its_unknown_slices_and_ratio_back():
+    """Verdict.unknown_slices / unknown_ratio (what the archive and the metrics read) come from decide's extra;
+    without a score or a threshold there are none."""
+    scores = [0.5] * 8
+    scores[6] = 3.0
+    v = run_unknown(good8(), scores, threshold=2.0)
+    assert v.unknown_slices == [6] and v.unknown_ratio == pytest.approx(1.5)
+    below = run_unknown(good8(), [1.0] * 8, threshold=2.0)
+    assert below.unknown_slices == [] and below.unknown_ratio == pytest.approx(0.5)
+    off = run_unknown(good8(), [9.0] * 8, threshold=None)
+    assert off.unknown_slices == [] and off.unknown_ratio is None
+    assert run_unknown(good8(), None).unknown_ratio is None
