@@ -169,15 +169,31 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
 
 # ----------------------------------------------------------------------------- evaluation
 
+def decide_part(probs: np.ndarray, unknown: np.ndarray, classes: Sequence[str], thresholds: dict,
+                unknown_threshold: float | None, rule: str):
+    """The daemon's verdict (service.decide) for one part's (S, K) probabilities and (S,) unknown scores."""
+    from service.decide import decide
+    from service.records import Prediction
+
+    probs = np.ascontiguousarray(probs, np.float32)
+    pred = Prediction(logits=np.log(np.clip(probs, 1e-12, None)), probs=probs,
+                      saliency=np.zeros((len(probs), 1, 1), np.float32), classes=tuple(classes),
+                      unknown=np.ascontiguousarray(unknown, np.float32))
+    v = decide(0, 0, pred, None, thresholds, [], inspect_ms=0.0, n_expected_slices=len(probs),
+               unknown_threshold=unknown_threshold, unknown_rule=rule)
+    if v.not_inspected:
+        raise UnknownError(f"the daemon's rules could not inspect a part: {v.reason}")
+    return v
+
+
 def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshold: float | None = None,
              threads: int = 0, limit: int | None = None, class_threshold: float = 0.5) -> dict:
     """Part-level rates of an attached model on synthetic folders (known and novel), per class/subtype and per folder.
 
-    For each part: ``flagged`` (some slice's unknown score >= the threshold: RejectUnknown under the rule
-    "any"), ``unexplained`` (such a slice that no known class rejects: RejectUnknown under the default rule
-    "unexplained", service.decide rule 7), ``classifier``
-    (some slice's predicted defect class has p >= ``class_threshold``: a known Reject bit, the daemon's default
-    thresholds), ``rejected`` (either: the part is not accepted) and ``escaped`` (neither: accepted)."""
+    Each part goes through service.decide (the daemon's rules; every defect class at ``class_threshold``, the
+    daemon's default 0.5): ``flagged`` (RejectUnknown under the rule "any": some slice's unknown score >= the
+    threshold), ``unexplained`` (RejectUnknown under the default rule "unexplained"), ``classifier`` (a known
+    Reject bit without the unknown score), ``rejected`` (not accepted) and ``escaped`` (accepted)."""
     import onnx
 
     model = Path(model)
@@ -186,7 +202,7 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
         raise UnknownError(f"{model}: model.json has no 'unknown' section. Fix: `valve-model unknown attach` first.")
     t = float(meta["unknown"]["threshold"]) if threshold is None else float(threshold)
     classes = meta["classes"]
-    good_i = classes.index("good")
+    thresholds = {c: class_threshold for c in classes if c != "good"}
     proto = onnx.load(str(model))
     rows: dict[str, dict] = {}
     per_set: list[dict] = []
@@ -196,12 +212,16 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
         out = run_outputs(proto, parts, ["probs", UNKNOWN_OUTPUT], threads=threads)
         n = len(parts.part_class)
         pm = part_max(out[UNKNOWN_OUTPUT], n)
+        # each part through the daemon's own rules (service.decide): the classifier alone, rule "any", rule
+        # "unexplained" (whose Accept is also rule "any"'s: an anomalous slice is either explained or not)
         probs = out["probs"].reshape(n, -1, len(classes))
-        pred = probs.argmax(axis=2)
-        rejecting = (pred != good_i) & (probs.max(axis=2) >= class_threshold)              # (n, slices)
-        classifier = rejecting.any(axis=1)
-        flagged = pm >= t                                                                  # rule "any"
-        unexplained = ((out[UNKNOWN_OUTPUT].reshape(n, -1) >= t) & ~rejecting).any(axis=1)  # rule "unexplained"
+        scores_ = out[UNKNOWN_OUTPUT].reshape(n, -1)
+        alone, anyr, unexpl = ([decide_part(probs[i], scores_[i], classes, thresholds, u, rule) for i in range(n)]
+                               for u, rule in ((None, "unexplained"), (t, "any"), (t, "unexplained")))
+        classifier = np.asarray([bool(v.defects) for v in alone])
+        flagged = np.asarray([v.reject_unknown for v in anyr])
+        unexplained = np.asarray([v.reject_unknown for v in unexpl])
+        rejected = np.asarray([not v.accept for v in unexpl])
         kinds = ["novel" if c == "novel" else ("good" if c == "good" else "known defect") for c in parts.part_class]
         entry = {"set": name, "folder": str(folder), "parts": n}
         for kind in ("good", "known defect", "novel"):
@@ -209,7 +229,7 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
             if m.any():
                 entry[kind] = {"parts": int(m.sum()), "flagged": round(float(flagged[m].mean()), 4),
                                "unexplained": round(float(unexplained[m].mean()), 4),
-                               "rejected": round(float((flagged | classifier)[m].mean()), 4),
+                               "rejected": round(float(rejected[m].mean()), 4),
                                "classifier_rejected": round(float(classifier[m].mean()), 4)}
         per_set.append(entry)
         for i in range(n):
@@ -220,8 +240,8 @@ def evaluate(model: str | Path, sets: Sequence[tuple[str, str | Path]], threshol
             r["parts"] += 1
             r["flagged"] += int(flagged[i])
             r["classifier"] += int(classifier[i])
-            r["rejected"] += int(flagged[i] or classifier[i])
-            r["escaped"] += int(not (flagged[i] or classifier[i]))
+            r["rejected"] += int(rejected[i])
+            r["escaped"] += int(not rejected[i])
             scores.setdefault(key, []).append(float(pm[i]))
     for r in rows.values():
         for k in ("flagged", "unexplained", "classifier", "rejected", "escaped"):
