@@ -27,6 +27,17 @@ import cv2
 import numpy as np
 
 
+def _otsu_threshold(u8: np.ndarray) -> float:
+    """Otsu's threshold of 8-bit values (OpenCV): the values above it are the foreground."""
+    # with THRESH_OTSU the threshold argument (0) is ignored and maxval (255) only shapes the unused image
+    thresh, _ = cv2.threshold(
+        u8,
+        0, 255,  # pragma: no mutate
+        cv2.THRESH_BINARY + cv2.THRESH_OTSU,
+    )
+    return thresh
+
+
 def otsu_mask(saliency: np.ndarray) -> np.ndarray:
     """One (H, W) saliency map in [0, 1] -> bool mask of the pixels above Otsu's threshold.
 
@@ -34,11 +45,10 @@ def otsu_mask(saliency: np.ndarray) -> np.ndarray:
     """
     if saliency.ndim != 2:
         raise ValueError(f"otsu_mask takes one (H, W) map, got shape {saliency.shape}")
-    u8 = np.clip(np.rint(np.nan_to_num(saliency, nan=0.0) * 255.0), 0, 255).astype(np.uint8)
+    u8 = np.clip(np.rint(np.nan_to_num(saliency) * 255.0), 0, 255).astype(np.uint8)  # NaN -> 0
     if int(u8.max()) == int(u8.min()):
         return np.zeros(u8.shape, dtype=bool)
-    thresh, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return u8 > thresh
+    return u8 > _otsu_threshold(u8)
 
 
 METHODS = ("refined", "otsu")
@@ -53,7 +63,7 @@ def background_residual(image: np.ndarray) -> np.ndarray:
     """|x - separable median background|: one pass of median polish (rows, then columns), float32."""
     x = image.astype(np.float32)
     r = x - np.median(x, axis=1, keepdims=True)
-    r -= np.median(r, axis=0, keepdims=True)
+    r -= np.median(r, axis=0)  # (W,): one median per column, broadcast down the rows
     return np.abs(r)
 
 
@@ -65,22 +75,22 @@ def refined_mask(image: np.ndarray, saliency: np.ndarray, dilate: int = DILATE_P
     region = otsu_mask(saliency)
     if not region.any():
         return region
-    if dilate > 1:
-        region = cv2.dilate(region.astype(np.uint8), np.ones((dilate, dilate), np.uint8)) > 0
+    if dilate >= 2:  # a 1 x 1 square would leave the region as it is
+        # the bool mask's bytes are its 0/1; OpenCV dilates by the kernel's non-zero cells
+        region = cv2.dilate(region.view(np.uint8), np.ones((dilate, dilate))) > 0
     residual = background_residual(image)
     vals = residual[region]
     lo, hi = float(vals.min()), float(vals.max())
     if hi - lo <= 1e-6:
         return np.zeros(region.shape, dtype=bool)
-    u8 = np.clip(np.rint((vals - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8).reshape(-1, 1)
-    t, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    u8 = np.rint((vals - lo) / (hi - lo) * 255.0).astype(np.uint8)  # vals in [lo, hi]: 0..255, no clip needed
+    t = _otsu_threshold(u8)
     mask = region & (residual > lo + (t / 255.0) * (hi - lo))
-    if min_px > 1 and mask.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-        keep = np.zeros(n, dtype=bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
-        mask = keep[labels]
-    return mask
+    # components of fewer than min_px pixels go (8-connected, OpenCV's default); min_px <= 1 keeps them all
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8))
+    keep = np.zeros(n, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_px
+    return keep[labels]
 
 
 def masks_for(saliency: np.ndarray, predicted: np.ndarray, segmented: np.ndarray,

@@ -216,3 +216,35 @@ def test_a_flat_residual_gives_no_mask_and_an_offset_residual_is_scaled_from_its
     want = grown & (r > lo + (_otsu_numpy(q) / 255.0) * (hi - lo))
     np.testing.assert_array_equal(refined_mask(img, sal, min_px=1), want)
     assert 0 < want.sum() < 900
+
+
+def test_a_map_one_grey_level_above_zero_is_cut_between_0_and_1():
+    """Grey levels 0 and 1 are two levels: a map that is 0 except for a patch at 1/255 (one 8-bit level up)
+    has a single possible Otsu cut, between 0 and 1, so the mask is exactly the patch. Clipping the quantised
+    map from 1 instead of 0 would merge the two levels into a flat map and mask nothing."""
+    sal = np.zeros((16, 16))
+    sal[4:8, 4:12] = 1 / 255
+    mask = otsu_mask(sal)
+    assert mask[4:8, 4:12].all() and mask.sum() == 32
+
+
+@pytest.mark.parametrize(("d", "masked"), [(5e-7, False), (1e-4, True)])
+def test_a_residual_spread_within_1e_6_is_flat_even_far_from_0(d, masked):
+    """The flatness test is on the residual's spread hi - lo, whatever its level: a 0.25 / 0.75 checkerboard
+    (rows' medians 0.5, columns' medians 0: the residual is 0.25 everywhere) with d added to some of its 0.75
+    cells has the residual 0.25 + d there. d = 5e-7 (within 1e-6: float noise) gives no mask although the
+    residual is 0.25 > 0; d = 1e-4 is contrast, and the mask is exactly those cells."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    img = np.where((yy + xx) % 2 == 0, 0.75, 0.25)
+    bumped = np.zeros((32, 32), bool)
+    bumped[12:20, 12:20] = (yy[12:20, 12:20] + xx[12:20, 12:20]) % 2 == 0  # 4 of a row's (column's) 16 0.75s
+    img[bumped] += d
+    sal = np.zeros((32, 32))
+    sal[8:24, 8:24] = 1.0
+    r = background_residual(img)
+    assert r.min() == np.float32(0.25) and 0 < r.max() - r.min() < 2 * d
+    mask = refined_mask(img, sal, dilate=1, min_px=1)
+    if masked:
+        np.testing.assert_array_equal(mask, bumped)
+    else:
+        assert not mask.any()
