@@ -122,7 +122,7 @@ def load_kolektorsdd(root: Path) -> SampleSet:
                         "(kos01/ ... kos50/, each PartK.jpg + PartK_label.png), e.g. ../shared/datasets/kolektorsdd")
     samples = []
     for d in folders:
-        images = sorted((p for p in d.iterdir() if re.fullmatch(r"Part\d+\.jpg", p.name, flags=re.I)),
+        images = sorted((p for p in d.iterdir() if re.fullmatch(r"Part\d+\.(jpg|png)", p.name, flags=re.I)),
                         key=lambda p: _natural_key(p.name))
         for img in images:
             mask = img.with_name(img.stem + "_label.png")

@@ -33,7 +33,7 @@ class TrainError(ValveModelError, ValueError):
 class TrainConfig:
     """Everything ``train`` needs. Defaults are the paper's recipe with the compact preset.
 
-    ``width``, ``head_width`` and ``input_size`` override the preset when set. ``threads`` sets
+    ``width``, ``head_width``, ``head_pool`` and ``input_size`` override the preset when set. ``threads`` sets
     torch's intra-op threads for the duration of the call. ``progress`` None: a tqdm bar when
     stderr is a terminal, else one line per epoch.
     """
@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     width: float | None = None
     head_width: int | None = None
+    head_pool: str | None = None
     input_size: int | None = None
     augment: bool = True
     balance: bool = True
@@ -68,8 +69,8 @@ class TrainConfig:
 
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
-                                         "val_fraction", "seed", "width", "head_width", "input_size",
-                                         "augment", "balance", "schedule", "bn_recal", "epoch_size")
+                                         "val_fraction", "seed", "width", "head_width", "head_pool",
+                                         "input_size", "augment", "balance", "schedule", "bn_recal", "epoch_size")
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _validate(config: TrainConfig) -> None:
 
 def model_config_for(config: TrainConfig, classes: tuple[str, ...]) -> ModelConfig:
     overrides = {k: v for k, v in (("width", config.width), ("head_width", config.head_width),
-                                   ("input_size", config.input_size)) if v is not None}
+                                   ("head_pool", config.head_pool), ("input_size", config.input_size)) if v is not None}
     try:
         return preset_config(config.preset, config.attention, classes=classes, **overrides)
     except ValueError as exc:

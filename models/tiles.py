@@ -154,12 +154,19 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9+._-]+", "-", text)
 
 
-def write_tiles(data: SampleSet, out: Path, spec: TileSpec, *, source: str = "") -> dict:
+def write_tiles(data: SampleSet, out: Path, spec: TileSpec, *, source: str = "", source_scale: float = 1.0) -> dict:
     """Cut every image of ``data`` into tiles under ``out`` (a ``folders`` dataset) and write tiles.json.
 
     A defect image without a mask (Magnetic-tile's 4 empty Uneven masks) keeps its label on every tile
     under ``mask`` labels too, and is listed with ``mask: false``.
+
+    ``source_scale``: the scale the images of ``data`` already have against the originals (a copy
+    written by :func:`prescale_copy`); the images are resized by ``spec.scale / source_scale``, so a
+    copy at ``spec.scale`` is tiled as it is and gives the same tiles as the originals.
     """
+    if not 0 < source_scale <= 1.0:
+        raise DataError(f"source_scale must be in (0, 1], not {source_scale}")
+    factor = 1.0 if source_scale == spec.scale else spec.scale / source_scale
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty: tiles are written into a new folder (remove it or choose another)")
@@ -170,10 +177,10 @@ def write_tiles(data: SampleSet, out: Path, spec: TileSpec, *, source: str = "")
     images = []
     counts = {c: 0 for c in data.classes}
     for s in data.samples:
-        img = scaled(read_image(s.path), spec.scale)
+        img = scaled(read_image(s.path), factor)
         mask = None
         if s.mask is not None and s.label != good:
-            mask = scaled(read_mask(s.mask).astype(np.uint8), spec.scale, mask=True) > 0
+            mask = scaled(read_mask(s.mask).astype(np.uint8), factor, mask=True) > 0
         total = int(mask.sum()) if mask is not None else 0
         mask_tiles = {(y, x): t for y, x, t in cut(mask, spec)} if mask is not None else {}
         stem = f"{_safe(s.group)}__{_safe(s.path.parent.name)}-{_safe(s.path.stem)}"
@@ -195,11 +202,34 @@ def write_tiles(data: SampleSet, out: Path, spec: TileSpec, *, source: str = "")
                                    "label": data.classes[label],
                                    "defect_px": int(mt.sum()) if mt is not None else 0})
         images.append(entry)
-    manifest = {"format": TILES_FORMAT, "source": source, "data_format": data.format,
+    manifest = {"format": TILES_FORMAT, "source": source, "source_scale": source_scale, "data_format": data.format,
                 "classes": list(data.classes), "spec": asdict(spec), "tile_counts": counts,
                 "image_counts": data.counts(), "images": images}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
+
+
+def prescale_copy(data: SampleSet, out: Path, scale: float) -> int:
+    """A lossless copy of ``data`` at ``scale`` (PNG, the same layout and names with .png) for carrying
+    to another machine: :func:`write_tiles` with ``source_scale=scale`` cuts from it exactly the tiles
+    it cuts from the originals (the resize is done here, once, by the same :func:`scaled`).
+    Returns the number of images written."""
+    out = Path(out)
+    n = 0
+    for s in data.samples:
+        rel = s.path.relative_to(data.root)
+        dst = (out / rel).with_suffix(".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(dst), scaled(read_image(s.path), scale)):
+            raise DataError(f"cannot write {dst}: check the disk and permissions")
+        if s.mask is not None:
+            mdst = out / s.mask.relative_to(data.root)
+            if mdst == dst:
+                raise DataError(f"{s.mask} and its image would both be written to {dst}")
+            m = scaled(read_mask(s.mask).astype(np.uint8), scale, mask=True) > 0
+            cv2.imwrite(str(mdst), m.astype(np.uint8) * 255)
+        n += 1
+    return n
 
 
 def read_tiles_manifest(folder: Path) -> dict:
@@ -275,13 +305,14 @@ def image_metrics(scored: dict) -> dict:
 
 
 def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_size: int = 64,
-                       weights: str = "model.safetensors") -> dict[str, np.ndarray]:
-    """The trained run's class probabilities for every tile of the manifest (torch, eval mode)."""
+                       weights: str = "model.safetensors", device: str = "cpu") -> dict[str, np.ndarray]:
+    """The trained run's class probabilities for every tile of the manifest (torch, eval mode, fp32)."""
     import torch
 
     from models.checkpoint import load
 
-    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir))
+    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir),
+                 map_location=device)
     classes = list(model.config.classes)
     if classes != manifest["classes"]:
         raise DataError(f"the run's classes {classes} differ from the tiles' {manifest['classes']}")
@@ -291,7 +322,7 @@ def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
             x = torch.from_numpy(np.stack([read_image(Path(tiles_dir) / f) for f in chunk])).unsqueeze(1)
-            p = torch.softmax(model(x).float(), dim=1).numpy()
+            p = torch.softmax(model(x.to(device)).float(), dim=1).cpu().numpy()
             out.update(zip(chunk, p, strict=True))
     return out
 
@@ -307,7 +338,7 @@ def _canvas(im: dict, size: int) -> tuple[int, int]:
 
 def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_probs: dict[str, np.ndarray],
                        rows: Sequence[tuple[str, str]] = SEGMENTATION_ROWS, weights: str = "model.safetensors",
-                       batch_size: int = 32) -> dict:
+                       batch_size: int = 32, device: str = "cpu") -> dict:
     """Defect-only IoU and the paper's eq. 18 mIoU of stitched tile masks on the defective images with a mask.
 
     Per image: the masks of the tiles predicted defective (by the image rule's tile class: the tile's
@@ -325,7 +356,8 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
     size = int(manifest["spec"]["size"])
     classes = manifest["classes"]
     good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
-    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir))
+    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir),
+                 map_location=device)
     per_row: dict[str, dict[str, list[float]]] = {f"{s}/{m}": {"iou": [], "miou": []} for s, m in rows}
     images = [im for im in manifest["images"] if im["label"] != classes[good] and im.get("mask")]
     for im in images:
@@ -340,12 +372,12 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
         for i in range(0, len(flagged), batch_size):
             chunk = flagged[i:i + batch_size]
             x_np = np.stack([read_image(Path(tiles_dir) / t["file"]) for t in chunk])
-            x = torch.from_numpy(x_np).unsqueeze(1)
-            cls = torch.tensor([int(np.argmax(tile_probs[t["file"]])) for t in chunk])
+            x = torch.from_numpy(x_np).unsqueeze(1).to(device)
+            cls = torch.tensor([int(np.argmax(tile_probs[t["file"]])) for t in chunk], device=device)
             maps_by = {}
             for sal_method in {s for s, _ in rows}:
                 _, maps = saliency(model, x, sal_method, class_idx=cls)
-                maps_by[sal_method] = maps.float().numpy()
+                maps_by[sal_method] = maps.float().cpu().numpy()
             for j, t in enumerate(chunk):
                 for sal_method, mask_method in rows:
                     m = maps_by[sal_method][j]
@@ -374,7 +406,8 @@ def evaluate_images(run_dir: Path, tiles_dir: Path, out: Path | None = None, seg
     metrics = {"run": str(run_dir), "tiles": str(tiles_dir), "spec": manifest["spec"],
                **image_metrics(scored), "per_image": scored["images"]}
     if segmentation:
-        seg = image_segmentation(run_dir, tiles_dir, manifest, probs, weights=kwargs.get("weights", "model.safetensors"))
+        seg = image_segmentation(run_dir, tiles_dir, manifest, probs, weights=kwargs.get("weights", "model.safetensors"),
+                                 device=kwargs.get("device", "cpu"))
         metrics["segmentation"] = seg
         metrics["defect_iou"] = seg["rows"]["gradcam++/refined"]["defect_iou"]
         metrics["miou_paper"] = seg["rows"]["gradcam++/refined"]["miou_paper"]

@@ -89,7 +89,7 @@ from models.checkpoint import (
 from models.data import FORMATS, Augment, ImageDataset, load_samples, split_samples
 from models.errors import DataError
 from models.images import INPUT_POLICY
-from models.ira_cnn import IRACNN, PRESETS, ModelConfig, build_model, count_parameters
+from models.ira_cnn import HEAD_POOLS, IRACNN, PRESETS, ModelConfig, build_model, count_parameters
 from models.recipe import (
     LR_FLOOR,
     PRECISIONS,
@@ -371,7 +371,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             "model": mcfg.to_dict(),
             "train": {
                 "preset": config.preset, "attention": config.attention, "width": config.width,
-                "head_width": config.head_width, "input_size": config.input_size,
+                "head_width": config.head_width, "head_pool": config.head_pool, "input_size": config.input_size,
                 "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": "adam",
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
@@ -391,6 +391,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                             "each training image once per epoch, shuffled",
                 "best_metric": "val_bal_acc, the mean recall over classes (ties: lower val_loss, then earlier epoch)",
                 "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version(), "command": config.command,
             },
@@ -516,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, help=f"validation share per class (default {d.val_fraction})")
     p.add_argument("--width", type=float, help="override the preset's channel width multiplier")
     p.add_argument("--head-width", type=int, help="override the preset's hidden FC units")
+    p.add_argument("--head-pool", choices=HEAD_POOLS,
+                   help="override the preset's pooling of the last feature map (flatten, gap, gmp, mix)")
     p.add_argument("--input-size", type=int, help="override the input side S (multiple of 8; default 192)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without flips and brightness/contrast jitter")
@@ -541,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "head_width", "input_size", "augment", "balance", "schedule", "bn_recal",
+             "width", "head_width", "head_pool", "input_size", "augment", "balance", "schedule", "bn_recal",
              "epoch_size", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

@@ -6,6 +6,7 @@ was interrupted, and retrains nothing whose configuration is unchanged):
     valve-model realdata tiles   [--datasets ...]                # cut the split's parts into tiles
     valve-model realdata train   [--datasets ...] [--seeds 0,1,2] [--jobs 2]   # train + image verdicts
     valve-model realdata summary                                 # docs/results/summary.json + docs/results.md
+    valve-model realdata pack    --out DIR                       # a copy to carry to a GPU machine (below)
 
 Protocol (:data:`PROTOCOL`, per dataset and label mode; recorded in every run's config.json and in the
 summary): the seeded grouped train/test split of models.real_data (train:test 2:3, seed 0); each image
@@ -17,6 +18,13 @@ scored on the test parts (models.tiles.evaluate_images). Two label modes side by
 
     mask    slice labels derived from the masks (the paper labels its slices)
     image   image labels only: every tile of a defect image carries its label (no mask is read)
+
+Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--head-pool``) change the
+training, not the tiles; each run's config.json records what it used, and the summary's protocol text is
+read from there. ``pack`` writes a lossless copy of the datasets for another machine: KolektorSDD resized
+once to the protocol's scale 0.5 (PNG, 36 MB instead of 101 MB of JPEG), Magnetic-tile as it is, each
+with ``packed.json``; ``tiles`` on such a copy resizes by scale / packed scale, so it cuts the same tiles
+as from the originals (tests/unit/models/test_realdata_pack.py checks that, byte for byte).
 
 Nothing trained here ships (the datasets' licences); runs live under ``runs/realdata`` (not committed);
 the summary and the doc section are committed.
@@ -64,12 +72,44 @@ def run_dir(runs: Path, dataset: str, labels: str, seed: int) -> Path:
     return runs / f"{dataset}-{labels}" / f"seed{seed}"
 
 
+PACKED_NAME = "packed.json"
+
+
+def packed_scale(root: Path) -> float:
+    """The scale of a copy written by :func:`pack` (1.0 for the original dataset)."""
+    path = Path(root) / PACKED_NAME
+    return float(json.loads(path.read_text())["scale"]) if path.is_file() else 1.0
+
+
+def pack(data_root: Path, out: Path, datasets: list[str]) -> None:
+    """A copy of ``datasets`` small enough to carry: resized once to the protocol's scale where it is < 1."""
+    import shutil
+
+    from models.data import load_samples
+    from models.tiles import prescale_copy
+
+    for dataset in datasets:
+        scale = PROTOCOL[dataset]["tiles"]["scale"]
+        dst = Path(out) / dataset
+        if dst.exists():
+            raise SystemExit(f"{dst} exists: pack writes a new folder (remove it first)")
+        if scale < 1.0:
+            n = prescale_copy(load_samples(data_root / dataset, dataset), dst, scale)
+        else:
+            shutil.copytree(data_root / dataset, dst)
+            n = len(load_samples(dst, dataset).samples)
+        (dst / PACKED_NAME).write_text(json.dumps({"dataset": dataset, "scale": scale,
+                                                   "source": str(data_root / dataset)}) + "\n")
+        print(f"{dataset}: {n} images at scale {scale} in {dst}", file=sys.stderr)
+
+
 def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
     """Write the train and test tiles of one dataset and label mode (skipped when present)."""
     from models.data import load_samples
     from models.tiles import MANIFEST_NAME, TileSpec, write_tiles
 
     spec = TileSpec(labels=labels, **PROTOCOL[dataset]["tiles"])
+    source_scale = packed_scale(data_root / dataset)
     for part in ("train", "test"):
         out = tiles_dir(runs, dataset, labels, part)
         if (out / MANIFEST_NAME).is_file():
@@ -78,7 +118,7 @@ def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
                 continue
             raise SystemExit(f"{out} was written with another tile spec ({m['spec']}); remove it to rewrite")
         data = load_samples(data_root / dataset, f"{dataset}-{part}")
-        m = write_tiles(data, out, spec, source=f"{dataset}-{part}:{data_root / dataset}")
+        m = write_tiles(data, out, spec, source=f"{dataset}-{part}:{data_root / dataset}", source_scale=source_scale)
         print(f"{dataset}/{labels}/{part}: {len(m['images'])} images -> {m['tile_counts']}", file=sys.stderr)
 
 
@@ -117,10 +157,26 @@ def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, de
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if rc != 0:
         raise SystemExit(f"training {out} failed (exit {rc}); see {log}")
-    m = evaluate_images(out, tiles_dir(runs, dataset, labels, "test"), metrics_path)
-    m["train_wall_s"] = round(time.time() - t0, 1)
+    t_eval = time.time()
+    m = evaluate_images(out, tiles_dir(runs, dataset, labels, "test"), metrics_path, device=device)
+    m["eval_wall_s"] = round(time.time() - t_eval, 1)
+    m["train_wall_s"] = round(t_eval - t0, 1)
     metrics_path.write_text(json.dumps(m, indent=1))
     return m
+
+
+def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
+    """What a run did, read from its config.json (the tiles from PROTOCOL, the training as recorded)."""
+    tiles = PROTOCOL[dataset]["tiles"]
+    t, m = cfg.get("train", {}), cfg.get("model", {})
+    where = t.get("device", "cpu") + (f" ({t['device_name']})" if t.get("device_name") else "")
+    return (f"{tiles['size']}x{tiles['size']} tiles, stride {tiles['stride']}, scale {tiles['scale']} "
+            f"({'slice labels from the masks' if labels == 'mask' else 'image labels only'}); image verdict = any "
+            f"tile defective; IRA-CNN {m.get('preset', '?')} width {m.get('width', '?')} ({m.get('attention', '?')}, "
+            f"{m.get('head_pool', '?')} head), {t.get('epochs', '?')} epochs of {t.get('epoch_size', '?')} "
+            f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, BN recalibration, "
+            f"weights on balanced validation accuracy; trained on {where}; seeded grouped split train:test 2:3 "
+            "(seed 0)")
 
 
 def mean_std(values: list[float | None]) -> dict:
@@ -143,13 +199,7 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
                 continue
             cfgs = [json.loads((run_dir(runs, dataset, labels, s) / "config.json").read_text()) for s, _ in found]
             entry[labels] = {
-                "protocol": (f"{PROTOCOL[dataset]['tiles']['size']}x{PROTOCOL[dataset]['tiles']['size']} tiles, "
-                             f"stride {PROTOCOL[dataset]['tiles']['stride']}, scale {PROTOCOL[dataset]['tiles']['scale']}"
-                             f" ({'slice labels from the masks' if labels == 'mask' else 'image labels only'}); "
-                             f"image verdict = any tile defective; compact IRA-CNN (IAM), "
-                             f"{PROTOCOL[dataset]['train']['epochs']} epochs of {PROTOCOL[dataset]['train']['epoch_size']} "
-                             "class-balanced draws, batch 16, cosine lr, BN recalibration, weights on balanced "
-                             "validation accuracy; seeded grouped split train:test 2:3 (seed 0)"),
+                "protocol": protocol_text(dataset, labels, cfgs[0]),
                 "seeds": [s for s, _ in found],
                 "accuracy": mean_std([m["accuracy"] for _, m in found]),
                 "balanced_accuracy": mean_std([m["balanced_accuracy"] for _, m in found]),
@@ -214,7 +264,7 @@ def doc_section(summary: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("tiles", "train", "summary"))
+    p.add_argument("step", choices=("tiles", "train", "summary", "pack"))
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
     p.add_argument("--seeds", default="0,1,2")
@@ -224,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (smoke runs)")
     p.add_argument("--epoch-size", type=int, default=None, help="override the protocol's draws per epoch")
+    p.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
+    p.add_argument("--width", type=float, default=None, help="override the compact preset's width (0.125)")
+    p.add_argument("--head-pool", default=None, help="override the head's pooling (gap, gmp, mix, flatten)")
+    p.add_argument("--out", default=None, help="pack: the folder for the copy")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     p.add_argument("--runs", default=str(DEFAULT_RUNS))
     p.add_argument("--doc", default=str(DEFAULT_DOC))
@@ -240,8 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     for d in PROTOCOL:
         if args.epochs is not None:
             PROTOCOL[d]["train"]["epochs"] = args.epochs
-        if args.epoch_size is not None:
-            PROTOCOL[d]["train"]["epoch_size"] = args.epoch_size
+        for key in ("epoch_size", "batch_size", "width", "head_pool"):
+            if getattr(args, key) is not None:
+                PROTOCOL[d]["train"][key] = getattr(args, key)
+    if args.step == "pack":
+        if not args.out:
+            raise SystemExit(f"{PROG} pack: --out is required (a new folder for the copy)")
+        pack(data_root, Path(args.out), datasets)
+        return 0
     if args.step == "tiles":
         for d in datasets:
             for lab in labels:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The real-data protocol on a lent GPU machine (valve-model realdata train --device cuda), from a copy
+# written by `valve-model realdata pack` (the raw datasets are larger than what travels to it).
+#
+#   tools/gpu_realdata.sh DATASET DATA_ROOT RUNS_ROOT OUT BUDGET_S
+#
+# Runs, at once, for DATASET: recipe "gap" (compact IRA-CNN width 0.25, GAP head) with mask and image
+# labels, and recipe "mix" (width 0.25, the alpha-mixed GMP/GAP head) with mask labels, 3 seeds each;
+# each recipe in RUNS_ROOT/<recipe>. Training + evaluation stop at BUDGET_S (what finished is kept;
+# a re-run resumes). Writes OUT/<DATASET>-runs.tar.gz (metrics, configs, logs, weights; no tiles) and
+# OUT/<DATASET>-log.txt. CPU smoke run: DEVICE=cpu EPOCHS=1 EPOCH_SIZE=32 tools/gpu_realdata.sh ...
+set -u
+dataset=$1 data=$2 runs=$3 out=$4 budget=$5
+device=${DEVICE:-cuda} epochs=${EPOCHS:-30} epoch_size=${EPOCH_SIZE:-1024} py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out" "$runs"
+log="$out/$dataset-log.txt"
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
+  $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  common=(--datasets "$dataset" --data-root "$data" --device "$device" --epochs "$epochs" --epoch-size "$epoch_size"
+          --batch-size 32 --width 0.25 --threads 1 --seeds 0,1,2)
+  t0=$(date +%s)
+  timeout -k 15 "$budget" $py -m models.cli realdata train "${common[@]}" --runs "$runs/gap" --labels mask,image --jobs 6 &
+  timeout -k 15 "$budget" $py -m models.cli realdata train "${common[@]}" --runs "$runs/mix" --labels mask --jobs 3 \
+      --head-pool mix &
+  wait
+  echo "trainings + evaluations: $(( $(date +%s) - t0 )) s"
+  for f in "$runs"/*/"$dataset"-*/seed*.log; do echo "== $f"; tail -n 4 "$f"; done
+  nvidia-smi --query-gpu=memory.used --format=csv 2>&1 | tail -1
+} > "$log" 2>&1
+tar czf "$out/$dataset-runs.tar.gz" --exclude='./*/tiles' --exclude='train_state.pt' --exclude='last.safetensors' \
+    -C "$runs" . 2>>"$log"
+tail -n 40 "$log"
