@@ -246,9 +246,10 @@ def read_tiles_manifest(folder: Path) -> dict:
 # image-level scores from tile probabilities
 
 
-def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray]) -> dict:
+def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
     """Per image: the defect score (max over its tiles of 1 - p(good)), the per-class scores (max over
-    tiles of p(class)), the predicted class (the daemon's rule) and the true class.
+    tiles of p(class)), the predicted class (the daemon's rule at ``threshold`` 0.5: defective when a
+    tile's defect probability reaches it) and the true class.
 
     ``tile_probs``: tile file (as in the manifest) -> class probabilities in ``manifest['classes']`` order.
     """
@@ -259,7 +260,7 @@ def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray]) -> dict:
         p = np.stack([tile_probs[t["file"]] for t in im["tiles"]])  # (T, K)
         defect = 1.0 - p[:, good]
         per_class = p.max(axis=0)
-        if defect.max() >= 0.5:
+        if defect.max() >= threshold:
             d = p.copy()
             d[:, good] = -1.0
             pred = int(np.unravel_index(np.argmax(d), d.shape)[1])
@@ -302,6 +303,44 @@ def image_metrics(scored: dict) -> dict:
         "ap": defect_ap if binary else (float(np.mean(aps)) if aps else None),
         "defect_vs_good_accuracy": float(((true != good) == (pred != good)).mean()) if len(true) else None,
     }
+
+
+def validation_manifest(run_dir: Path, train_tiles_dir: Path) -> dict:
+    """The training tiles' manifest cut down to the images the run validated on (its split.json ``val``;
+    the grouped split keeps every tile of a part on one side, so an image is wholly in or out)."""
+    manifest = read_tiles_manifest(train_tiles_dir)
+    split_path = Path(run_dir) / "split.json"
+    if not split_path.is_file():
+        raise DataError(f"{split_path} not found: calibration needs the run's validation split")
+    val = set(json.loads(split_path.read_text(encoding="utf-8"))["val"])
+    images = [im for im in manifest["images"] if im["tiles"] and all(t["file"] in val for t in im["tiles"])]
+    return {**manifest, "images": images}
+
+
+def calibrate_threshold(scored: dict) -> dict:
+    """The image-rule threshold that maximises the balanced accuracy of defective vs good on ``scored``
+    (image_scores of the validation images): candidates 0.5 and the midpoints between consecutive
+    distinct defect scores; ties go to the candidate nearest 0.5 (the uncalibrated rule)."""
+    classes = scored["classes"]
+    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    score = np.array([r["defect_score"] for r in scored["images"]], dtype=float)
+    defect = np.array([r["true"] != good for r in scored["images"]])
+    if not defect.any() or defect.all():
+        return {"threshold": 0.5, "images": int(len(score)), "defect_images": int(defect.sum()),
+                "balanced_accuracy": None, "note": "validation holds one kind of image only: threshold left at 0.5"}
+    u = np.unique(score)
+    candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2, [u[0] / 2, (u[-1] + 1) / 2]])
+
+    def bal(t: float) -> float:
+        flagged = score >= t
+        return 0.5 * (flagged[defect].mean() + (~flagged[~defect]).mean())
+
+    values = np.array([bal(t) for t in candidates])
+    best = values.max()
+    tied = candidates[np.isclose(values, best)]
+    t = float(tied[np.argmin(np.abs(tied - 0.5))])
+    return {"threshold": t, "images": int(len(score)), "defect_images": int(defect.sum()),
+            "balanced_accuracy": float(best), "at_0.5": float(bal(0.5))}
 
 
 def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_size: int = 64,
@@ -393,9 +432,24 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
                          "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for k, v in per_row.items()}}
 
 
+def calibrated_metrics(run_dir: Path, train_tiles_dir: Path, manifest: dict, probs: dict[str, np.ndarray],
+                       **kwargs) -> dict:
+    """The image metrics at the threshold calibrated on the run's validation images (the training side):
+    the evaluation-only counterpart of a defect threshold set at commissioning."""
+    val = validation_manifest(run_dir, train_tiles_dir)
+    cal = calibrate_threshold(image_scores(val, tile_probabilities(run_dir, train_tiles_dir, val, **kwargs)))
+    m = image_metrics(image_scores(manifest, probs, threshold=cal["threshold"]))
+    return {"calibration": cal, **{k: m[k] for k in ("accuracy", "balanced_accuracy", "defect_vs_good_accuracy",
+                                                     "recall", "confusion")}}
+
+
 def evaluate_images(run_dir: Path, tiles_dir: Path, out: Path | None = None, segmentation: bool = True,
-                    **kwargs) -> dict:
+                    calibrate_on: Path | None = None, **kwargs) -> dict:
     """Image-level metrics of a run on a tiles folder (usually the test part); written to ``out``.
+
+    With ``calibrate_on`` (the training tiles the run was trained on) the metrics at the image-rule
+    threshold calibrated on the run's validation images are added under ``calibrated``
+    (:func:`calibrated_metrics`); AP does not depend on the threshold.
 
     With ``segmentation`` the stitched masks are scored too (:func:`image_segmentation`); the summary's
     ``defect_iou`` and ``miou_paper`` are those of the runtime's method (Grad-CAM++ + refined).
@@ -405,6 +459,8 @@ def evaluate_images(run_dir: Path, tiles_dir: Path, out: Path | None = None, seg
     scored = image_scores(manifest, probs)
     metrics = {"run": str(run_dir), "tiles": str(tiles_dir), "spec": manifest["spec"],
                **image_metrics(scored), "per_image": scored["images"]}
+    if calibrate_on is not None:
+        metrics["calibrated"] = calibrated_metrics(run_dir, calibrate_on, manifest, probs, **kwargs)
     if segmentation:
         seg = image_segmentation(run_dir, tiles_dir, manifest, probs, weights=kwargs.get("weights", "model.safetensors"),
                                  device=kwargs.get("device", "cpu"))

@@ -14,11 +14,13 @@ from models.samples import Sample, SampleSet
 from models.tiles import (
     TileSpec,
     average_precision,
+    calibrate_threshold,
     cut,
     image_metrics,
     image_scores,
     origins,
     pad_to,
+    validation_manifest,
     write_tiles,
 )
 
@@ -179,3 +181,45 @@ def test_stitched_masks_score_the_defect_image_against_its_true_mask(toy, tmp_pa
         if mp.is_file():
             back[t["y"]:t["y"] + 192, t["x"]:t["x"] + 192] |= read_mask(mp)
     assert back.sum() == 400 and back[250:270, 330:350].all()
+
+
+def _scored(scores_defect, scores_good):
+    images = ([{"true": 1, "defect_score": s} for s in scores_defect]
+              + [{"true": 0, "defect_score": s} for s in scores_good])
+    return {"classes": ["good", "defect"], "images": images}
+
+
+def test_calibrated_threshold_separates_validation_images_worked_example():
+    """Good images score 0.6-0.8 (every one flagged at 0.5), defective ones 0.9-0.99: the best threshold
+    lies between 0.8 and 0.9, the midpoint 0.85, and flags all defective and no good image."""
+    cal = calibrate_threshold(_scored([0.9, 0.95, 0.99], [0.6, 0.7, 0.8, 0.8]))
+    assert cal["threshold"] == pytest.approx(0.85)
+    assert cal["balanced_accuracy"] == 1.0 and cal["at_0.5"] == 0.5
+    assert (cal["images"], cal["defect_images"]) == (7, 3)
+
+
+def test_calibrated_threshold_ties_go_to_the_candidate_nearest_0_5():
+    """Perfectly separated at any threshold in (0.2, 0.7]: 0.5 itself is a candidate and stays."""
+    assert calibrate_threshold(_scored([0.7, 0.9], [0.1, 0.2]))["threshold"] == 0.5
+    # one kind of image only: nothing to calibrate against
+    assert calibrate_threshold(_scored([], [0.1, 0.9]))["threshold"] == 0.5
+
+
+def test_the_threshold_moves_the_image_verdict():
+    manifest = {"classes": ["good", "defect"], "images": [
+        {"source": "a", "label": "good", "tiles": [{"file": "a1"}, {"file": "a2"}]}]}
+    probs = {"a1": np.array([0.3, 0.7]), "a2": np.array([0.9, 0.1])}
+    assert image_scores(manifest, probs)["images"][0]["pred"] == 1
+    assert image_scores(manifest, probs, threshold=0.8)["images"][0]["pred"] == 0
+
+
+def test_validation_manifest_keeps_only_the_runs_validation_images(toy, tmp_path):
+    m = write_tiles(toy, tmp_path / "t", TileSpec(labels="mask"))
+    val_image = m["images"][1]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"val": [t["file"] for t in val_image["tiles"]], "train": []}))
+    v = validation_manifest(run, tmp_path / "t")
+    assert [im["source"] for im in v["images"]] == [val_image["source"]]
+    with pytest.raises(DataError, match="split.json"):
+        validation_manifest(tmp_path, tmp_path / "t")
