@@ -275,15 +275,17 @@ def pct(stat: dict) -> str:
     return s + (f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else "") + f" (n={stat['n']})"
 
 
-def doc_section(summary: dict) -> str:
+def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = "docs/results/summary.json",
+                command: str = "valve-model realdata summary") -> str:
     from models.experiments.results.doc import machine
 
     info = machine()
     lines = [
-        "## Real data by the paper's slicing (`valve-model realdata`)", "",
-        f"Written by `valve-model realdata summary` on {time.strftime('%Y-%m-%d')} ({info['cpus']} CPUs, "
-        f"{info['cpu']}, torch {info['torch']}); numbers in `docs/results/summary.json`. Protocol: "
-        "`models/experiments/realdata.py` (PROTOCOL).", "",
+        f"## Real data by the paper's slicing (`valve-model realdata`, `{runs}`)", "",
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d')} ({info['cpus']} CPUs, "
+        f"{info['cpu']}, torch {info['torch']}); numbers in `{summary_path}`. Tiles: "
+        "`models/experiments/realdata.py` (PROTOCOL); the training each run recorded is in the protocol lines "
+        "at the end (where it trained, and on what).", "",
         "Accuracy is the daemon's rule (an image is defective when a tile's defect probability reaches 0.5); "
         "*calibrated* moves that threshold to the value that maximises the balanced good-vs-defective accuracy "
         "on the run's own validation images (the training side), as a commissioning engineer would set it. AP "
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=str(DEFAULT_RUNS))
     p.add_argument("--doc", default=str(DEFAULT_DOC))
     p.add_argument("--summary", default=str(DEFAULT_SUMMARY))
+    p.add_argument("--section", default=SECTION, help=f"summary: the docs section to write (default {SECTION})")
     return p
 
 
@@ -382,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs, seeds)
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
-    write_section(Path(args.doc), SECTION, doc_section(summary))
+    def rel(path: str | Path) -> str:
+        return os.path.relpath(Path(path).resolve(), REPO)
+
+    command = f"valve-model realdata summary --runs {rel(runs)} --summary {rel(args.summary)} --section {args.section}"
+    write_section(Path(args.doc), args.section, doc_section(summary, rel(runs), rel(args.summary), command))
     print(json.dumps({k: {"accuracy": v["accuracy"]["mean"], "ap": v["ap"]["mean"]} for k, v in summary.items()}))
     return 0
 

@@ -379,7 +379,10 @@ def test_dark_frame_is_no_part_without_running_the_model(tmp_path):
 
 def test_model_error_makes_the_part_not_inspected_and_the_worker_goes_on(tmp_path, valve_image):
     """An exception in inference makes that part NotInspected (inspection_error); the worker takes the next frame."""
-    d = make_daemon(tmp_path, model=FakeModel(error=RuntimeError("onnxruntime failed")))
+    # a generous part deadline: this test is about the error path, and under load the default 1 s could
+    # run out before the worker thread starts (the part would then be skipped as closed, not errored)
+    d = make_daemon(tmp_path, model=FakeModel(error=RuntimeError("onnxruntime failed")),
+                    pipeline={"part_timeout_s": 30.0}, plc={"sim_watchdog_s": 60.0})
     for pid in (61, 62):
         d._on_plc_event(part_event(pid))
         d._on_camera_event(frame(valve_image, pid))
