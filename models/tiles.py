@@ -246,28 +246,54 @@ def read_tiles_manifest(folder: Path) -> dict:
 # image-level scores from tile probabilities
 
 
-def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: float = 0.5) -> dict:
-    """Per image: the defect score (max over its tiles of 1 - p(good)), the per-class scores (max over
-    tiles of p(class)), the predicted class (the daemon's rule at ``threshold`` 0.5: defective when a
-    tile's defect probability reaches it) and the true class.
+def logit(p: float) -> float:
+    """log(p / (1 - p)), +-inf at 1 and 0."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(p) - np.log1p(-p))
+
+
+def tile_logodds(p: np.ndarray, good: int) -> np.ndarray:
+    """Per tile, log(p(defective) / p(good)) = log(sum of the defect classes' p) - log(p(good)).
+
+    Monotone in 1 - p(good), so "p(defective) >= t" is "log-odds >= logit(t)"; unlike 1 - p(good) it
+    does not saturate at 1.0 for confident tiles (float64 probabilities from :func:`tile_probabilities`),
+    so confident good and defective images are still ranked and thresholded apart.
+    """
+    tiny = np.finfo(np.float64).tiny
+    defect = np.delete(p, good, axis=1).sum(axis=1)
+    return np.log(np.maximum(defect, tiny)) - np.log(np.maximum(p[:, good], tiny))
+
+
+def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: float = 0.5,
+                 threshold_logodds: float | None = None) -> dict:
+    """Per image: the defect score (max over its tiles of 1 - p(good)) and its log-odds (max over its
+    tiles of :func:`tile_logodds`), the per-class scores (max over tiles of p(class)), the predicted
+    class and the true class.
+
+    The rule is the daemon's: the image is defective when a tile's defect probability reaches
+    ``threshold`` (0.5), i.e. its log-odds reach logit(threshold); ``threshold_logodds`` gives that
+    bound directly (a calibrated one, :func:`calibrate_threshold`). A defective image's class is the
+    defect class with the highest probability over its tiles.
 
     ``tile_probs``: tile file (as in the manifest) -> class probabilities in ``manifest['classes']`` order.
     """
     classes = manifest["classes"]
     good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    bound = logit(threshold) if threshold_logodds is None else threshold_logodds
     out = {"classes": classes, "images": []}
     for im in manifest["images"]:
-        p = np.stack([tile_probs[t["file"]] for t in im["tiles"]])  # (T, K)
-        defect = 1.0 - p[:, good]
+        p = np.stack([tile_probs[t["file"]] for t in im["tiles"]]).astype(np.float64)  # (T, K)
+        odds = tile_logodds(p, good)
         per_class = p.max(axis=0)
-        if defect.max() >= threshold:
+        if odds.max() >= bound:
             d = p.copy()
             d[:, good] = -1.0
             pred = int(np.unravel_index(np.argmax(d), d.shape)[1])
         else:
             pred = good
         out["images"].append({"source": im["source"], "true": classes.index(im["label"]), "pred": pred,
-                              "defect_score": float(defect.max()), "class_scores": per_class.tolist()})
+                              "defect_score": float((1.0 - p[:, good]).max()),
+                              "defect_logodds": float(odds.max()), "class_scores": per_class.tolist()})
     return out
 
 
@@ -290,7 +316,8 @@ def image_metrics(scored: dict) -> dict:
     conf = confusion_matrix(true, pred, k)
     recall = {classes[i]: (conf[i, i] / conf[i].sum()) if conf[i].sum() else None for i in range(k)}
     present = [r for r in recall.values() if r is not None]
-    defect_ap = average_precision([r["defect_score"] for r in scored["images"]], true != good)
+    # ranked by the log-odds where present: 1 - p(good) ties at 1.0 for every confident image
+    defect_ap = average_precision([r.get("defect_logodds", r["defect_score"]) for r in scored["images"]], true != good)
     class_ap = {classes[c]: average_precision([r["class_scores"][c] for r in scored["images"]], true == c)
                 for c in range(k) if c != good}
     aps = [v for v in class_ap.values() if v is not None]
@@ -318,18 +345,21 @@ def validation_manifest(run_dir: Path, train_tiles_dir: Path) -> dict:
 
 
 def calibrate_threshold(scored: dict) -> dict:
-    """The image-rule threshold that maximises the balanced accuracy of defective vs good on ``scored``
-    (image_scores of the validation images): candidates 0.5 and the midpoints between consecutive
-    distinct defect scores; ties go to the candidate nearest 0.5 (the uncalibrated rule)."""
+    """The image rule's bound on the defect log-odds that maximises the balanced accuracy of defective vs
+    good on ``scored`` (image_scores of the validation images). Candidates: 0 (p = 0.5, the daemon's
+    default), the midpoints between consecutive distinct image log-odds, and one below the lowest and
+    one above the highest; ties go to the candidate nearest 0. Returned as ``threshold_logodds`` and as
+    the probability ``threshold`` (1 / (1 + e^-bound))."""
     classes = scored["classes"]
     good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
-    score = np.array([r["defect_score"] for r in scored["images"]], dtype=float)
+    score = np.array([r["defect_logodds"] for r in scored["images"]], dtype=float)
     defect = np.array([r["true"] != good for r in scored["images"]])
     if not defect.any() or defect.all():
-        return {"threshold": 0.5, "images": int(len(score)), "defect_images": int(defect.sum()),
-                "balanced_accuracy": None, "note": "validation holds one kind of image only: threshold left at 0.5"}
-    u = np.unique(score)
-    candidates = np.concatenate([[0.5], (u[:-1] + u[1:]) / 2, [u[0] / 2, (u[-1] + 1) / 2]])
+        return {"threshold_logodds": 0.0, "threshold": 0.5, "images": int(len(score)),
+                "defect_images": int(defect.sum()), "balanced_accuracy": None,
+                "note": "validation holds one kind of image only: threshold left at 0.5"}
+    u = np.unique(score[np.isfinite(score)])
+    candidates = np.concatenate([[0.0], (u[:-1] + u[1:]) / 2, [u[0] - 1.0, u[-1] + 1.0]])
 
     def bal(t: float) -> float:
         flagged = score >= t
@@ -338,31 +368,55 @@ def calibrate_threshold(scored: dict) -> dict:
     values = np.array([bal(t) for t in candidates])
     best = values.max()
     tied = candidates[np.isclose(values, best)]
-    t = float(tied[np.argmin(np.abs(tied - 0.5))])
-    return {"threshold": t, "images": int(len(score)), "defect_images": int(defect.sum()),
-            "balanced_accuracy": float(best), "at_0.5": float(bal(0.5))}
+    t = float(tied[np.argmin(np.abs(tied))])
+    return {"threshold_logodds": t, "threshold": float(1.0 / (1.0 + np.exp(-t))), "images": int(len(score)),
+            "defect_images": int(defect.sum()), "balanced_accuracy": float(best), "at_0.5": float(bal(0.0)),
+            "score": "max over the image's tiles of log(p(defective) / p(good))"}
 
 
 def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_size: int = 64,
-                       weights: str = "model.safetensors", device: str = "cpu") -> dict[str, np.ndarray]:
-    """The trained run's class probabilities for every tile of the manifest (torch, eval mode, fp32)."""
+                       weights: str = "model.safetensors", device: str = "cpu",
+                       cache: bool = True) -> dict[str, np.ndarray]:
+    """The trained run's class probabilities for every tile of the manifest (torch, eval mode): the fp32
+    logits' softmax taken in float64, so a confident tile's p(good) stays above 0 (see :func:`tile_logodds`).
+
+    With ``cache`` the probabilities are kept in the run directory (``tile-probs-<part>.npz``, keyed by the
+    tile files and the weights file's size and mtime) and reused while both are unchanged.
+    """
     import torch
 
     from models.checkpoint import load
 
-    model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir),
-                 map_location=device)
+    wpath = Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir)
+    files = [t["file"] for im in manifest["images"] for t in im["tiles"]]
+    stamp = f"{wpath.stat().st_size}:{wpath.stat().st_mtime_ns}" if wpath.is_file() else ""
+    cache_path = Path(run_dir) / f"tile-probs-{Path(tiles_dir).parent.name}-{Path(tiles_dir).name}.npz"
+    if cache and stamp and cache_path.is_file():
+        with np.load(cache_path, allow_pickle=False) as z:
+            if str(z["stamp"]) == stamp and str(z["tiles"]) == str(Path(tiles_dir).resolve()):
+                known = dict(zip(z["files"].tolist(), z["probs"], strict=True))
+                if all(f in known for f in files):
+                    return {f: known[f] for f in files}
+    model = load(wpath, map_location=device)
     classes = list(model.config.classes)
     if classes != manifest["classes"]:
         raise DataError(f"the run's classes {classes} differ from the tiles' {manifest['classes']}")
-    files = [t["file"] for im in manifest["images"] for t in im["tiles"]]
     out: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
             x = torch.from_numpy(np.stack([read_image(Path(tiles_dir) / f) for f in chunk])).unsqueeze(1)
-            p = torch.softmax(model(x.to(device)).float(), dim=1).cpu().numpy()
+            p = torch.softmax(model(x.to(device)).float().double(), dim=1).cpu().numpy()
             out.update(zip(chunk, p, strict=True))
+    if cache and stamp:
+        old = {}
+        if cache_path.is_file():
+            with np.load(cache_path, allow_pickle=False) as z:
+                if str(z["stamp"]) == stamp and str(z["tiles"]) == str(Path(tiles_dir).resolve()):
+                    old = dict(zip(z["files"].tolist(), z["probs"], strict=True))
+        merged = {**old, **out}
+        np.savez(cache_path, files=np.array(list(merged)), probs=np.stack(list(merged.values())), stamp=stamp,
+                 tiles=str(Path(tiles_dir).resolve()))
     return out
 
 
@@ -438,7 +492,7 @@ def calibrated_metrics(run_dir: Path, train_tiles_dir: Path, manifest: dict, pro
     the evaluation-only counterpart of a defect threshold set at commissioning."""
     val = validation_manifest(run_dir, train_tiles_dir)
     cal = calibrate_threshold(image_scores(val, tile_probabilities(run_dir, train_tiles_dir, val, **kwargs)))
-    m = image_metrics(image_scores(manifest, probs, threshold=cal["threshold"]))
+    m = image_metrics(image_scores(manifest, probs, threshold_logodds=cal["threshold_logodds"]))
     return {"calibration": cal, **{k: m[k] for k in ("accuracy", "balanced_accuracy", "defect_vs_good_accuracy",
                                                      "recall", "confusion")}}
 

@@ -189,7 +189,13 @@ def epochs_run(out: Path) -> int:
 
 def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[int], device: str) -> None:
     """Add the calibrated image rule (models.tiles.calibrated_metrics) to runs evaluated without it."""
-    from models.tiles import calibrated_metrics, image_scores, read_tiles_manifest, tile_probabilities
+    from models.tiles import (
+        calibrated_metrics,
+        image_metrics,
+        image_scores,
+        read_tiles_manifest,
+        tile_probabilities,
+    )
 
     for dataset in datasets:
         for lab in labels:
@@ -199,12 +205,16 @@ def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[in
                 if not path.is_file():
                     continue
                 m = json.loads(path.read_text())
-                if "calibrated" in m:
-                    continue
+                if "score" in m.get("calibrated", {}).get("calibration", {}):
+                    continue  # calibrated on the log-odds already
                 test = tiles_dir(runs, dataset, lab, "test")
                 manifest = read_tiles_manifest(test)
                 probs = tile_probabilities(out, test, manifest, device=device)
-                again = image_scores(manifest, probs)["images"]
+                scored = image_scores(manifest, probs)
+                again = scored["images"]
+                fresh = image_metrics(scored)
+                # AP ranked by the log-odds (1 - p(good) ties at 1.0 for confident images; see models.tiles)
+                m.update({k: fresh[k] for k in ("ap", "defect_ap", "class_ap")}, ap_score="defect log-odds")
                 # the run may have been evaluated on another device (a GPU): its fp32 probabilities can differ
                 # in the last bits, so a verdict on the 0.5 edge may flip; count those rather than hide them
                 flips = sum(a["pred"] != b["pred"] for a, b in zip(again, m["per_image"], strict=True))
@@ -214,8 +224,8 @@ def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[in
                 m["calibrated"]["verdicts_differing_from_the_evaluation"] = flips
                 path.write_text(json.dumps(m, indent=1))
                 c = m["calibrated"]
-                print(f"{dataset}/{lab}/seed{seed}: threshold {c['calibration']['threshold']:.4f}, accuracy "
-                      f"{m['accuracy']:.4f} -> {c['accuracy']:.4f}", flush=True)
+                print(f"{dataset}/{lab}/seed{seed}: log-odds bound {c['calibration']['threshold_logodds']:.3f}, "
+                      f"accuracy {m['accuracy']:.4f} -> {c['accuracy']:.4f}, AP {m['ap']:.4f}, flips {flips}", flush=True)
 
 
 def mean_std(values: list[float | None]) -> dict:
@@ -245,7 +255,8 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
                 "accuracy_calibrated": mean_std([m.get("calibrated", {}).get("accuracy") for _, m in found]),
                 "balanced_accuracy_calibrated": mean_std([m.get("calibrated", {}).get("balanced_accuracy")
                                                           for _, m in found]),
-                "thresholds": [m.get("calibrated", {}).get("calibration", {}).get("threshold") for _, m in found],
+                "thresholds_logodds": [m.get("calibrated", {}).get("calibration", {}).get("threshold_logodds")
+                                       for _, m in found],
                 "ap": mean_std([m["ap"] for _, m in found]),
                 "defect_vs_good_accuracy": mean_std([m["defect_vs_good_accuracy"] for _, m in found]),
                 "defect_iou": mean_std([m.get("defect_iou") for _, m in found]),

@@ -18,8 +18,10 @@ from models.tiles import (
     cut,
     image_metrics,
     image_scores,
+    logit,
     origins,
     pad_to,
+    tile_logodds,
     validation_manifest,
     write_tiles,
 )
@@ -183,26 +185,35 @@ def test_stitched_masks_score_the_defect_image_against_its_true_mask(toy, tmp_pa
     assert back.sum() == 400 and back[250:270, 330:350].all()
 
 
-def _scored(scores_defect, scores_good):
-    images = ([{"true": 1, "defect_score": s} for s in scores_defect]
-              + [{"true": 0, "defect_score": s} for s in scores_good])
+def _scored(odds_defect, odds_good):
+    images = ([{"true": 1, "defect_logodds": s} for s in odds_defect]
+              + [{"true": 0, "defect_logodds": s} for s in odds_good])
     return {"classes": ["good", "defect"], "images": images}
 
 
 def test_calibrated_threshold_separates_validation_images_worked_example():
-    """Good images score 0.6-0.8 (every one flagged at 0.5), defective ones 0.9-0.99: the best threshold
-    lies between 0.8 and 0.9, the midpoint 0.85, and flags all defective and no good image."""
-    cal = calibrate_threshold(_scored([0.9, 0.95, 0.99], [0.6, 0.7, 0.8, 0.8]))
-    assert cal["threshold"] == pytest.approx(0.85)
+    """Good images at log-odds 1-3 (every one flagged by the 0.5 rule, log-odds 0), defective ones at 5-40:
+    the best bound lies between 3 and 5, the midpoint 4, and flags all defective and no good image."""
+    cal = calibrate_threshold(_scored([5.0, 20.0, 40.0], [1.0, 2.0, 3.0, 3.0]))
+    assert cal["threshold_logodds"] == pytest.approx(4.0)
+    assert cal["threshold"] == pytest.approx(1 / (1 + np.exp(-4.0)))
     assert cal["balanced_accuracy"] == 1.0 and cal["at_0.5"] == 0.5
     assert (cal["images"], cal["defect_images"]) == (7, 3)
 
 
 def test_calibrated_threshold_ties_go_to_the_candidate_nearest_0_5():
-    """Perfectly separated at any threshold in (0.2, 0.7]: 0.5 itself is a candidate and stays."""
-    assert calibrate_threshold(_scored([0.7, 0.9], [0.1, 0.2]))["threshold"] == 0.5
+    """Perfectly separated at any bound in (-2, 1]: log-odds 0 (p = 0.5) itself is a candidate and stays."""
+    assert calibrate_threshold(_scored([1.0, 9.0], [-5.0, -2.0]))["threshold_logodds"] == 0.0
     # one kind of image only: nothing to calibrate against
-    assert calibrate_threshold(_scored([], [0.1, 0.9]))["threshold"] == 0.5
+    assert calibrate_threshold(_scored([], [-1.0, 2.0]))["threshold"] == 0.5
+
+
+def test_log_odds_keep_confident_tiles_apart_where_1_minus_p_good_saturates():
+    """p(good) = 1e-20 and 1e-30: 1 - p(good) is 1.0 for both in float64, the log-odds are 46.05 and 69.08."""
+    p = np.array([[1e-20, 1 - 1e-20], [1e-30, 1 - 1e-30], [0.5, 0.5]])
+    assert (1 - p[0, 0]) == (1 - p[1, 0]) == 1.0
+    assert tile_logodds(p, 0) == pytest.approx([20 * np.log(10), 30 * np.log(10), 0.0])
+    assert logit(0.5) == 0.0 and logit(1.0) == np.inf
 
 
 def test_the_threshold_moves_the_image_verdict():
@@ -211,6 +222,8 @@ def test_the_threshold_moves_the_image_verdict():
     probs = {"a1": np.array([0.3, 0.7]), "a2": np.array([0.9, 0.1])}
     assert image_scores(manifest, probs)["images"][0]["pred"] == 1
     assert image_scores(manifest, probs, threshold=0.8)["images"][0]["pred"] == 0
+    assert image_scores(manifest, probs, threshold_logodds=np.log(0.7 / 0.3) - 1e-9)["images"][0]["pred"] == 1
+    assert image_scores(manifest, probs, threshold_logodds=np.log(0.7 / 0.3) + 1e-9)["images"][0]["pred"] == 0
 
 
 def test_validation_manifest_keeps_only_the_runs_validation_images(toy, tmp_path):
@@ -223,3 +236,34 @@ def test_validation_manifest_keeps_only_the_runs_validation_images(toy, tmp_path
     assert [im["source"] for im in v["images"]] == [val_image["source"]]
     with pytest.raises(DataError, match="split.json"):
         validation_manifest(tmp_path, tmp_path / "t")
+
+
+def test_tile_probabilities_are_cached_until_the_weights_change(toy, tmp_path):
+    """The second call reads the run's tile-probs file (float64, rows summing to 1); new weights are not
+    served from the old file."""
+    import os
+
+    import torch
+
+    from models.checkpoint import save_weights
+    from models.ira_cnn import build_model, preset_config
+    from models.tiles import read_tiles_manifest, tile_probabilities
+
+    write_tiles(toy, tmp_path / "t", TileSpec())
+    manifest = read_tiles_manifest(tmp_path / "t")
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_weights(run / "model.safetensors", build_model(preset_config("compact", classes=("good", "crack"))))
+    first = tile_probabilities(run, tmp_path / "t", manifest)
+    cached = list(run.glob("tile-probs-*.npz"))
+    assert len(cached) == 1 and all(v.dtype == np.float64 and abs(v.sum() - 1) < 1e-12 for v in first.values())
+    again = tile_probabilities(run, tmp_path / "t", manifest)
+    assert all(np.array_equal(first[f], again[f]) for f in first)
+    torch.manual_seed(1)
+    save_weights(run / "model.safetensors", build_model(preset_config("compact", classes=("good", "crack"))))
+    st = (run / "model.safetensors").stat()
+    os.utime(run / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a distinct mtime
+    fresh = tile_probabilities(run, tmp_path / "t", manifest)
+    assert not all(np.allclose(first[f], fresh[f]) for f in first)
+    assert all(np.array_equal(fresh[f], tile_probabilities(run, tmp_path / "t", manifest, cache=False)[f])
+               for f in fresh)
