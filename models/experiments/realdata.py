@@ -187,6 +187,14 @@ def epochs_run(out: Path) -> int:
     return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
 
 
+def best_epoch(out: Path) -> int | None:
+    """The epoch whose weights a run kept, from its log (train's rule: highest val_bal_acc, then lower
+    val_loss, then the earlier epoch); for runs stopped before they wrote their final bn_check."""
+    log = out / "log.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    return min(rows, key=lambda r: (-r["val_bal_acc"], r["val_loss"], r["epoch"]))["epoch"] if rows else None
+
+
 def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[int], device: str) -> None:
     """Add the calibrated image rule (models.tiles.calibrated_metrics) to runs evaluated without it."""
     from models.tiles import (
@@ -266,7 +274,8 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
                           for k in ("defect_iou", "miou_paper")}
                     for row in sorted({r for _, m in found for r in m.get("segmentation", {}).get("rows", {})})},
                 "bn_check_gap_points": [c.get("bn_check", {}).get("gap_points") for c in cfgs],
-                "best_epochs": [c.get("bn_check", {}).get("epoch") for c in cfgs],
+                "best_epochs": [c.get("bn_check", {}).get("epoch") or best_epoch(run_dir(runs, dataset, labels, s))
+                                for c, (s, _) in zip(cfgs, found, strict=True)],
                 "epochs_run": [epochs_run(run_dir(runs, dataset, labels, s)) for s, _ in found],
                 "test_images": found[0][1]["images"],
                 "train_wall_s": [m.get("train_wall_s") for _, m in found],
