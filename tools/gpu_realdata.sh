@@ -2,11 +2,11 @@
 # The real-data protocol on a lent GPU machine (valve-model realdata train --device cuda), from a copy
 # written by `valve-model realdata pack` (the raw datasets are larger than what travels to it).
 #
-#   tools/gpu_realdata.sh DATASET DATA_ROOT RUNS_ROOT OUT BUDGET_S
+#   [RECIPES="gap:mask,image mix:mask"] tools/gpu_realdata.sh DATASET DATA_ROOT RUNS_ROOT OUT BUDGET_S
 #
-# Runs, at once, for DATASET: recipe "gap" (compact IRA-CNN width 0.25, GAP head) with mask and image
-# labels, and recipe "mix" (width 0.25, the alpha-mixed GMP/GAP head) with mask labels, 3 seeds each;
-# each recipe in RUNS_ROOT/<recipe>. Training + evaluation stop at BUDGET_S (what finished is kept;
+# Runs, at once, for DATASET and each RECIPES entry <head>:<labels> (default: "gap", the compact IRA-CNN
+# at width 0.25 with a GAP head, with mask and image labels; "mix", width 0.25 with the alpha-mixed
+# GMP/GAP head, with mask labels), 3 seeds each; each recipe in RUNS_ROOT/<head>. Training + evaluation stop at BUDGET_S (what finished is kept;
 # a re-run resumes). Writes OUT/<DATASET>-runs.tar.gz (metrics, configs, logs, weights; no tiles) and
 # OUT/<DATASET>-log.txt. CPU smoke run: DEVICE=cpu EPOCHS=1 EPOCH_SIZE=32 tools/gpu_realdata.sh ...
 set -u
@@ -21,9 +21,12 @@ log="$out/$dataset-log.txt"
   common=(--datasets "$dataset" --data-root "$data" --device "$device" --epochs "$epochs" --epoch-size "$epoch_size"
           --batch-size 32 --width 0.25 --threads 1 --seeds 0,1,2)
   t0=$(date +%s)
-  timeout -k 15 "$budget" $py -m models.cli realdata train "${common[@]}" --runs "$runs/gap" --labels mask,image --jobs 6 &
-  timeout -k 15 "$budget" $py -m models.cli realdata train "${common[@]}" --runs "$runs/mix" --labels mask --jobs 3 \
-      --head-pool mix &
+  for recipe in ${RECIPES:-gap:mask,image mix:mask}; do
+    head=${recipe%%:*} labels=${recipe#*:}
+    n=$(( 3 * $(tr ',' '\n' <<< "$labels" | wc -l) ))
+    timeout -k 15 "$budget" $py -m models.cli realdata train "${common[@]}" --runs "$runs/$head" --labels "$labels" \
+        --jobs "$n" --head-pool "$head" &
+  done
   wait
   echo "trainings + evaluations: $(( $(date +%s) - t0 )) s"
   for f in "$runs"/*/"$dataset"-*/seed*.log; do echo "== $f"; tail -n 4 "$f"; done
