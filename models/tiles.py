@@ -166,7 +166,7 @@ def write_tiles(data: SampleSet, out: Path, spec: TileSpec, *, source: str = "",
     """
     if not 0 < source_scale <= 1.0:
         raise DataError(f"source_scale must be in (0, 1], not {source_scale}")
-    factor = 1.0 if source_scale == spec.scale else spec.scale / source_scale
+    factor = spec.scale / source_scale  # exactly 1.0 for a copy at the spec's scale: scaled() leaves it as it is
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty: tiles are written into a new folder (remove it or choose another)")
@@ -391,12 +391,14 @@ def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_
     files = [t["file"] for im in manifest["images"] for t in im["tiles"]]
     stamp = f"{wpath.stat().st_size}:{wpath.stat().st_mtime_ns}" if wpath.is_file() else ""
     cache_path = Path(run_dir) / f"tile-probs-{Path(tiles_dir).parent.name}-{Path(tiles_dir).name}.npz"
-    if cache and stamp and cache_path.is_file():
+    use_cache = cache and bool(stamp)
+    known: dict[str, np.ndarray] = {}
+    if use_cache and cache_path.is_file():
         with np.load(cache_path, allow_pickle=False) as z:
             if str(z["stamp"]) == stamp and str(z["tiles"]) == str(Path(tiles_dir).resolve()):
                 known = dict(zip(z["files"].tolist(), z["probs"], strict=True))
-                if all(f in known for f in files):
-                    return {f: known[f] for f in files}
+        if all(f in known for f in files):
+            return {f: known[f] for f in files}
     model = load(wpath, map_location=device)
     classes = list(model.config.classes)
     if classes != manifest["classes"]:
@@ -408,13 +410,8 @@ def tile_probabilities(run_dir: Path, tiles_dir: Path, manifest: dict, *, batch_
             x = torch.from_numpy(np.stack([read_image(Path(tiles_dir) / f) for f in chunk])).unsqueeze(1)
             p = torch.softmax(model(x.to(device)).float().double(), dim=1).cpu().numpy()
             out.update(zip(chunk, p, strict=True))
-    if cache and stamp:
-        old = {}
-        if cache_path.is_file():
-            with np.load(cache_path, allow_pickle=False) as z:
-                if str(z["stamp"]) == stamp and str(z["tiles"]) == str(Path(tiles_dir).resolve()):
-                    old = dict(zip(z["files"].tolist(), z["probs"], strict=True))
-        merged = {**old, **out}
+    if use_cache:
+        merged = {**known, **out}
         np.savez(cache_path, files=np.array(list(merged)), probs=np.stack(list(merged.values())), stamp=stamp,
                  tiles=str(Path(tiles_dir).resolve()))
     return out

@@ -145,8 +145,7 @@ def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, de
     cmd = [sys.executable, "-m", "models.cli", "train", *train_args(dataset, labels, seed, runs, threads, device)]
     if state.is_file():
         done = json.loads((out / "config.json").read_text())
-        epochs = sum(1 for line in (out / "log.jsonl").read_text().splitlines() if line.strip())
-        if epochs >= PROTOCOL[dataset]["train"]["epochs"] and metrics_path.is_file() and "bn_check" in done:
+        if epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and metrics_path.is_file() and "bn_check" in done:
             return json.loads(metrics_path.read_text())
         cmd = [sys.executable, "-m", "models.cli", "train", "--out", str(out), "--resume",
                "--epochs", str(PROTOCOL[dataset]["train"]["epochs"]), "--threads", str(threads), "--device", device]
@@ -183,15 +182,17 @@ def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
 
 def epochs_run(out: Path) -> int:
     """Epochs a run finished (its log.jsonl lines): fewer than its config's when it was stopped."""
-    log = out / "log.jsonl"
-    return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
+    from models.run_dir import LOG_NAME, read_log
+
+    return len(read_log(out / LOG_NAME))
 
 
 def best_epoch(out: Path) -> int | None:
     """The epoch whose weights a run kept, from its log (train's rule: highest val_bal_acc, then lower
     val_loss, then the earlier epoch); for runs stopped before they wrote their final bn_check."""
-    log = out / "log.jsonl"
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    from models.run_dir import LOG_NAME, read_log
+
+    rows = read_log(out / LOG_NAME)
     return min(rows, key=lambda r: (-r["val_bal_acc"], r["val_loss"], r["epoch"]))["epoch"] if rows else None
 
 
@@ -299,6 +300,8 @@ def write_curves(runs: Path, summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from models.run_dir import LOG_NAME, read_log
+
     panels = [(d, lab) for d, e in summary.items() for lab in e["label_modes"]]
     if not panels:
         return
@@ -306,8 +309,7 @@ def write_curves(runs: Path, summary: dict, path: Path) -> None:
     for ax, (dataset, lab) in zip(axes[0], panels, strict=True):
         loss_ax = ax.twinx()
         for i, seed in enumerate(summary[dataset]["label_modes"][lab]["seeds"]):
-            log = run_dir(runs, dataset, lab, seed) / "log.jsonl"
-            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            rows = read_log(run_dir(runs, dataset, lab, seed) / LOG_NAME)
             ep = [r["epoch"] for r in rows]
             colour = f"C{i}"
             ax.plot(ep, [r["val_bal_acc"] for r in rows], color=colour, label=f"seed {seed}")
