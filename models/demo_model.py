@@ -89,6 +89,8 @@ def part_level(frames: Path, model_path: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.ira_cnn import HEAD_POOLS
+
     p = argparse.ArgumentParser(prog="valve-model demo-model", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/demo-model", help="working directory for frames, slices, run, report")
     p.add_argument("--ship", default=str(SHIPPED_DIR), help="where model.onnx + model.json go (the package data)")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"class weights of the rendered frames (default {DEFAULT_MIX}); novel types are refused")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--head-pool", choices=HEAD_POOLS, default=None,
+                   help="the classifier head's pooling (default: the compact preset's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reuse", action="store_true", help="reuse frames/slices already in --work")
     p.add_argument("--resume", action="store_true",
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     run = work / "run"
     t0 = time.monotonic()
     train(TrainConfig(data=work / "ds-train", out=run, preset="compact", attention="iam", epochs=args.epochs,
-                      seed=args.seed, threads=args.threads, force=not args.resume, resume=args.resume,
+                      seed=args.seed, head_pool=args.head_pool, threads=args.threads, force=not args.resume, resume=args.resume,
                       command=["valve-model", "demo-model", *(argv if argv is not None else sys.argv[1:])]))
     timings["train_s"] = round(time.monotonic() - t0, 1)
 

@@ -81,6 +81,7 @@ from models.unknown.scores import (
     SHRINKAGE,
     VARIATION_FACTOR,
     VARIATION_SMOOTH,
+    VARIATION_TOLERANCE,
     Gaussians,
     VariationModel,
     auroc,
@@ -94,7 +95,7 @@ from service.infer import UNKNOWN_OUTPUT
 __all__ = [
     "CANDIDATE_BLOCKS", "DEFAULT_BLOCKS", "DEFAULT_FALSE_FLAG_RATE", "DEFAULT_METHOD", "METHODS",
     "MIN_CALIBRATION_GOOD", "PARITY_TOLERANCE", "SHRINKAGE", "UNKNOWN_OUTPUT", "VARIATION_FACTOR",
-    "VARIATION_SMOOTH", "Gaussians", "PartSlices", "UnknownError", "VariationModel", "_features_graph", "_session",
+    "VARIATION_SMOOTH", "VARIATION_TOLERANCE", "Gaussians", "PartSlices", "UnknownError", "VariationModel", "_features_graph", "_session",
     "add_pooled_features", "add_score", "add_variation_score", "attach", "auroc", "block_outputs", "build_parser",
     "calibrate", "evaluate", "fit_gaussians", "fit_variation", "format_evaluation", "load_parts", "main", "measure",
     "part_max", "run_outputs", "slice_label_index", "strip_unknown",

@@ -36,6 +36,7 @@ from models.unknown.scores import (
     VARIATION_FACTOR,
     VARIATION_HIGHPASS,
     VARIATION_SMOOTH,
+    VARIATION_TOLERANCE,
     VariationModel,
     auroc,
     calibrate,
@@ -59,7 +60,7 @@ DEFAULT_METHOD = "variation"
 def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str | Path, *,
            method: str = DEFAULT_METHOD, blocks: Sequence[int] = DEFAULT_BLOCKS,
            rate: float = DEFAULT_FALSE_FLAG_RATE, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
-           highpass: float = VARIATION_HIGHPASS,
+           highpass: float = VARIATION_HIGHPASS, tolerance: int = VARIATION_TOLERANCE,
            threads: int = 0, limit: int | None = None) -> dict:
     """Fit the score on ``fit``, calibrate its threshold on ``calibration``'s good parts, write ``out``/model.onnx +
     model.json. ``method``: "variation" (the pixels' variation model of good parts) or "mahalanobis" (pooled block
@@ -80,7 +81,7 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
     labels = slice_label_index(fit_parts, classes)  # refuses novel slices in the fit set
     n_slices = fit_parts.slices.shape[1]
     if method == "variation":
-        v = fit_variation(fit_parts, factor, smooth, highpass)
+        v = fit_variation(fit_parts, factor, smooth, highpass, tolerance)
         work = copy.deepcopy(proto)
         add_variation_score(work, proto.graph.input[0].name, v)
         extra: list[str] = []
@@ -90,9 +91,11 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
             return v.score(x, _positions(len(parts.part_class), n_slices))
 
         described = {"method": "variation", "pooling": factor, "smoothing": smooth, "highpass_sigma": highpass,
+                     "tolerance_px": tolerance,
                      "features": "per slice position: mean and spread of the good slices' f x f pooled high-pass "
                                  "residual (slice - Gaussian low-pass, reflect-101 borders); score = max of the "
-                                 "k x k smoothed |x - mean| / (std + median std)",
+                                 "k x k smoothed min over shifts within +-tolerance pooled px of "
+                                 "|x - mean| / (std + median std), the spread fitted on the best-shift residuals",
                      "positions": "batch index modulo the slices per part (one part's slices in row-major order)",
                      "floor": round(v.floor, 4)}
         meaning = ("per slice: the largest smoothed deviation of its pooled, shading-removed gray values from the good parts' "
@@ -321,9 +324,10 @@ def measure(model: str | Path, fit: str | Path, calibration: str | Path, known: 
     novel_sets, novel_out = load(novel)
     labels = slice_label_index(fit_parts, classes)
     cands: dict[str, object] = {"max-softmax": None, "energy": None}
-    for f, k, hp in ((4, 3, 0.0), (4, 1, 0.0), (8, 1, 0.0), (4, 3, 6.0), (4, 3, VARIATION_HIGHPASS), (4, 3, 20.0),
-                     (4, 5, VARIATION_HIGHPASS)):
-        cands[f"variation f{f} k{k} hp{hp:g}"] = fit_variation(fit_parts, f, k, hp)
+    for f, k, hp, tol in ((4, 3, 0.0, 0), (4, 1, 0.0, 0), (8, 1, 0.0, 0), (4, 3, 6.0, 0), (4, 3, VARIATION_HIGHPASS, 0),
+                          (4, 3, 20.0, 0), (4, 5, VARIATION_HIGHPASS, 0), (4, 3, VARIATION_HIGHPASS, 1),
+                          (4, 3, VARIATION_HIGHPASS, 2)):
+        cands[f"variation f{f} k{k} hp{hp:g} t{tol}"] = fit_variation(fit_parts, f, k, hp, tol)
     for blocks in CANDIDATE_BLOCKS:
         if max(blocks) <= n_blocks:
             cands["mahalanobis " + "+".join(map(str, blocks))] = fit_gaussians(
@@ -388,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variation (the good parts' pixels, default) or mahalanobis (pooled block features)")
     a.add_argument("--highpass", type=float, default=VARIATION_HIGHPASS,
                    help=f"variation: the shading's Gaussian sigma removed first, px (default {VARIATION_HIGHPASS:g}; 0 = none)")
+    a.add_argument("--tolerance", type=int, default=VARIATION_TOLERANCE,
+                   help=f"variation: position tolerance in pooled px each way (default {VARIATION_TOLERANCE}; 0 = "
+                        f"pixel to pixel)")
     a.add_argument("--blocks", type=_blocks, default=DEFAULT_BLOCKS, help="mahalanobis: IRA-Blocks used (default 1,2,3)")
     a.add_argument("--false-flag-rate", type=float, default=DEFAULT_FALSE_FLAG_RATE,
                    help="false-flag rate of the calibration's good parts (default 0.005)")
@@ -418,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 < args.false_flag_rate < 1:
                 raise UnknownError(f"--false-flag-rate {args.false_flag_rate}: must be in (0, 1), e.g. 0.005")
             u = attach(args.model, args.fit, args.calibrate, args.out, method=args.method, blocks=args.blocks,
-                       highpass=args.highpass,
+                       highpass=args.highpass, tolerance=args.tolerance,
                        rate=args.false_flag_rate, threads=args.threads, limit=args.limit)
             print(f"unknown score attached: {u['method']}, threshold {u['threshold']:.5g} "
                   f"({u['calibration']['flagged_parts']} of {u['calibration']['parts']} calibration parts flagged), "

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.unknown.frames import UnknownError
-from models.unknown.scores import Gaussians, VariationModel, gaussian_kernel
+from models.unknown.scores import Gaussians, VariationModel, gaussian_kernel, shifted
 from service.infer import UNKNOWN_OUTPUT  # the runtime owns the graph contract
 
 _PREFIX = "unknown_score/"
@@ -136,8 +136,9 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
 
     p = _PREFIX + "var/"
     n_pos = v.mean.shape[0]
-    inits = [numpy_helper.from_array(v.mean[:, None].astype(np.float32), p + "mean"),                # (S, 1, h, w)
-             numpy_helper.from_array((1.0 / v.scale)[:, None].astype(np.float32), p + "inv_scale"),
+    # (S, T, h, w): the model at each of the T = (2t+1)^2 tolerated shifts (T = 1 without a tolerance)
+    inits = [numpy_helper.from_array(shifted(v.mean, v.tolerance).astype(np.float32), p + "mean"),
+             numpy_helper.from_array(shifted(1.0 / v.scale, v.tolerance).astype(np.float32), p + "inv_scale"),
              numpy_helper.from_array(np.asarray(0, np.int64), p + "zero"),
              numpy_helper.from_array(np.asarray(1, np.int64), p + "one"),
              numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos")]
@@ -165,9 +166,11 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
         helper.make_node("Gather", [p + "inv_scale", p + "position"], [p + "inv_b"], axis=0),
         helper.make_node("Sub", [p + "pooled", p + "mean_b"], [p + "diff"]),
         helper.make_node("Abs", [p + "diff"], [p + "abs"]),
-        helper.make_node("Mul", [p + "abs", p + "inv_b"], [p + "dev"]),
+        helper.make_node("Mul", [p + "abs", p + "inv_b"], [p + "dev"]),                               # (B, T, h, w)
     ]
     dev = p + "dev"
+    if v.tolerance:  # the best-fitting shift
+        dev = _reduce(nodes, inits, "ReduceMin", dev, [1], 1, p + "dev_min", _opset(proto))           # (B, 1, h, w)
     if v.smooth > 1:
         r = v.smooth // 2
         nodes.append(helper.make_node("AveragePool", [dev], [p + "smooth"], kernel_shape=[v.smooth] * 2,

@@ -63,6 +63,21 @@ VARIATION_SMOOTH = 3
 #: the shading removed before the model (Gaussian low-pass sigma, px): part-to-part lighting and pose move the
 #: specular band, and the good parts' spread of raw gray values hides a dent or a stain; 0 = raw gray values
 VARIATION_HIGHPASS = 12.0
+#: the position tolerance (pooled px, per direction): each pixel is compared with the good parts' mean and spread at
+#: the best-fitting place within +-t pooled px (the valve's pose moves machining lines and the band's edges by a
+#: few px; the spread is fitted on residuals aligned the same way); 0 = pixel to pixel
+VARIATION_TOLERANCE = 1
+
+
+def shifted(a: np.ndarray, t: int) -> np.ndarray:
+    """(..., h, w) -> (..., (2t+1)^2, h, w): a shifted by every (dy, dx) in [-t, t]^2, edges replicated; t = 0: a
+    with one shift axis."""
+    if not t:
+        return a[..., None, :, :]
+    h, w = a.shape[-2:]
+    pad = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(t, t), (t, t)], mode="edge")
+    return np.stack([pad[..., t + dy:t + dy + h, t + dx:t + dx + w]
+                     for dy in range(-t, t + 1) for dx in range(-t, t + 1)], axis=-3)
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -89,7 +104,9 @@ class VariationModel:
     """A variation model of good parts (as machine vision's "variation model" of a golden part): per slice
     position and per (pooled) pixel, the mean gray value of the good slices and their spread.
 
-    score(slice at position s) = max over pixels of box_k( |pool_f(hp(x)) - mean_s| / (std_s + floor) )
+    score(slice at position s) = max over pixels of box_k( min over shifts |pool_f(hp(x)) - mean_s'| / scale_s' )
+
+    (mean_s', scale_s' = std + floor: the model shifted by up to ``tolerance`` pooled px each way, see ``shifted``)
 
     hp: the slice minus its Gaussian low-pass (sigma ``highpass`` px; the shading that lighting and pose move);
     pool_f: f x f mean pooling; box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
@@ -104,6 +121,7 @@ class VariationModel:
     scale: np.ndarray  # (S, h, w) float64: std + floor
     floor: float = 0.0
     highpass: float = 0.0
+    tolerance: int = 0
 
     def deviation(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(N, h, w) smoothed normalised deviation, float64 reference (slices (N, 1, H, W) uint8)."""
@@ -111,7 +129,8 @@ class VariationModel:
         n, hh, ww = x.shape
         f = self.factor
         p = x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
-        d = np.abs(p - self.mean[positions]) / self.scale[positions]
+        t = self.tolerance
+        d = (np.abs(p[:, None] - shifted(self.mean, t)[positions]) / shifted(self.scale, t)[positions]).min(axis=1)
         k = self.smooth
         if k > 1:
             r = k // 2
@@ -127,9 +146,10 @@ class VariationModel:
 
 
 def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
-                  highpass_sigma: float = VARIATION_HIGHPASS) -> VariationModel:
+                  highpass_sigma: float = VARIATION_HIGHPASS, tolerance: int = VARIATION_TOLERANCE) -> VariationModel:
     """Mean and spread per slice position of the slices labelled good (the good parts' and the good slices of
-    defect parts)."""
+    defect parts). With a ``tolerance``, the spread is the RMS of each good slice's residual to the mean at the
+    best-fitting shift (as the score compares), so that pose does not widen it."""
     n_pos = parts.slices.shape[1]
     size = parts.slices.shape[-1]
     if size % factor:
@@ -143,9 +163,14 @@ def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int
             raise UnknownError(f"slice position {s}: {len(x)} good slices in the fit data, the variation model "
                                f"needs >= 10. Fix: fit on more parts.")
         p = x.reshape(len(x), h, factor, h, factor).mean(axis=(2, 4))
-        mean[s], std[s] = p.mean(axis=0), p.std(axis=0)
+        mean[s] = p.mean(axis=0)
+        if tolerance:
+            residual = np.abs(p[:, None] - shifted(mean[s], tolerance)[None]).min(axis=1)
+            std[s] = np.sqrt((residual ** 2).mean(axis=0))
+        else:
+            std[s] = p.std(axis=0)
     floor = float(np.median(std))
-    return VariationModel(factor, smooth, mean, std + floor, floor, highpass_sigma)
+    return VariationModel(factor, smooth, mean, std + floor, floor, highpass_sigma, tolerance)
 
 
 def part_max(scores: np.ndarray, n_parts: int) -> np.ndarray:

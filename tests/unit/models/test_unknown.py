@@ -166,11 +166,21 @@ def test_attach_writes_a_model_the_runtime_loads_and_calibrates_on_good_parts(ex
 
 # ------------------------------------------------------------------ the variation model (the default method)
 
+def _replicate_shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """out[i, j] = a[clip(i + dy), clip(j + dx)]: OpenCV's replicated border, then a crop."""
+    import cv2
+
+    t = max(abs(dy), abs(dx), 1)
+    pad = cv2.copyMakeBorder(a, t, t, t, t, cv2.BORDER_REPLICATE)
+    return pad[t + dy:t + dy + a.shape[0], t + dx:t + dx + a.shape[1]]
+
+
 def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: int, k: int, pos: np.ndarray,
-                         sigma: float = 0.0):
+                         sigma: float = 0.0, t: int = 0):
     """Independent of models.unknown: OpenCV's GaussianBlur (reflect-101 borders) for the high-pass, its area
-    resize (= f x f mean pooling at an integer factor) and a box filter over the valid neighbours (zero-padded
-    sums divided by the zero-padded count)."""
+    resize (= f x f mean pooling at an integer factor), the smallest deviation over the model shifted within
+    +-t px (replicated borders) and a box filter over the valid neighbours (zero-padded sums divided by the
+    zero-padded count)."""
     import cv2
 
     out = []
@@ -178,7 +188,8 @@ def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: 
         if sigma:
             img = img - cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
         small = cv2.resize(img, (img.shape[1] // f, img.shape[0] // f), interpolation=cv2.INTER_AREA)
-        d = np.abs(small - mean[p]) / scale[p]
+        d = np.min([np.abs(small - _replicate_shift(mean[p], dy, dx)) / _replicate_shift(scale[p], dy, dx)
+                    for dy in range(-t, t + 1) for dx in range(-t, t + 1)], axis=0)
         if k > 1:
             box = cv2.boxFilter(d, -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
             cnt = cv2.boxFilter(np.ones_like(d), -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
@@ -187,21 +198,22 @@ def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: 
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("k, sigma", [(1, 0.0), (3, 0.0), (3, 12.0)])
-def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k, sigma):
-    """ORT's variation score equals an OpenCV reference within 1e-4 relative (with and without the high-pass),
-    position = batch index mod 8 (a batch of 11 slices wraps), and a slice's score changes at another position."""
+@pytest.mark.parametrize("k, sigma, t", [(1, 0.0, 0), (3, 0.0, 0), (3, 12.0, 0), (3, 12.0, 1), (1, 0.0, 2)])
+def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k, sigma, t):
+    """ORT's variation score equals an OpenCV reference within 1e-4 relative (with and without the high-pass and
+    the position tolerance), position = batch index mod 8 (a batch of 11 slices wraps), and a slice's score
+    changes at another position."""
     _, path = exported
     rng = np.random.default_rng(3)
     mean = rng.uniform(60, 200, (8, 48, 48)) if not sigma else rng.normal(0, 3, (8, 48, 48))
     scale = rng.uniform(2, 9, (8, 48, 48))
-    v = U.VariationModel(4, k, mean, scale, highpass=sigma)
+    v = U.VariationModel(4, k, mean, scale, highpass=sigma, tolerance=t)
     work = onnx.load(str(path))
     U.add_variation_score(work, "slices", v)
     x = rng.integers(0, 256, (11, 1, 192, 192), dtype=np.uint8)
     (got,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x})
     pos = np.arange(11) % 8
-    ref = _variation_reference(x, mean, scale, 4, k, pos, sigma)
+    ref = _variation_reference(x, mean, scale, 4, k, pos, sigma, t)
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     np.testing.assert_allclose(v.score(x, pos), ref, rtol=1e-9)
     (shifted,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x[1:9]})  # the same slices, positions - 1
@@ -222,6 +234,38 @@ def test_fit_variation_takes_good_slices_per_position_and_refuses_too_few():
     labels[1][5] = labels[2][5] = labels[3][5] = "scratch"
     with pytest.raises(U.UnknownError, match="position 5: 9 good slices"):
         U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3, 0.0)
+
+
+def test_the_tolerance_forgives_a_pose_shift_and_keeps_a_defect():
+    """Good parts whose bright band moves by up to 4 px (one pooled px): with tolerance 1 the fitted spread at the
+    band's edges is less than half the rigid model's; a good slice whose band moved 8 px scores like the fitted
+    ones with tolerance 2, lower with 1, and far out without (the pose the tolerance forgives), one moved 12 px
+    stays far out with tolerance 1 (it forgives a stated distance, not any); a dark blob in the flat region
+    stands out either way."""
+    rng = np.random.default_rng(6)
+    base = np.zeros((192, 192))
+    base[:, 80:120] = 60.0
+    slices = [np.repeat(np.clip(np.roll(base, int(rng.integers(-4, 5)), axis=1) + 100 + rng.normal(0, 2, base.shape),
+                                0, 255)[None, None], 8, axis=0) for _ in range(40)]
+    parts = U.PartSlices(np.stack(slices).astype(np.uint8), [["good"] * 8] * 40, ["good"] * 40, [None] * 40, [""] * 40)
+    models = {t: U.fit_variation(parts, 4, 1, highpass_sigma=0.0, tolerance=t) for t in (0, 1, 2)}
+    edges = np.s_[:, :, [19, 20, 29, 30]]                          # pooled columns the band's edges cross
+    assert (models[1].scale - models[1].floor)[edges].mean() < 0.5 * (models[0].scale - models[0].floor)[edges].mean()
+
+    def slice_(shift, blob=0):
+        img = np.roll(base, shift, axis=1) + 100 + rng.normal(0, 2, base.shape)
+        img[40:72, 20:36] -= blob
+        return np.clip(img, 0, 255).astype(np.uint8)[None, None]
+
+    def score(t, x):
+        return float(models[t].score(x, np.zeros(1, int))[0])
+
+    fitted = [score(t, slice_(4)) for t in (0, 1, 2)]
+    moved8 = [score(t, slice_(8)) for t in (0, 1, 2)]
+    assert max(fitted) < 3
+    assert moved8[0] > 10 * fitted[0] and moved8[1] < 0.25 * moved8[0] and moved8[2] < 1.5 * fitted[2]
+    assert score(1, slice_(12)) > 10 * fitted[1]
+    assert all(score(t, slice_(4, blob=15)) > 5 * fitted[t] for t in (0, 1, 2))
 
 
 def test_strip_unknown_gives_back_the_exported_graph(exported):
