@@ -41,3 +41,27 @@ def test_demo_model_stops_when_its_frames_give_unlabelled_slices(tmp_path, monke
     monkeypatch.setattr(demo_model, "balance_good", must_not_train)
     with pytest.raises(SystemExit, match=r"frames-train gave unlabelled slices: its manifest.jsonl was not found"):
         demo_model.main(["--work", str(tmp_path / "work"), "--no-ship"])
+
+
+def test_demo_model_trains_with_the_shipped_models_recipe_by_default(tmp_path):
+    """The default recipe is the one the shipped model.json records (its 10 % validation split, the paper's
+    optimiser, batch and augmentation), with the options that record predates set to what that code did:
+    constant learning rate, natural sampling, no BN recalibration, fp32; --recipe train-defaults is
+    `valve-model train`'s recipe unchanged."""
+    import json
+
+    from models.train import TrainConfig
+
+    recorded = json.loads((demo_model.SHIPPED_DIR / "model.json").read_text())["training"]["train"]
+    args = demo_model.build_parser().parse_args(["--work", str(tmp_path)])
+    cfg = demo_model.training_config(args, tmp_path, [])
+    for key in ("val_fraction", "epochs", "batch_size", "lr", "seed", "augment", "attention", "preset"):
+        assert getattr(cfg, key) == recorded[key], key
+    assert list(cfg.betas) == recorded["betas"]
+    assert (cfg.schedule, cfg.balance, cfg.bn_recal, cfg.precision) == ("constant", False, 0, "fp32")
+    defaults = TrainConfig(data=tmp_path, out=tmp_path)
+    other = demo_model.training_config(demo_model.build_parser().parse_args(["--recipe", "train-defaults"]),
+                                       tmp_path, [])
+    for key in ("val_fraction", "schedule", "balance", "bn_recal", "precision"):
+        assert getattr(other, key) == getattr(defaults, key), key
+    assert any(getattr(other, k) != getattr(cfg, k) for k in ("val_fraction", "schedule", "balance"))
