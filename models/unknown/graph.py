@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.unknown.frames import UnknownError
-from models.unknown.scores import Gaussians, VariationModel, gaussian_kernel, shifted
+from models.unknown.scores import Gaussians, VariationModel, pooled_blur_matrix, shifted
 from service.infer import UNKNOWN_OUTPUT  # the runtime owns the graph contract
 
 _PREFIX = "unknown_score/"
@@ -144,20 +144,23 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
              numpy_helper.from_array(np.asarray(n_pos, np.int64), p + "n_pos")]
     nodes = [helper.make_node("Cast", [input_name], [p + "x"], to=TensorProto.FLOAT)]                # (B, 1, H, W)
     x = p + "x"
-    if v.highpass:  # x - GaussianBlur(x): reflect-101 padding (ONNX Pad "reflect"), a separable Gaussian as 2 Convs
-        k = gaussian_kernel(v.highpass).astype(np.float32)
-        r = len(k) // 2
-        inits += [numpy_helper.from_array(np.asarray([0, 0, r, r, 0, 0, r, r], np.int64), p + "pads"),
-                  numpy_helper.from_array(k.reshape(1, 1, 1, -1), p + "gauss_w"),
-                  numpy_helper.from_array(k.reshape(1, 1, -1, 1), p + "gauss_h")]
-        nodes += [helper.make_node("Pad", [x, p + "pads"], [p + "padded"], mode="reflect"),
-                  helper.make_node("Conv", [p + "padded", p + "gauss_w"], [p + "blur_w"]),
-                  helper.make_node("Conv", [p + "blur_w", p + "gauss_h"], [p + "blur"]),
-                  helper.make_node("Sub", [x, p + "blur"], [p + "hp"])]
-        x = p + "hp"
+    nodes.append(helper.make_node("AveragePool", [x], [p + "pool"], kernel_shape=[v.factor] * 2,
+                                  strides=[v.factor] * 2))                                              # (B, 1, h, w)
+    if v.highpass:
+        # pool(x - GaussianBlur(x)) = pool(x) - M_h x M_w^T with M = pooling @ blur (reflect-101 borders folded in):
+        # the same linear map as the reference's blur-then-pool, as two small MatMuls instead of two 97-tap
+        # convolutions at full resolution (those cost about a fifth of the classifier's time per frame)
+        h, w = v.mean.shape[1:]
+        inits += [numpy_helper.from_array(pooled_blur_matrix(h * v.factor, v.factor, v.highpass).astype(np.float32),
+                                          p + "blur_h"),                                               # (h, H)
+                  numpy_helper.from_array(pooled_blur_matrix(w * v.factor, v.factor, v.highpass).T.astype(np.float32),
+                                          p + "blur_wt")]                                              # (W, w)
+        nodes += [helper.make_node("MatMul", [p + "blur_h", x], [p + "blur_rows"]),                   # (B, 1, h, W)
+                  helper.make_node("MatMul", [p + "blur_rows", p + "blur_wt"], [p + "blur_pooled"]),  # (B, 1, h, w)
+                  helper.make_node("Sub", [p + "pool", p + "blur_pooled"], [p + "pooled"])]
+    else:
+        nodes.append(helper.make_node("Identity", [p + "pool"], [p + "pooled"]))
     nodes += [
-        helper.make_node("AveragePool", [x], [p + "pooled"], kernel_shape=[v.factor] * 2,
-                         strides=[v.factor] * 2),                                                      # (B, 1, h, w)
         helper.make_node("Shape", [input_name], [p + "shape"]),
         helper.make_node("Gather", [p + "shape", p + "zero"], [p + "batch"], axis=0),                 # B
         helper.make_node("Range", [p + "zero", p + "batch", p + "one"], [p + "index"]),               # 0..B-1

@@ -88,6 +88,24 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     return cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F)[:, 0]
 
 
+def pooled_blur_matrix(n: int, factor: int, sigma: float) -> np.ndarray:
+    """(n // factor, n) float64: f-mean pooling after the 1-D Gaussian of ``gaussian_kernel(sigma)`` with reflect-101
+    borders, as one matrix: pool(blur(x)) along an axis of length n = this @ x."""
+    import cv2
+
+    k = gaussian_kernel(sigma)
+    r = len(k) // 2
+    if r >= n:
+        raise UnknownError(f"high-pass sigma {sigma:g} px: its kernel ({len(k)} taps) is wider than the slice ({n} px). "
+                           f"Fix: a smaller --highpass.")
+    blur = np.zeros((n, n))
+    for i in range(n):
+        for j, kj in enumerate(k):
+            blur[i, cv2.borderInterpolate(i + j - r, n, cv2.BORDER_REFLECT_101)] += kj
+    pool = np.kron(np.eye(n // factor), np.full((1, factor), 1.0 / factor))
+    return pool @ blur
+
+
 def highpass(x: np.ndarray, sigma: float) -> np.ndarray:
     """x - GaussianBlur(x, sigma) per image, reflect-101 borders (float64; x (N, H, W)); sigma 0: x."""
     import cv2
