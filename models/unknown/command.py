@@ -69,6 +69,9 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
 
     if method not in METHODS:
         raise UnknownError(f"method {method!r}: one of {', '.join(METHODS)}")
+    if tolerance < 0:
+        raise UnknownError(f"--tolerance {tolerance}: a number of pooled px, 0 or more (0 = pixel to pixel; "
+                           f"default {VARIATION_TOLERANCE})")
     model = Path(model)
     meta = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
     classes = list(meta["classes"])

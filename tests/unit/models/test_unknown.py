@@ -268,6 +268,29 @@ def test_the_tolerance_forgives_a_pose_shift_and_keeps_a_defect():
     assert all(score(t, slice_(4, blob=15)) > 5 * fitted[t] for t in (0, 1, 2))
 
 
+def test_the_pooled_blur_matrix_is_opencvs_blur_then_pooling_and_refuses_a_kernel_wider_than_the_slice():
+    """M @ x @ M.T equals f x f mean pooling of OpenCV's GaussianBlur (reflect-101) to float64 precision, on a
+    non-square image; a sigma whose kernel is wider than the slice is refused with the fix."""
+    import cv2
+
+    from models.unknown.scores import pooled_blur_matrix
+
+    img = np.random.default_rng(8).uniform(0, 255, (64, 96))
+    for sigma in (2.0, 7.0):
+        ref = cv2.resize(cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101), (24, 16),
+                         interpolation=cv2.INTER_AREA)
+        got = pooled_blur_matrix(64, 4, sigma) @ img @ pooled_blur_matrix(96, 4, sigma).T
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    with pytest.raises(U.UnknownError, match="wider than the slice.*smaller --highpass"):
+        pooled_blur_matrix(64, 4, 20.0)  # 161 taps
+
+
+def test_attach_refuses_a_negative_tolerance(exported, tmp_path):
+    _, path = exported
+    with pytest.raises(U.UnknownError, match="--tolerance -1: a number of pooled px, 0 or more"):
+        U.attach(path, tmp_path, tmp_path, tmp_path / "out", tolerance=-1)
+
+
 def test_strip_unknown_gives_back_the_exported_graph(exported):
     """Attaching then stripping the score leaves the exported graph's nodes, constants and outputs as they were."""
     _, path = exported
