@@ -32,8 +32,9 @@ DEFAULT_MIX = "good=0.1,dirt=0.35,scratch=0.35,ec=0.2"
 #: paper's constant learning rate, fp32, a 10 % grouped validation split, natural sampling of the already
 #: good-subsampled slices, no BN recalibration); "train-defaults": `valve-model train`'s defaults, the real-data
 #: recipe (cosine schedule, class-balanced draws, BN recalibration, bf16 where the CPU has it, 20 % validation).
-#: Measured on the held-out seed-2 slices (docs/model.md, "Which recipe"): shipped 0.953 (a rerun 0.955), train-defaults 0.937 (GAP
-#: head) and 0.927 (mix head), with lower mask IoU too, so the synthetic demo model keeps its recipe.
+#: Measured on the held-out seed-2 slices (docs/model.md, "Which recipe"): shipped 0.953 (a rerun 0.955),
+#: train-defaults 0.937 (GAP head) and 0.927 (mix head), with lower mask IoU too, so the synthetic demo model
+#: keeps its recipe.
 RECIPES = {"shipped": {"val_fraction": 0.1, "balance": False, "schedule": "constant", "bn_recal": 0,
                        "precision": "fp32"},
            "train-defaults": {}}
@@ -196,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     train_counts = balance_good(work / "ds-train", seed=args.seed)
     print(f"[demo-model] training slices after balancing: {train_counts}", flush=True)
 
-    run = work / "run"
+    config = training_config(args, work, argv)
+    run = Path(config.out)
     t0 = time.monotonic()
-    train(training_config(args, work, argv))
+    train(config)
     timings["train_s"] = round(time.monotonic() - t0, 1)
 
     t0 = time.monotonic()

@@ -146,6 +146,7 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
     x = p + "x"
     nodes.append(helper.make_node("AveragePool", [x], [p + "pool"], kernel_shape=[v.factor] * 2,
                                   strides=[v.factor] * 2))                                              # (B, 1, h, w)
+    pooled = p + "pool"
     if v.highpass:
         # pool(x - GaussianBlur(x)) = pool(x) - M_h x M_w^T with M = pooling @ blur (reflect-101 borders folded in):
         # the same linear map as the reference's blur-then-pool, as two small MatMuls instead of two 97-tap
@@ -158,8 +159,7 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
         nodes += [helper.make_node("MatMul", [p + "blur_h", x], [p + "blur_rows"]),                   # (B, 1, h, W)
                   helper.make_node("MatMul", [p + "blur_rows", p + "blur_wt"], [p + "blur_pooled"]),  # (B, 1, h, w)
                   helper.make_node("Sub", [p + "pool", p + "blur_pooled"], [p + "pooled"])]
-    else:
-        nodes.append(helper.make_node("Identity", [p + "pool"], [p + "pooled"]))
+        pooled = p + "pooled"
     nodes += [
         helper.make_node("Shape", [input_name], [p + "shape"]),
         helper.make_node("Gather", [p + "shape", p + "zero"], [p + "batch"], axis=0),                 # B
@@ -167,7 +167,7 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
         helper.make_node("Mod", [p + "index", p + "n_pos"], [p + "position"]),
         helper.make_node("Gather", [p + "mean", p + "position"], [p + "mean_b"], axis=0),             # (B, 1, h, w)
         helper.make_node("Gather", [p + "inv_scale", p + "position"], [p + "inv_b"], axis=0),
-        helper.make_node("Sub", [p + "pooled", p + "mean_b"], [p + "diff"]),
+        helper.make_node("Sub", [pooled, p + "mean_b"], [p + "diff"]),
         helper.make_node("Abs", [p + "diff"], [p + "abs"]),
         helper.make_node("Mul", [p + "abs", p + "inv_b"], [p + "dev"]),                               # (B, T, h, w)
     ]
