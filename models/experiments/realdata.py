@@ -214,13 +214,22 @@ def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[in
                 if not path.is_file():
                     continue
                 m = json.loads(path.read_text())
-                if "score" in m.get("calibrated", {}).get("calibration", {}):
-                    continue  # calibrated on the log-odds already
+                calibrated = "score" in m.get("calibrated", {}).get("calibration", {})
+                if calibrated and all("defect_logodds" in r for r in m["per_image"]):
+                    continue  # calibrated on the log-odds already, and every image carries its log-odds
                 test = tiles_dir(runs, dataset, lab, "test")
                 manifest = read_tiles_manifest(test)
                 probs = tile_probabilities(out, test, manifest, device=device)
                 scored = image_scores(manifest, probs)
                 again = scored["images"]
+                if [a["source"] for a in again] != [b["source"] for b in m["per_image"]]:
+                    raise SystemExit(f"{path} lists other test images than {test}: re-evaluate the run")
+                for a, b in zip(again, m["per_image"], strict=True):
+                    b["defect_logodds"] = a["defect_logodds"]  # runs scored before the log-odds existed
+                if calibrated:
+                    path.write_text(json.dumps(m, indent=1))
+                    print(f"{dataset}/{lab}/seed{seed}: per-image log-odds added", flush=True)
+                    continue
                 fresh = image_metrics(scored)
                 # AP ranked by the log-odds (1 - p(good) ties at 1.0 for confident images; see models.tiles)
                 m.update({k: fresh[k] for k in ("ap", "defect_ap", "class_ap")}, ap_score="defect log-odds")
@@ -235,6 +244,46 @@ def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[in
                 c = m["calibrated"]
                 print(f"{dataset}/{lab}/seed{seed}: log-odds bound {c['calibration']['threshold_logodds']:.3f}, "
                       f"accuracy {m['accuracy']:.4f} -> {c['accuracy']:.4f}, AP {m['ap']:.4f}, flips {flips}", flush=True)
+
+
+def ap_limits(per_seed: list[list[dict]], good: int, top: int = 3) -> list[dict]:
+    """The test images that limit the image-level defect AP, the same way for every seed.
+
+    For each seed's per-image records (``source``, ``true`` class index, ``defect_logodds`` or, in runs
+    scored before the log-odds existed, ``defect_score``), the AP of the defect-vs-good ranking is recomputed
+    without each image in turn (leave-one-out). The images are ordered by the mean AP gain over the seeds;
+    the first ``top`` come back with, per seed, the AP without the image and the image's rank on the
+    other class's side: for a defective image, how many good images score above it; for a good image, how
+    many defective images score below it. Images missing from a seed are skipped (the seeds share one
+    test split, so that does not happen in a protocol run).
+    """
+    from models.metrics import average_precision
+
+    seeds = []
+    for rows in per_seed:
+        src = [r["source"] for r in rows]
+        y = np.array([r["true"] != good for r in rows])
+        s = np.array([r["defect_logodds"] if "defect_logodds" in r else r["defect_score"] for r in rows], dtype=np.float64)
+        seeds.append((dict(zip(src, range(len(src)), strict=True)), y, s))
+    if not seeds or not all(y.any() and (~y).any() for _, y, _ in seeds):
+        return []
+    common = [r["source"] for r in per_seed[0] if all(r["source"] in ix for ix, _, _ in seeds)]
+    full = [average_precision(y, s) for _, y, s in seeds]
+    found = []
+    for name in common:
+        without, beyond = [], []
+        for ix, y, s in seeds:
+            i = ix[name]
+            keep = np.ones(len(y), dtype=bool)
+            keep[i] = False
+            without.append(average_precision(y[keep], s[keep]))
+            other = s[~y] if y[i] else s[y]
+            beyond.append(int((other > s[i]).sum() if y[i] else (other < s[i]).sum()))
+        gain = float(np.mean(np.subtract(without, full)))
+        found.append({"image": name, "defective": bool(seeds[0][1][seeds[0][0][name]]), "ap_gain": gain,
+                      "ap_without": without, "beyond": beyond})
+    found.sort(key=lambda r: (-r["ap_gain"], r["image"]))
+    return [{**r, "ap": full} for r in found[:top]]
 
 
 def mean_std(values: list[float | None]) -> dict:
@@ -279,6 +328,7 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
                                 for c, (s, _) in zip(cfgs, found, strict=True)],
                 "epochs_run": [epochs_run(run_dir(runs, dataset, labels, s)) for s, _ in found],
                 "test_images": found[0][1]["images"],
+                "ap_limits": ap_limits([m["per_image"] for _, m in found], good_index(cfgs[0]["model"]["classes"])),
                 "train_wall_s": [m.get("train_wall_s") for _, m in found],
             }
         if entry:
@@ -290,6 +340,62 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
 
 
 NONE = {"mean": None}
+
+
+def good_index(classes: list[str]) -> int:
+    return next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+
+
+def write_limits(summary: dict, data_root: Path, path: Path) -> None:
+    """One figure of the images that limit the AP (``ap_limits``): each shown whole with its ground-truth
+    mask outlined, titled with the AP its absence gives each seed. Images not found under ``data_root``
+    are left out of the figure."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.data import load_samples
+    from models.errors import DataError
+
+    rows = [(d, lab, e["ap_limits"]) for d, de in summary.items() for lab, e in de["label_modes"].items()
+            if e.get("ap_limits")]
+    if not rows:
+        return
+    cols = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.4 * cols, 4.4 * len(rows)), squeeze=False)
+    for ax_row, (dataset, lab, limits) in zip(axes, rows, strict=True):
+        samples = {}
+        for part in ("train", "test"):
+            try:
+                for smp in load_samples(data_root / dataset, f"{dataset}-{part}").samples:
+                    samples[str(Path(smp.path).relative_to(data_root / dataset))] = smp
+            except DataError as e:  # the figure is optional; the table carries the numbers
+                print(f"limits figure: {dataset} not shown ({e})", file=sys.stderr)
+        for ax, r in zip(ax_row, limits + [None] * (cols - len(limits)), strict=True):
+            ax.axis("off")
+            smp = samples.get(r["image"]) if r else None
+            if smp is None:
+                continue
+            img = cv2.imread(str(smp.path), cv2.IMREAD_GRAYSCALE)
+            rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+            if smp.mask is not None and Path(smp.mask).is_file():
+                mask = cv2.imread(str(smp.mask), cv2.IMREAD_GRAYSCALE)
+                mask = cv2.resize(mask, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+                contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+                cv2.drawContours(rgb, contours, -1, (255, 0, 0), max(2, img.shape[1] // 150))
+            ax.imshow(rgb)
+            side = "good images above it" if r["defective"] else "defective images below it"
+            ax.set_title(f"{r['image']} ({'defective' if r['defective'] else 'good'})\n"
+                         f"AP without it: {' / '.join(f'{a:.3f}' for a in r['ap_without'])}\n"
+                         f"{side}: {' / '.join(map(str, r['beyond']))}", fontsize=7)
+        ax_row[0].text(-0.08, 0.5, f"{dataset}, {lab} labels", rotation=90, transform=ax_row[0].transAxes,
+                       ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def write_curves(runs: Path, summary: dict, path: Path) -> None:
@@ -367,6 +473,17 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
         for labels, e in d["label_modes"].items():
             for row, v in e.get("segmentation_rows", {}).items():
                 lines.append(f"| {dataset} | {labels} | {row} | {pct(v['defect_iou'])} | {pct(v['miou_paper'])} |")
+    lines += ["", "What limits the AP: each test image left out in turn, the seeds' image-level defect-vs-good AP (for a binary set the AP above) recomputed without it; the "
+              "images whose absence raises it most (mean over the seeds). *Beyond it*: for a defective image, the "
+              "good images that score above it; for a good image, the defective images that score below it.", "",
+              "| dataset | labels | image | class | defect-vs-good AP per seed | without the image | beyond it |", "|---|---|---|---|---|---|---|"]
+    for dataset, d in summary.items():
+        for labels, e in d["label_modes"].items():
+            for r in e.get("ap_limits", []):
+                lines.append(f"| {dataset} | {labels} | {r['image']} | {'defective' if r['defective'] else 'good'} | "
+                             f"{' / '.join(f'{a:.3f}' for a in r['ap'])} | "
+                             f"{' / '.join(f'{a:.3f}' for a in r['ap_without'])} | "
+                             f"{' / '.join(map(str, r['beyond']))} |")
     lines += ["", "Protocols:", ""]
     for dataset, d in summary.items():
         for labels, e in d["label_modes"].items():
@@ -450,8 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     command = f"valve-model realdata summary --runs {rel(runs)} --summary {rel(args.summary)} --section {args.section}"
     curves = Path(args.summary).with_name(f"{args.section}-curves.png")
     write_curves(runs, summary, curves)
+    limits = Path(args.summary).with_name(f"{args.section}-limits.png")
+    write_limits(summary, data_root, limits)
     body = doc_section(summary, rel(runs), rel(args.summary), command)
     body += f"\n\nLearning curves of these runs: `{rel(curves)}`." if curves.is_file() else ""
+    body += f"\n\nThe images that limit the AP, with their masks: `{rel(limits)}`." if limits.is_file() else ""
     write_section(Path(args.doc), args.section, body)
     print(json.dumps({k: {"accuracy": v["accuracy"]["mean"], "ap": v["ap"]["mean"]} for k, v in summary.items()}))
     return 0
