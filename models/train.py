@@ -285,6 +285,27 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 # training
 
 
+
+def improves(record: dict, best: dict) -> bool:
+    """The weight-selection rule: an epoch's ``record`` replaces the ``best`` so far when its validation
+    balanced accuracy is higher, or equal with a lower validation loss (so among equals the earlier epoch
+    stays). Without validation every epoch replaces the last. Bests saved before val_bal_acc existed are
+    compared by their val_acc."""
+    val_bal = record.get("val_bal_acc")
+    best_bal = best.get("val_bal_acc", best.get("val_acc"))
+    return val_bal is None or best_bal is None or val_bal > best_bal or (
+        val_bal == best_bal and record["val_loss"] < best["val_loss"])
+
+
+def best_logged_epoch(rows: list[dict]) -> int | None:
+    """The epoch whose weights a run kept, replayed from its log rows by :func:`improves`: for runs stopped
+    before they wrote their own record of it (a time budget's kill)."""
+    best: dict = {"epoch": None, "val_bal_acc": None, "val_loss": None}
+    for row in rows:
+        if improves(row, best):
+            best = row
+    return best["epoch"]
+
 def train(config: TrainConfig) -> RunResult:
     """Train (or resume) a run; see the module docstring. Raises DataError/TrainError on user errors."""
     _validate(config)
@@ -450,9 +471,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                   "val_acc": val_acc, "val_bal_acc": val_bal, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": round(time.perf_counter() - t0, 3)}
 
-        best_bal = best.get("val_bal_acc", best.get("val_acc"))  # runs saved before val_bal_acc
-        improved = val_bal is None or best_bal is None or val_bal > best_bal or (
-            val_bal == best_bal and val_loss < best["val_loss"])
+        improved = improves(record, best)
         save_weights(out / LAST_NAME, model, {"epoch": str(epoch)})
         if improved:
             best = {"epoch": epoch, "val_bal_acc": val_bal, "val_acc": val_acc, "val_loss": val_loss}

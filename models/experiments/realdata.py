@@ -188,12 +188,12 @@ def epochs_run(out: Path) -> int:
 
 
 def best_epoch(out: Path) -> int | None:
-    """The epoch whose weights a run kept, from its log (train's rule: highest val_bal_acc, then lower
-    val_loss, then the earlier epoch); for runs stopped before they wrote their final bn_check."""
+    """The epoch whose weights a run kept, replayed from its log by train's own rule; for runs stopped
+    before they wrote their final bn_check."""
     from models.run_dir import LOG_NAME, read_log
+    from models.train import best_logged_epoch
 
-    rows = read_log(out / LOG_NAME)
-    return min(rows, key=lambda r: (-r["val_bal_acc"], r["val_loss"], r["epoch"]))["epoch"] if rows else None
+    return best_logged_epoch(read_log(out / LOG_NAME))
 
 
 def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[int], device: str) -> None:

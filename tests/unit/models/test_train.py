@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from models.checkpoint import load, load_train_state, read_metadata
 from models.cli import main as cli_main
-from models.train import TrainConfig, TrainError, train
+from models.train import TrainConfig, TrainError, best_logged_epoch, improves, train
 from tests.helpers.datasets import make_folders_dataset
 
 FAST = ["--preset", "compact", "--input-size", "48", "--threads", "1", "--batch-size", "16"]
@@ -264,3 +264,21 @@ def test_precision_auto_follows_the_cpu_and_bf16_without_it_is_refused(monkeypat
     assert tr.resolve_precision("auto", cpu) == "fp32"
     with pytest.raises(tr.TrainError, match="--precision fp32 or auto"):
         tr.resolve_precision("bf16", cpu)
+
+
+def test_the_selection_rule_replayed_from_the_log_finds_the_epoch_whose_weights_were_kept(data, tmp_path):
+    """realdata's summary replays the rule for runs killed before their final record (best_logged_epoch)."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "4", "--seed", "1") == 0
+    kept = int(read_metadata(run / "model.safetensors")["epoch"])
+    assert best_logged_epoch(read_log(run)) == kept
+
+
+def test_the_selection_rule_prefers_balanced_accuracy_then_lower_loss_then_the_earlier_epoch():
+    rows = [{"epoch": 1, "val_bal_acc": 0.5, "val_loss": 0.9}, {"epoch": 2, "val_bal_acc": 0.7, "val_loss": 1.2},
+            {"epoch": 3, "val_bal_acc": 0.7, "val_loss": 0.8}, {"epoch": 4, "val_bal_acc": 0.7, "val_loss": 0.8},
+            {"epoch": 5, "val_bal_acc": 0.6, "val_loss": 0.1}]
+    assert best_logged_epoch(rows) == 3
+    assert improves({"val_bal_acc": None, "val_loss": None}, {"epoch": 3, "val_bal_acc": 0.7, "val_loss": 0.8})
+    assert improves({"val_bal_acc": 0.9, "val_loss": 2.0}, {"val_acc": 0.8, "val_loss": 0.1})  # an old run's best
+    assert best_logged_epoch([]) is None
