@@ -53,6 +53,9 @@ class ModelConfig:
         attention: one of ``iam``, ``iam-no-spatial``, ``cbam``, ``none``.
         classes: class names in logit order.
         width: channel multiplier applied to the stem and the three blocks.
+        channels: explicit (stem, block 1, block 2, block 3) channels instead of the ones ``width`` gives,
+            e.g. ``(4, 16, 16, 32)``: width 0.125 with block 1 at width 0.25 (docs/results.md: on
+            KolektorSDD block 1's width decides whether the compact model learns).
         head_width: units of the two hidden FC layers.
         head_pool: ``flatten`` (paper), ``gap`` (compact), ``gmp`` (global max pool) or ``mix``
             (``sigmoid(a) * GMP + (1 - sigmoid(a)) * GAP`` with a trainable ``a``, a0 = 0: the IAM's
@@ -71,6 +74,7 @@ class ModelConfig:
     input_size: int = 192
     dropout: float = 0.3
     reduction: int = 2
+    channels: tuple[int, ...] | None = None
     stem_channels: int = field(init=False, default=0)
     block_channels: tuple[int, ...] = field(init=False, default=())
 
@@ -86,6 +90,15 @@ class ModelConfig:
         if self.input_size % 8:
             raise ValueError(f"input_size must be a multiple of 8 (three 2x2 pools), not {self.input_size}")
         object.__setattr__(self, "classes", tuple(self.classes))
+        if self.channels is not None:
+            ch = tuple(self.channels)
+            if len(ch) != 4 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in ch):
+                raise ValueError(f"channels must be four positive whole numbers (stem, block 1, block 2, block 3), "
+                                 f"not {self.channels!r}")
+            object.__setattr__(self, "channels", ch)
+            object.__setattr__(self, "stem_channels", ch[0])
+            object.__setattr__(self, "block_channels", ch[1:])
+            return
         object.__setattr__(self, "stem_channels", max(4, round(32 * self.width)))
         object.__setattr__(self, "block_channels", tuple(max(4, round(c * self.width)) for c in (64, 128, 256)))
 
@@ -102,11 +115,17 @@ class ModelConfig:
         d.pop("stem_channels")
         d.pop("block_channels")
         d["classes"] = list(self.classes)
+        if self.channels is None:
+            d.pop("channels")  # configs written before explicit channels stay as they were
+        else:
+            d["channels"] = list(self.channels)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {k: v for k, v in d.items() if k not in ("stem_channels", "block_channels")}
+        if known.get("channels") is not None:
+            known["channels"] = tuple(known["channels"])
         return cls(**known)
 
 

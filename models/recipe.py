@@ -33,7 +33,7 @@ class TrainError(ValveModelError, ValueError):
 class TrainConfig:
     """Everything ``train`` needs. Defaults are the paper's recipe with the compact preset.
 
-    ``width``, ``head_width``, ``head_pool`` and ``input_size`` override the preset when set. ``threads`` sets
+    ``width``, ``channels``, ``head_width``, ``head_pool`` and ``input_size`` override the preset when set. ``threads`` sets
     torch's intra-op threads for the duration of the call. ``progress`` None: a tqdm bar when
     stderr is a terminal, else one line per epoch.
     """
@@ -50,6 +50,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     width: float | None = None
+    channels: tuple[int, ...] | None = None
     head_width: int | None = None
     head_pool: str | None = None
     input_size: int | None = None
@@ -69,7 +70,7 @@ class TrainConfig:
 
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
-                                         "val_fraction", "seed", "width", "head_width", "head_pool",
+                                         "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
                                          "input_size", "augment", "balance", "schedule", "bn_recal", "epoch_size")
 
 
@@ -120,7 +121,8 @@ def _validate(config: TrainConfig) -> None:
 
 
 def model_config_for(config: TrainConfig, classes: tuple[str, ...]) -> ModelConfig:
-    overrides = {k: v for k, v in (("width", config.width), ("head_width", config.head_width),
+    overrides = {k: v for k, v in (("width", config.width), ("channels", config.channels),
+                                   ("head_width", config.head_width),
                                    ("head_pool", config.head_pool), ("input_size", config.input_size)) if v is not None}
     try:
         return preset_config(config.preset, config.attention, classes=classes, **overrides)

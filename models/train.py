@@ -392,6 +392,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             "model": mcfg.to_dict(),
             "train": {
                 "preset": config.preset, "attention": config.attention, "width": config.width,
+                "channels": None if config.channels is None else list(config.channels),
                 "head_width": config.head_width, "head_pool": config.head_pool, "input_size": config.input_size,
                 "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": "adam",
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
@@ -519,6 +520,18 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
 # command line
 
 
+def parse_channels(text: str) -> tuple[int, ...]:
+    """``--channels 4,16,16,32`` -> (4, 16, 16, 32); anything else is refused with the expected form."""
+    try:
+        ch = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        ch = ()
+    if len(ch) != 4 or min(ch) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four positive whole numbers: give the stem's and the "
+                                         "three blocks' channels, e.g. 4,16,16,32")
+    return ch
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="", out="")
     p = argparse.ArgumentParser(
@@ -535,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--val-fraction", type=float, help=f"validation share per class (default {d.val_fraction})")
     p.add_argument("--width", type=float, help="override the preset's channel width multiplier")
+    p.add_argument("--channels", type=parse_channels, metavar="STEM,B1,B2,B3",
+                   help="explicit channels of the stem and the three blocks instead of --width's, e.g. 4,16,16,32")
     p.add_argument("--head-width", type=int, help="override the preset's hidden FC units")
     p.add_argument("--head-pool", choices=HEAD_POOLS,
                    help="override the preset's pooling of the last feature map (flatten, gap, gmp, mix)")
@@ -563,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "head_width", "head_pool", "input_size", "augment", "balance", "schedule", "bn_recal",
+             "width", "channels", "head_width", "head_pool", "input_size", "augment", "balance", "schedule", "bn_recal",
              "epoch_size", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -577,7 +592,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
         t = {**LEGACY_OPTIONS, **saved.get("train", {})}
         for n in TrainConfig.LOCKED + ("epochs",):
             if n not in given and n in t:
-                given[n] = tuple(t[n]) if n == "betas" else t[n]
+                given[n] = tuple(t[n]) if n in ("betas", "channels") and t[n] is not None else t[n]
         given.setdefault("format", saved.get("data", {}).get("format", "folders"))
         given.setdefault("data", saved.get("data", {}).get("path"))
     if not given.get("data"):

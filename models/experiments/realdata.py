@@ -20,7 +20,7 @@ scored on the test parts (models.tiles.evaluate_images). Two label modes side by
     mask    slice labels derived from the masks (the paper labels its slices)
     image   image labels only: every tile of a defect image carries its label (no mask is read)
 
-Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--head-pool``) change the
+Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--channels``, ``--head-pool``) change the
 training, not the tiles; each run's config.json records what it used, and the summary's protocol text is
 read from there. ``pack`` writes a lossless copy of the datasets for another machine: KolektorSDD resized
 once to the protocol's scale 0.5 (PNG, 36 MB instead of 101 MB of JPEG), Magnetic-tile as it is, each
@@ -171,9 +171,11 @@ def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
     tiles = PROTOCOL[dataset]["tiles"]
     t, m = cfg.get("train", {}), cfg.get("model", {})
     where = t.get("device", "cpu") + (f" ({t['device_name']})" if t.get("device_name") else "")
+    size = (f"channels {','.join(map(str, m['channels']))} (stem, blocks)" if m.get("channels")
+            else f"width {m.get('width', '?')}")
     return (f"{tiles['size']}x{tiles['size']} tiles, stride {tiles['stride']}, scale {tiles['scale']} "
             f"({'slice labels from the masks' if labels == 'mask' else 'image labels only'}); image verdict = any "
-            f"tile defective; IRA-CNN {m.get('preset', '?')} width {m.get('width', '?')} ({m.get('attention', '?')}, "
+            f"tile defective; IRA-CNN {m.get('preset', '?')} {size} ({m.get('attention', '?')}, "
             f"{m.get('head_pool', '?')} head), {t.get('epochs', '?')} epochs of {t.get('epoch_size', '?')} "
             f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, BN recalibration, "
             f"weights on balanced validation accuracy; trained on {where}; seeded grouped split train:test 2:3 "
@@ -508,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-size", type=int, default=None, help="override the protocol's draws per epoch")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
     p.add_argument("--width", type=float, default=None, help="override the compact preset's width (0.125)")
+    p.add_argument("--channels", default=None, metavar="STEM,B1,B2,B3",
+                   help="explicit channels of the stem and the three blocks instead of the width's (e.g. 4,16,16,32)")
     p.add_argument("--head-pool", default=None, help="override the head's pooling (gap, gmp, mix, flatten)")
     p.add_argument("--out", default=None, help="pack: the folder for the copy")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
@@ -527,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in PROTOCOL:
         if args.epochs is not None:
             PROTOCOL[d]["train"]["epochs"] = args.epochs
-        for key in ("epoch_size", "batch_size", "width", "head_pool"):
+        for key in ("epoch_size", "batch_size", "width", "channels", "head_pool"):
             if getattr(args, key) is not None:
                 PROTOCOL[d]["train"][key] = getattr(args, key)
     if args.step == "pack":

@@ -1,5 +1,6 @@
 """IRA-CNN and IAM against the paper's Table 1 and eqs (3)-(10)."""
 
+import json
 import math
 
 import pytest
@@ -209,3 +210,24 @@ def test_mix_head_alpha_starts_at_zero_and_trains():
     assert model.classifier.alpha.grad is not None and model.classifier.alpha.grad.abs().item() > 0
     with pytest.raises(ValueError, match="gmp, mix"):
         preset_config("compact", head_pool="lse")
+
+
+def test_explicit_channels_replace_the_widths_and_survive_the_config_round_trip():
+    cfg = preset_config("compact", channels=(4, 16, 16, 32), head_pool="mix")
+    assert (cfg.stem_channels, cfg.block_channels) == (4, (16, 16, 32))
+    model = build_model(cfg)
+    assert model.stem[0][0].out_channels == 4 and model.block1.proj[0].out_channels == 16
+    assert model.block3.proj[0].out_channels == 32
+    assert model(torch.zeros(2, 1, 192, 192)).shape == (2, 4)
+    d = cfg.to_dict()
+    assert d["channels"] == [4, 16, 16, 32]
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    # a config without explicit channels is written exactly as before they existed
+    assert "channels" not in preset_config("compact").to_dict()
+    assert ModelConfig.from_dict(preset_config("compact").to_dict()).block_channels == (8, 16, 32)
+
+
+@pytest.mark.parametrize("bad", [(4, 16, 16), (4, 0, 16, 32), (4, 16.5, 16, 32), (4, True, 16, 32)])
+def test_channels_that_are_not_four_positive_whole_numbers_are_refused(bad):
+    with pytest.raises(ValueError, match="four positive whole numbers"):
+        preset_config("compact", channels=bad)

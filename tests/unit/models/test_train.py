@@ -282,3 +282,18 @@ def test_the_selection_rule_prefers_balanced_accuracy_then_lower_loss_then_the_e
     assert improves({"val_bal_acc": None, "val_loss": None}, {"epoch": 3, "val_bal_acc": 0.7, "val_loss": 0.8})
     assert improves({"val_bal_acc": 0.9, "val_loss": 2.0}, {"val_acc": 0.8, "val_loss": 0.1})  # an old run's best
     assert best_logged_epoch([]) is None
+
+
+def test_channels_option_reaches_the_model_is_recorded_and_locked_on_resume(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1", "--channels", "4,12,8,8") == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["channels"] == [4, 12, 8, 8] and cfg["train"]["channels"] == [4, 12, 8, 8]
+    assert load(run).block1.proj[0].out_channels == 12
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 0  # taken from the run
+    assert load(run).block1.proj[0].out_channels == 12
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "3", "--channels", "4,8,8,8"]) == 2
+    assert "channels [4, 8, 8, 8] (the run used [4, 12, 8, 8])" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_train(data, tmp_path / "bad", "--channels", "4,16")
+    assert "not four positive whole numbers" in capsys.readouterr().err
