@@ -483,6 +483,47 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
                          "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for k, v in per_row.items()}}
 
 
+def refine_ceiling(tiles_dir: Path, manifest: dict, dilations: Sequence[int] = (1, 31)) -> dict:
+    """What the runtime's ``refined`` masks can reach on a dataset when the map is perfect: every tile with
+    a true mask gets that mask as its saliency (and so its class right), the refine step (service.segment,
+    with the region grown by each of ``dilations``; 31 is the runtime's) picks the pixels, and the stitched
+    masks are scored like :func:`image_segmentation` (defect-only IoU and eq. 18, mean over the defective
+    images with a mask). No model is involved: this is the ceiling the annotation style leaves the method.
+    """
+    from models.metrics import pixel_counts, scores_from_counts
+    from service.segment import refined_mask
+
+    size = int(manifest["spec"]["size"])
+    classes = manifest["classes"]
+    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    rows: dict[int, dict[str, list[float]]] = {d: {"iou": [], "miou": []} for d in dilations}
+    images = [im for im in manifest["images"] if im["label"] != classes[good] and im.get("mask")]
+    for im in images:
+        h, w = _canvas(im, size)
+        truth = np.zeros((h, w), bool)
+        preds = {d: np.zeros((h, w), bool) for d in dilations}
+        for t in im["tiles"]:
+            mpath = Path(tiles_dir) / t["file"].replace(".png", "_mask.png")
+            if not mpath.is_file():
+                continue
+            tm = read_mask(mpath)
+            truth[t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= tm
+            if tm.any():
+                x = read_image(Path(tiles_dir) / t["file"])
+                for d in dilations:
+                    preds[d][t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= refined_mask(
+                        x, tm.astype(np.float32), dilate=d)
+        for d, pred in preds.items():
+            sc = scores_from_counts(pixel_counts(pred[:im["height"], :im["width"]], truth[:im["height"], :im["width"]]))
+            rows[d]["iou"].append(sc["iou"])
+            rows[d]["miou"].append(sc["miou_paper"])
+    return {"images": len(images), "definition": "the true mask as each tile's map; refined masks stitched; mean "
+                                                  "over the defective test images of defect-only IoU and eq. 18",
+            "rows": {f"truth/refined, region grown {d} px": {
+                "defect_iou": float(np.mean(v["iou"])) if v["iou"] else None,
+                "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for d, v in rows.items()}}
+
+
 def calibrated_metrics(run_dir: Path, train_tiles_dir: Path, manifest: dict, probs: dict[str, np.ndarray],
                        **kwargs) -> dict:
     """The image metrics at the threshold calibrated on the run's validation images (the training side):

@@ -8,6 +8,7 @@ was interrupted, and retrains nothing whose configuration is unchanged):
     valve-model realdata calibrate                               # add the calibrated image rule to older runs
     valve-model realdata summary                                 # docs/results/summary.json + docs/results.md
     valve-model realdata pack    --out DIR                       # a copy to carry to a GPU machine (below)
+    valve-model realdata ceiling                                 # refined masks from the true masks as maps
 
 Protocol (:data:`PROTOCOL`, per dataset and label mode; recorded in every run's config.json and in the
 summary): the seeded grouped train/test split of models.real_data (train:test 2:3, seed 0); each image
@@ -498,7 +499,7 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack"))
+    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling"))
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
     p.add_argument("--seeds", default="0,1,2")
@@ -513,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default=None, metavar="STEM,B1,B2,B3",
                    help="explicit channels of the stem and the three blocks instead of the width's (e.g. 4,16,16,32)")
     p.add_argument("--head-pool", default=None, help="override the head's pooling (gap, gmp, mix, flatten)")
-    p.add_argument("--out", default=None, help="pack: the folder for the copy")
+    p.add_argument("--out", default=None, help="pack: the folder for the copy; ceiling: the JSON to write "
+                                               "(default docs/results/segmentation-ceiling.json)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     p.add_argument("--runs", default=str(DEFAULT_RUNS))
     p.add_argument("--doc", default=str(DEFAULT_DOC))
@@ -546,6 +548,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.step == "calibrate":
         calibrate(runs, datasets, labels, seeds, args.device)
+        return 0
+    if args.step == "ceiling":
+        from models.tiles import read_tiles_manifest, refine_ceiling
+
+        out = {}
+        for d in datasets:
+            make_tiles(runs, data_root, d, "mask")
+            test = tiles_dir(runs, d, "mask", "test")
+            out[d] = refine_ceiling(test, read_tiles_manifest(test))
+            print(f"{d}: {json.dumps(out[d]['rows'])}", flush=True)
+        path = Path(args.out or DEFAULT_SUMMARY.with_name("segmentation-ceiling.json"))
+        path.write_text(json.dumps({"command": f"valve-model realdata ceiling --datasets {','.join(datasets)}",
+                                    **out}, indent=1) + "\n")
         return 0
     if args.step == "train":
         for d in datasets:
