@@ -559,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
             out[d] = refine_ceiling(test, read_tiles_manifest(test))
             print(f"{d}: {json.dumps(out[d]['rows'])}", flush=True)
         path = Path(args.out or DEFAULT_SUMMARY.with_name("segmentation-ceiling.json"))
-        path.write_text(json.dumps({"command": f"valve-model realdata ceiling --datasets {','.join(datasets)}",
+        runs_arg = os.path.relpath(runs.resolve(), REPO)
+        path.write_text(json.dumps({"command": f"valve-model realdata ceiling --datasets {','.join(datasets)} "
+                                               f"--runs {runs_arg}", "date": time.strftime("%Y-%m-%d"),
                                     **out}, indent=1) + "\n")
         return 0
     if args.step == "train":
