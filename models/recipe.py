@@ -115,6 +115,9 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
     if config.bn_recal < 0:
         raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
+    if config.width is not None and config.channels is not None:
+        raise TrainError("--width and --channels both set the model's channels: give one (--channels wins over "
+                         "every stage, so a --width beside it would be recorded but not used)")
     if config.resume and config.force:
         raise TrainError("--resume and --force contradict each other: --resume continues the run, "
                          "--force starts it over")

@@ -349,7 +349,8 @@ def calibrate_threshold(scored: dict) -> dict:
     good on ``scored`` (image_scores of the validation images). Candidates: 0 (p = 0.5, the daemon's
     default), the midpoints between consecutive distinct image log-odds, and one below the lowest and
     one above the highest; ties go to the candidate nearest 0. Returned as ``threshold_logodds`` and as
-    the probability ``threshold`` (1 / (1 + e^-bound))."""
+    the probability ``threshold`` (1 / (1 + e^-bound)), with the highest good and the lowest defective
+    validation score (``good_max``, ``defect_min``) that bound it."""
     classes = scored["classes"]
     good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
     score = np.array([r["defect_logodds"] for r in scored["images"]], dtype=float)
@@ -371,6 +372,7 @@ def calibrate_threshold(scored: dict) -> dict:
     t = float(tied[np.argmin(np.abs(tied))])
     return {"threshold_logodds": t, "threshold": float(1.0 / (1.0 + np.exp(-t))), "images": int(len(score)),
             "defect_images": int(defect.sum()), "balanced_accuracy": float(best), "at_0.5": float(bal(0.0)),
+            "good_max": float(score[~defect].max()), "defect_min": float(score[defect].min()),
             "score": "max over the image's tiles of log(p(defective) / p(good))"}
 
 
@@ -519,7 +521,7 @@ def refine_ceiling(tiles_dir: Path, manifest: dict, dilations: Sequence[int] = (
             rows[d]["miou"].append(sc["miou_paper"])
     return {"images": len(images), "definition": "the true mask as each tile's map; refined masks stitched; mean "
                                                   "over the defective test images of defect-only IoU and eq. 18",
-            "rows": {f"truth/refined, region grown {d} px": {
+            "rows": {(f"truth/refined, region dilated by a {d} x {d} square" if d > 1 else "truth/refined, region not grown"): {
                 "defect_iou": float(np.mean(v["iou"])) if v["iou"] else None,
                 "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for d, v in rows.items()}}
 

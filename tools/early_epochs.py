@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, not {args.epochs}")
     rows = [row(r, args.epochs) for r in args.runs]
     print(table(rows))
     if args.json:

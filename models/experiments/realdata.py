@@ -217,7 +217,8 @@ def calibrate(runs: Path, datasets: list[str], labels: list[str], seeds: list[in
                 if not path.is_file():
                     continue
                 m = json.loads(path.read_text())
-                calibrated = "score" in m.get("calibrated", {}).get("calibration", {})
+                # calibrated on the log-odds, with the validation scores' extremes recorded
+                calibrated = {"score", "good_max"} <= set(m.get("calibrated", {}).get("calibration", {}))
                 if calibrated and all("defect_logodds" in r for r in m["per_image"]):
                     continue  # calibrated on the log-odds already, and every image carries its log-odds
                 test = tiles_dir(runs, dataset, lab, "test")
@@ -258,7 +259,10 @@ def ap_limits(per_seed: list[list[dict]], good: int, top: int = 3) -> list[dict]
     the first ``top`` come back with, per seed, the AP without the image and the image's rank on the
     other class's side: for a defective image, how many good images score above it; for a good image, how
     many defective images score below it. Images missing from a seed are skipped (the seeds share one
-    test split, so that does not happen in a protocol run).
+    test split, so that does not happen in a protocol run). Leaving out a seed's only defective (or only
+    good) image leaves nothing to rank: that seed's AP without it is None and the image's gain is the mean
+    over the other seeds (an image with no such seed is not listed). ``ties``: how many other images have
+    the same gain (the order among them is by name).
     """
     from models.metrics import average_precision
 
@@ -274,19 +278,25 @@ def ap_limits(per_seed: list[list[dict]], good: int, top: int = 3) -> list[dict]
     full = [average_precision(y, s) for _, y, s in seeds]
     found = []
     for name in common:
-        without, beyond = [], []
+        without: list[float | None] = []
+        beyond = []
         for ix, y, s in seeds:
             i = ix[name]
             keep = np.ones(len(y), dtype=bool)
             keep[i] = False
-            without.append(average_precision(y[keep], s[keep]))
+            both = y[keep].any() and (~y[keep]).any()
+            without.append(average_precision(y[keep], s[keep]) if both else None)
             other = s[~y] if y[i] else s[y]
             beyond.append(int((other > s[i]).sum() if y[i] else (other < s[i]).sum()))
-        gain = float(np.mean(np.subtract(without, full)))
-        found.append({"image": name, "defective": bool(seeds[0][1][seeds[0][0][name]]), "ap_gain": gain,
-                      "ap_without": without, "beyond": beyond})
+        gains = [w - f for w, f in zip(without, full, strict=True) if w is not None]
+        if not gains:
+            continue
+        found.append({"image": name, "defective": bool(seeds[0][1][seeds[0][0][name]]),
+                      "ap_gain": float(np.mean(gains)), "ap_without": without, "beyond": beyond})
     found.sort(key=lambda r: (-r["ap_gain"], r["image"]))
-    return [{**r, "ap": full} for r in found[:top]]
+    gains = np.array([r["ap_gain"] for r in found])
+    return [{**r, "ap": full, "ties": int(np.isclose(gains, r["ap_gain"], rtol=0, atol=1e-12).sum()) - 1}
+            for r in found[:top]]
 
 
 def mean_std(values: list[float | None]) -> dict:
@@ -391,7 +401,7 @@ def write_limits(summary: dict, data_root: Path, path: Path) -> None:
             ax.imshow(rgb)
             side = "good images above it" if r["defective"] else "defective images below it"
             ax.set_title(f"{r['image']} ({'defective' if r['defective'] else 'good'})\n"
-                         f"AP without it: {' / '.join(f'{a:.3f}' for a in r['ap_without'])}\n"
+                         f"AP without it: {' / '.join('-' if a is None else f'{a:.3f}' for a in r['ap_without'])}\n"
                          f"{side}: {' / '.join(map(str, r['beyond']))}", fontsize=7)
         ax_row[0].text(-0.08, 0.5, f"{dataset}, {lab} labels", rotation=90, transform=ax_row[0].transAxes,
                        ha="right", va="center", fontsize=8)
@@ -483,9 +493,11 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
     for dataset, d in summary.items():
         for labels, e in d["label_modes"].items():
             for r in e.get("ap_limits", []):
-                lines.append(f"| {dataset} | {labels} | {r['image']} | {'defective' if r['defective'] else 'good'} | "
+                tie = f" (tied with {r['ties']} more)" if r.get("ties") else ""
+                lines.append(f"| {dataset} | {labels} | {r['image']}{tie} | "
+                             f"{'defective' if r['defective'] else 'good'} | "
                              f"{' / '.join(f'{a:.3f}' for a in r['ap'])} | "
-                             f"{' / '.join(f'{a:.3f}' for a in r['ap_without'])} | "
+                             f"{' / '.join('-' if a is None else f'{a:.3f}' for a in r['ap_without'])} | "
                              f"{' / '.join(map(str, r['beyond']))} |")
     lines += ["", "Protocols:", ""]
     for dataset, d in summary.items():
@@ -533,6 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     for d in PROTOCOL:
         if args.epochs is not None:
             PROTOCOL[d]["train"]["epochs"] = args.epochs
+        if args.channels is not None and args.width is not None:
+            raise SystemExit(f"{PROG}: --width and --channels both set the model's channels: give one")
+        if args.channels is not None:
+            from models.train import parse_channels
+
+            try:  # refused here, before any tiles are cut, not in each training's log
+                args.channels = ",".join(map(str, parse_channels(args.channels)))
+            except argparse.ArgumentTypeError as e:
+                raise SystemExit(f"{PROG}: --channels {e}") from None
         for key in ("epoch_size", "batch_size", "width", "channels", "head_pool"):
             if getattr(args, key) is not None:
                 PROTOCOL[d]["train"][key] = getattr(args, key)
@@ -559,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             out[d] = refine_ceiling(test, read_tiles_manifest(test))
             print(f"{d}: {json.dumps(out[d]['rows'])}", flush=True)
         path = Path(args.out or DEFAULT_SUMMARY.with_name("segmentation-ceiling.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)
         runs_arg = os.path.relpath(runs.resolve(), REPO)
         path.write_text(json.dumps({"command": f"valve-model realdata ceiling --datasets {','.join(datasets)} "
                                                f"--runs {runs_arg}", "date": time.strftime("%Y-%m-%d"),

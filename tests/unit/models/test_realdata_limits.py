@@ -65,3 +65,20 @@ def test_runs_scored_before_the_log_odds_fall_back_to_the_defect_score_and_a_mul
 def test_without_both_classes_there_is_nothing_to_rank():
     assert ap_limits([records({"g0": (0, -1.0), "g1": (0, 1.0)})], good=0) == []
     assert ap_limits([], good=0) == []
+
+
+def test_a_seed_with_one_defective_image_gives_none_not_nan_and_ties_are_counted():
+    # seed A: one defective image; leaving it out leaves nothing to rank there
+    a = records({"d0": (1, 1.0), "g0": (0, 2.0), "g1": (0, -1.0)})
+    b = records({"d0": (1, 3.0), "g0": (0, 2.0), "g1": (0, -1.0), "d1": (1, 5.0)})
+    found = ap_limits([a, b], good=0, top=3)
+    d0 = next(r for r in found if r["image"] == "d0")
+    assert d0["ap_without"][0] is None and d0["ap_without"][1] == pytest.approx(1.0)
+    assert d0["ap_gain"] == pytest.approx(1.0 - average_precision(
+        np.array([1, 0, 0, 1], bool), np.array([3.0, 2.0, -1.0, 5.0])))
+    assert all(np.isfinite(r["ap_gain"]) for r in found)
+    assert found[0]["image"] == "g0"  # above d0 in both seeds
+    # two good images that score alike everywhere tie
+    c = records({"d0": (1, 4.0), "g0": (0, 5.0), "g1": (0, 5.0), "g2": (0, -3.0)})
+    tied = ap_limits([c], good=0, top=2)
+    assert [r["image"] for r in tied] == ["g0", "g1"] and [r["ties"] for r in tied] == [1, 1]

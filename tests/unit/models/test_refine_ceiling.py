@@ -39,6 +39,15 @@ def test_the_ceiling_is_the_defect_share_of_its_annotation(tmp_path, halfwidth, 
     write_tiles(load_samples(root, "kolektorsdd"), out, TileSpec(size=96, stride=96, scale=1.0, labels="mask"))
     c = refine_ceiling(out, read_tiles_manifest(out), dilations=(31,))
     assert c["images"] == 1
-    for row in c["rows"].values():
-        assert row["defect_iou"] == pytest.approx(expected, abs=0.03)
-        assert 0.5 < row["miou_paper"] <= 1.0
+    row = c["rows"]["truth/refined, region dilated by a 31 x 31 square"]
+    assert row["defect_iou"] == pytest.approx(expected, abs=0.03)
+    assert 0.5 < row["miou_paper"] <= 1.0
+
+
+def test_a_region_not_grown_splits_the_annotation_into_defect_and_background(tmp_path):
+    """The annotation 3x the crack's width is the region itself: the step still finds the crack in it."""
+    root = dataset(tmp_path / "kolektorsdd", 6)
+    out = tmp_path / "tiles"
+    write_tiles(load_samples(root, "kolektorsdd"), out, TileSpec(size=96, stride=96, scale=1.0, labels="mask"))
+    c = refine_ceiling(out, read_tiles_manifest(out), dilations=(1,))
+    assert c["rows"]["truth/refined, region not grown"]["defect_iou"] == pytest.approx(6 / 18, abs=0.03)

@@ -199,6 +199,7 @@ def test_calibrated_threshold_separates_validation_images_worked_example():
     assert cal["threshold"] == pytest.approx(1 / (1 + np.exp(-4.0)))
     assert cal["balanced_accuracy"] == 1.0 and cal["at_0.5"] == 0.5
     assert (cal["images"], cal["defect_images"]) == (7, 3)
+    assert (cal["good_max"], cal["defect_min"]) == (3.0, 5.0)
 
 
 def test_calibrated_threshold_ties_go_to_the_candidate_nearest_0_5():

@@ -297,3 +297,21 @@ def test_channels_option_reaches_the_model_is_recorded_and_locked_on_resume(data
     with pytest.raises(SystemExit):
         run_train(data, tmp_path / "bad", "--channels", "4,16")
     assert "not four positive whole numbers" in capsys.readouterr().err
+
+
+def test_a_run_written_before_channels_existed_resumes(data, tmp_path):
+    """config.json without "channels" (runs from before the option) resumes as a width-built model."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1") == 0
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["train"]["channels"]
+    assert "channels" not in cfg["model"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    assert load(run).block1.proj[0].out_channels == 8
+
+
+def test_width_and_channels_together_are_refused(data, tmp_path, capsys):
+    assert run_train(data, tmp_path / "run", "--width", "0.25", "--channels", "4,16,16,32") == 2
+    assert "--width and --channels both set the model's channels" in capsys.readouterr().err
