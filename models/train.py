@@ -286,6 +286,20 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 
+#: after this many epochs a training loss still at the chance level is reported (a stalled initialisation)
+STALL_EPOCHS = 3
+
+
+def chance_loss(train_counts: dict[str, int], balanced: bool) -> float:
+    """The cross-entropy of predicting the draws' class frequencies: ln K for class-balanced draws, the
+    entropy of the training counts otherwise. A training loss still near it has not left the chance level."""
+    n = [c for c in train_counts.values() if c > 0]
+    if balanced:
+        return math.log(len(n))
+    total = sum(n)
+    return -sum(c / total * math.log(c / total) for c in n)
+
+
 def improves(record: dict, best: dict) -> bool:
     """The weight-selection rule: an epoch's ``record`` replaces the ``best`` so far when its validation
     balanced accuracy is higher, or equal with a lower validation loss (so among equals the earlier epoch
@@ -490,6 +504,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             f"train_acc {_fmt(train_acc, 3)}  val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  "
             f"val_bal_acc {_fmt(val_bal, 3)}  {record['seconds']:.1f}s"
             + ("  *" if improved and val_bal is not None else ""))
+        chance = chance_loss(counts["train"], config.balance)
+        if epoch == STALL_EPOCHS and config.epochs > STALL_EPOCHS and train_loss >= 0.95 * chance:
+            say(f"warning: after {epoch} epochs the training loss {train_loss:.3f} is still at the chance level "
+                f"({chance:.3f}, what predicting the class frequencies gives): this initialisation may have "
+                "stalled (on KolektorSDD, width 0.125 stalled for seed 0 and learned for seeds 1 and 2; "
+                "docs/results.md). Let it run, or start over with another --seed or a wider block 1 "
+                "(--channels 4,16,16,32)")
 
     if history and start_epoch <= config.epochs and (out / WEIGHTS_NAME).is_file():
         # the BN check of the weights that ship (the best epoch's, recalibrated when they were saved)

@@ -5,6 +5,7 @@ tests/helpers/datasets.py so that the whole module takes seconds on one CPU thre
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from models.checkpoint import load, load_train_state, read_metadata
 from models.cli import main as cli_main
-from models.train import TrainConfig, TrainError, best_logged_epoch, improves, train
+from models.train import TrainConfig, TrainError, best_logged_epoch, chance_loss, improves, train
 from tests.helpers.datasets import make_folders_dataset
 
 FAST = ["--preset", "compact", "--input-size", "48", "--threads", "1", "--batch-size", "16"]
@@ -315,3 +316,19 @@ def test_a_run_written_before_channels_existed_resumes(data, tmp_path):
 def test_width_and_channels_together_are_refused(data, tmp_path, capsys):
     assert run_train(data, tmp_path / "run", "--width", "0.25", "--channels", "4,16,16,32") == 2
     assert "--width and --channels both set the model's channels" in capsys.readouterr().err
+
+
+def test_a_training_loss_still_at_chance_after_three_epochs_is_reported(data, tmp_path, capsys):
+    """A learning rate too small to move the weights keeps the loss at ln 4 (balanced draws): warned once."""
+    assert run_train(data, tmp_path / "stalled", "--epochs", "4", "--lr", "1e-9", "--epoch-size", "512") == 0
+    err = capsys.readouterr().err
+    assert err.count("still at the chance level (1.386") == 1
+    assert run_train(data, tmp_path / "learns", "--epochs", "4", "--lr", "3e-3") == 0
+    log = read_log(tmp_path / "learns")
+    assert (log[2]["train_loss"] < 0.95 * math.log(4)) == ("chance level" not in capsys.readouterr().err)
+
+
+def test_chance_loss_is_ln_k_for_balanced_draws_and_the_prior_entropy_otherwise():
+    assert chance_loss({"a": 10, "b": 30}, balanced=True) == pytest.approx(math.log(2))
+    assert chance_loss({"a": 10, "b": 30}, balanced=False) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert chance_loss({"a": 10, "b": 0, "c": 10}, balanced=True) == pytest.approx(math.log(2))
