@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-seed", type=int, default=2)
     p.add_argument("--mix", default=DEFAULT_MIX,
                    help=f"class weights of the rendered frames (default {DEFAULT_MIX}); novel types are refused")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs (default 100, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="shipped",
                    help="training recipe: shipped (the shipped model's, default) or train-defaults "

@@ -557,7 +557,9 @@ def build_metadata(model: IRACNN, onnx_path: Path, result: ExportResult, parity:
         "graph_rewrites": {"split_spatial_reduce_mean": result.rewrites},
         "source": {"weights": str(weights.resolve()), "weights_sha256": sha256_file(weights)},
         "training": None if run_config is None else {
-            "data": run_config.get("data"), "train": run_config.get("train")},
+            "data": run_config.get("data"), "train": run_config.get("train"),
+            # a run continued with --resume: from which epoch, with which command (train.command is the first)
+            **({"resumed": run_config["resumed"]} if run_config.get("resumed") else {})},
         # the figures, not the PR curves' point lists (those stay in the report's metrics.json)
         "evaluation": None if metrics is None else {
             "path": str(metrics_path), "metrics": {k: v for k, v in metrics.items() if k != "pr_curves"}},

@@ -280,3 +280,20 @@ def test_full_paper_preset_exports_and_passes_parity(tmp_path):
     figures = export.parity_check(model, path, n_random=4)
     print(export.format_parity(figures))
     assert figures["passed"], export.format_parity(figures)
+
+
+def test_a_resumed_runs_commands_reach_model_json(run_dir, tmp_path):
+    """A run continued with --resume records it in config.json; model.json carries that record beside the
+    first command, so the shipped model says how it was trained."""
+    import shutil
+
+    root, _, data, train, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    cfg = json.loads((run / "config.json").read_text())
+    resumed = [{"from_epoch": 40, "epochs": 100, "command": ["valve-model", "train", "--resume", "--epochs", "100"]}]
+    (run / "config.json").write_text(json.dumps({**cfg, "resumed": resumed}))
+    out = tmp_path / "out" / "model.onnx"
+    assert export.main(["--run", str(run), "--out", str(out), "--batch-check", "2"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["training"] == {"data": data, "train": train, "resumed": resumed}
