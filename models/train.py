@@ -252,9 +252,14 @@ def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, b
 def bn_check(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_size: int,
              indices: Sequence[int]) -> dict:
     """Accuracy on ``dataset[indices]`` with batch statistics (BN in train mode, momentum 0 so nothing is
-    updated; dropout off) and with the running statistics (eval mode); their gap in points."""
+    updated; dropout off) and with the running statistics (eval mode); their gap in points.
+
+    The images are batched in a fixed shuffled order (the same whatever the order of ``indices``): training
+    batches mix the classes, and a batch of one class (indices in class order, as a dataset lists them)
+    would normalise the class away and measure nothing about the running statistics."""
     bns = _bn_layers(model)
-    loader = DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    order = np.random.default_rng(0).permutation(sorted(indices)).tolist()
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False)
     hits = {"batch": 0, "running": 0}
     n = 0
     momenta = [m.momentum for m in bns]

@@ -332,3 +332,37 @@ def test_chance_loss_is_ln_k_for_balanced_draws_and_the_prior_entropy_otherwise(
     assert chance_loss({"a": 10, "b": 30}, balanced=True) == pytest.approx(math.log(2))
     assert chance_loss({"a": 10, "b": 30}, balanced=False) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
     assert chance_loss({"a": 10, "b": 0, "c": 10}, balanced=True) == pytest.approx(math.log(2))
+
+
+def test_bn_check_batches_mix_the_classes_whatever_the_order_of_the_indices():
+    """Indices in class order (as datasets list them) must not give one-class batches: the check batches a
+    fixed shuffle, so class-sorted and reversed indices give the same figures, and batches hold both classes."""
+    from models.ira_cnn import build_model, preset_config
+    from models.train import bn_check
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("compact", classes=("good", "defect"), input_size=48))
+    y = torch.tensor([0] * 32 + [1] * 32)  # class-sorted, as a folder dataset lists its images
+    x = torch.randint(0, 256, (64, 1, 48, 48), dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(64, dtype=torch.uint8)  # each image's id in its corner pixel
+    seen: list[set[int]] = []
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    forward = model.forward
+
+    def spy(batch):
+        seen.append({int(v) for v in batch[:, 0, 0, 0]})  # which images went through together
+        return forward(batch)
+
+    model.forward = spy
+    a = bn_check(model, DS(), torch.device("cpu"), 16, range(64))
+    b = bn_check(model, DS(), torch.device("cpu"), 16, list(reversed(range(64))))
+    assert a == b
+    mixed = [len({int(y[i]) for i in s}) == 2 for s in seen]
+    assert sum(mixed) >= len(mixed) // 2, mixed
