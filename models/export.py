@@ -508,7 +508,9 @@ def load_run(run: str | Path) -> tuple[IRACNN, Path, Path | None, dict | None]:
         except (TypeError, ValueError) as exc:
             raise ExportError(f"{cfg_path}: its \"model\" section is not a valid ModelConfig: {exc}") from exc
         if declared != model.config.to_dict():
-            diff = {k: (declared.get(k), v) for k, v in model.config.to_dict().items() if declared.get(k) != v}
+            mine = model.config.to_dict()
+            diff = {k: (declared.get(k), mine.get(k)) for k in sorted(declared.keys() | mine.keys())
+                    if declared.get(k) != mine.get(k)}  # a key either side lacks shows as None there
             raise ExportError(f"{cfg_path} describes a different model than {weights} (config.json vs weights: "
                               f"{diff}): export the matching checkpoint or fix config.json")
     return model, weights, run_dir if run_config is not None else None, run_config

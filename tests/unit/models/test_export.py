@@ -297,3 +297,19 @@ def test_a_resumed_runs_commands_reach_model_json(run_dir, tmp_path):
     assert export.main(["--run", str(run), "--out", str(out), "--batch-check", "2"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training"] == {"data": data, "train": train, "resumed": resumed}
+
+
+def test_a_config_describing_other_channels_than_the_weights_is_named_key_by_key(run_dir, tmp_path, capsys):
+    """config.json says channels the weights do not have (a key only one side carries): the error names it."""
+    import shutil
+
+    root, *_ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["channels"] = [4, 12, 8, 8]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "out" / "model.onnx")]) != 0
+    err = capsys.readouterr().err
+    assert "describes a different model" in err and "'channels': ([4, 12, 8, 8], None)" in err, err
+    assert not (tmp_path / "out" / "model.onnx").exists()
