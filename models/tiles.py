@@ -246,6 +246,11 @@ def read_tiles_manifest(folder: Path) -> dict:
 # image-level scores from tile probabilities
 
 
+def good_index(classes: Sequence[str]) -> int:
+    """The index of the good class ("good", or Magnetic-tile's "free") among ``classes``."""
+    return next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+
+
 def logit(p: float) -> float:
     """log(p / (1 - p)), +-inf at 1 and 0."""
     with np.errstate(divide="ignore"):
@@ -278,7 +283,7 @@ def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: f
     ``tile_probs``: tile file (as in the manifest) -> class probabilities in ``manifest['classes']`` order.
     """
     classes = manifest["classes"]
-    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    good = good_index(classes)
     bound = logit(threshold) if threshold_logodds is None else threshold_logodds
     out = {"classes": classes, "images": []}
     for im in manifest["images"]:
@@ -309,7 +314,7 @@ def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> floa
 def image_metrics(scored: dict) -> dict:
     """Accuracy, balanced accuracy, per-class recall, confusion and AP of the image verdicts."""
     classes = scored["classes"]
-    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    good = good_index(classes)
     true = np.array([r["true"] for r in scored["images"]])
     pred = np.array([r["pred"] for r in scored["images"]])
     k = len(classes)
@@ -352,7 +357,7 @@ def calibrate_threshold(scored: dict) -> dict:
     the probability ``threshold`` (1 / (1 + e^-bound)), with the highest good and the lowest defective
     validation score (``good_max``, ``defect_min``) that bound it."""
     classes = scored["classes"]
-    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    good = good_index(classes)
     score = np.array([r["defect_logodds"] for r in scored["images"]], dtype=float)
     defect = np.array([r["true"] != good for r in scored["images"]])
     if not defect.any() or defect.all():
@@ -428,6 +433,21 @@ def _canvas(im: dict, size: int) -> tuple[int, int]:
     return max(im["height"], size), max(im["width"], size)
 
 
+def _score_stitched(acc: dict[str, list[float]], pred: np.ndarray, truth: np.ndarray, im: dict) -> None:
+    """Append one image's defect-only IoU and eq. 18 mIoU (its stitched masks cut back to the image's size)."""
+    from models.metrics import pixel_counts, scores_from_counts
+
+    h, w = im["height"], im["width"]
+    sc = scores_from_counts(pixel_counts(pred[:h, :w], truth[:h, :w]))
+    acc["iou"].append(sc["iou"])
+    acc["miou"].append(sc["miou_paper"])
+
+
+def _row_means(acc: dict[str, list[float]]) -> dict:
+    return {"defect_iou": float(np.mean(acc["iou"])) if acc["iou"] else None,
+            "miou_paper": float(np.mean(acc["miou"])) if acc["miou"] else None}
+
+
 def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_probs: dict[str, np.ndarray],
                        rows: Sequence[tuple[str, str]] = SEGMENTATION_ROWS, weights: str = "model.safetensors",
                        batch_size: int = 32, device: str = "cpu") -> dict:
@@ -441,13 +461,12 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
     import torch
 
     from models.checkpoint import load
-    from models.metrics import pixel_counts, scores_from_counts
     from models.saliency import saliency
     from service.segment import otsu_mask, refined_mask
 
     size = int(manifest["spec"]["size"])
     classes = manifest["classes"]
-    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    good = good_index(classes)
     model = load(Path(run_dir) / weights if (Path(run_dir) / weights).is_file() else Path(run_dir),
                  map_location=device)
     per_row: dict[str, dict[str, list[float]]] = {f"{s}/{m}": {"iou": [], "miou": []} for s, m in rows}
@@ -476,13 +495,10 @@ def image_segmentation(run_dir: Path, tiles_dir: Path, manifest: dict, tile_prob
                     mask = refined_mask(x_np[j], m) if mask_method == "refined" else otsu_mask(m)
                     preds[f"{sal_method}/{mask_method}"][t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= mask
         for key, pred in preds.items():
-            sc = scores_from_counts(pixel_counts(pred[:im["height"], :im["width"]], truth[:im["height"], :im["width"]]))
-            per_row[key]["iou"].append(sc["iou"])
-            per_row[key]["miou"].append(sc["miou_paper"])
+            _score_stitched(per_row[key], pred, truth, im)
     return {"images": len(images), "definition": "defective test images with a mask; mean over images of the "
                                                   "defect-only IoU and of eq. 18 (mean of defect and background IoU)",
-            "rows": {k: {"defect_iou": float(np.mean(v["iou"])) if v["iou"] else None,
-                         "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for k, v in per_row.items()}}
+            "rows": {k: _row_means(v) for k, v in per_row.items()}}
 
 
 def refine_ceiling(tiles_dir: Path, manifest: dict, dilations: Sequence[int] = (1, 31)) -> dict:
@@ -492,12 +508,11 @@ def refine_ceiling(tiles_dir: Path, manifest: dict, dilations: Sequence[int] = (
     masks are scored like :func:`image_segmentation` (defect-only IoU and eq. 18, mean over the defective
     images with a mask). No model is involved: this is the ceiling the annotation style leaves the method.
     """
-    from models.metrics import pixel_counts, scores_from_counts
     from service.segment import refined_mask
 
     size = int(manifest["spec"]["size"])
     classes = manifest["classes"]
-    good = next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
+    good = good_index(classes)
     rows: dict[int, dict[str, list[float]]] = {d: {"iou": [], "miou": []} for d in dilations}
     images = [im for im in manifest["images"] if im["label"] != classes[good] and im.get("mask")]
     for im in images:
@@ -516,14 +531,11 @@ def refine_ceiling(tiles_dir: Path, manifest: dict, dilations: Sequence[int] = (
                     preds[d][t["y"]:t["y"] + size, t["x"]:t["x"] + size] |= refined_mask(
                         x, tm.astype(np.float32), dilate=d)
         for d, pred in preds.items():
-            sc = scores_from_counts(pixel_counts(pred[:im["height"], :im["width"]], truth[:im["height"], :im["width"]]))
-            rows[d]["iou"].append(sc["iou"])
-            rows[d]["miou"].append(sc["miou_paper"])
+            _score_stitched(rows[d], pred, truth, im)
     return {"images": len(images), "definition": "the true mask as each tile's map; refined masks stitched; mean "
                                                   "over the defective test images of defect-only IoU and eq. 18",
-            "rows": {(f"truth/refined, region dilated by a {d} x {d} square" if d > 1 else "truth/refined, region not grown"): {
-                "defect_iou": float(np.mean(v["iou"])) if v["iou"] else None,
-                "miou_paper": float(np.mean(v["miou"])) if v["miou"] else None} for d, v in rows.items()}}
+            "rows": {(f"truth/refined, region dilated by a {d} x {d} square" if d > 1
+                      else "truth/refined, region not grown"): _row_means(v) for d, v in rows.items()}}
 
 
 def calibrated_metrics(run_dir: Path, train_tiles_dir: Path, manifest: dict, probs: dict[str, np.ndarray],

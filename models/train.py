@@ -290,7 +290,6 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 # training
 
 
-
 #: after this many epochs a training loss still at the chance level is reported (a stalled initialisation)
 STALL_EPOCHS = 3
 
@@ -324,6 +323,7 @@ def best_logged_epoch(rows: list[dict]) -> int | None:
         if improves(row, best):
             best = row
     return best["epoch"]
+
 
 def train(config: TrainConfig) -> RunResult:
     """Train (or resume) a run; see the module docstring. Raises DataError/TrainError on user errors."""
@@ -456,6 +456,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     else:
         say(f"{out} has already trained {start_epoch - 1} epochs (--epochs {config.epochs}): nothing to do")
 
+    chance = chance_loss(counts["train"], config.balance)  # the stall warning's level
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -509,7 +510,6 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             f"train_acc {_fmt(train_acc, 3)}  val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  "
             f"val_bal_acc {_fmt(val_bal, 3)}  {record['seconds']:.1f}s"
             + ("  *" if improved and val_bal is not None else ""))
-        chance = chance_loss(counts["train"], config.balance)
         if epoch == STALL_EPOCHS and config.epochs > STALL_EPOCHS and train_loss >= 0.95 * chance:
             say(f"warning: after {epoch} epochs the training loss {train_loss:.3f} is still at the chance level "
                 f"({chance:.3f}, what predicting the class frequencies gives): this initialisation may have "

@@ -309,6 +309,8 @@ def mean_std(values: list[float | None]) -> dict:
 
 def summarise(runs: Path, seeds: list[int]) -> dict:
     """summary.json: per dataset, the primary protocol (mask labels) and, beside it, image labels only."""
+    from models.tiles import good_index
+
     out: dict = {}
     for dataset in DATASETS:
         entry: dict = {}
@@ -341,7 +343,8 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
                                 for c, (s, _) in zip(cfgs, found, strict=True)],
                 "epochs_run": [epochs_run(run_dir(runs, dataset, labels, s)) for s, _ in found],
                 "test_images": found[0][1]["images"],
-                "ap_limits": ap_limits([m["per_image"] for _, m in found], good_index(cfgs[0]["model"]["classes"])),
+                "ap_limits": ap_limits([m["per_image"] for _, m in found],
+                                       good_index(cfgs[0]["model"]["classes"])),
                 "train_wall_s": [m.get("train_wall_s") for _, m in found],
             }
         if entry:
@@ -353,10 +356,6 @@ def summarise(runs: Path, seeds: list[int]) -> dict:
 
 
 NONE = {"mean": None}
-
-
-def good_index(classes: list[str]) -> int:
-    return next(i for i, c in enumerate(classes) if c.lower() in ("good", "free"))
 
 
 def write_limits(summary: dict, data_root: Path, path: Path) -> None:
@@ -542,18 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     datasets = [d for d in args.datasets.split(",") if d]
     labels = [x for x in args.labels.split(",") if x]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.channels is not None and args.width is not None:
+        raise SystemExit(f"{PROG}: --width and --channels both set the model's channels: give one")
+    if args.channels is not None:
+        from models.train import parse_channels
+
+        try:  # refused here, before any tiles are cut, not in each training's log
+            args.channels = ",".join(map(str, parse_channels(args.channels)))
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"{PROG}: --channels {e}") from None
     for d in PROTOCOL:
         if args.epochs is not None:
             PROTOCOL[d]["train"]["epochs"] = args.epochs
-        if args.channels is not None and args.width is not None:
-            raise SystemExit(f"{PROG}: --width and --channels both set the model's channels: give one")
-        if args.channels is not None:
-            from models.train import parse_channels
-
-            try:  # refused here, before any tiles are cut, not in each training's log
-                args.channels = ",".join(map(str, parse_channels(args.channels)))
-            except argparse.ArgumentTypeError as e:
-                raise SystemExit(f"{PROG}: --channels {e}") from None
         for key in ("epoch_size", "batch_size", "width", "channels", "head_pool"):
             if getattr(args, key) is not None:
                 PROTOCOL[d]["train"][key] = getattr(args, key)
