@@ -8,9 +8,12 @@ methods (docs/model.md, "Unknown defects", has the measurements that chose the d
 **variation** (default): a variation model of the good parts, as machine vision's golden-part model.
 Per slice position s (the batch index modulo the slices per part: the runtime sends one part's slices
 in row-major order) and per f x f pooled pixel, the mean m_s and spread sd_s of the training frames'
-good slices:
+good slices, on the slice with its shading removed (default "profile": the cylinder's lighting is a
+profile across the valve, the ROI's rows, times the part's gain, so in log gray values the row and
+column medians take it out):
 
-    d = | pool_f(x) - m_s | / (sd_s + median(sd))                              # (B, 1, 48, 48)
+    r = log(pool_f(x) + 1);  r -= median over each row;  r -= median over each column   # (B, 1, 48, 48)
+    d = min over shifts within +-t px of | r - m_s | / (sd_s + median(sd))
     unknown = max over pixels of mean_k x k(d)                                  # (B,)
 
 It looks at the pixels, not at the classifier's features, so what the classifier never learned to see
@@ -78,8 +81,10 @@ from models.unknown.graph import (
     strip_unknown,
 )
 from models.unknown.scores import (
+    SHADINGS,
     SHRINKAGE,
     VARIATION_FACTOR,
+    VARIATION_SHADING,
     VARIATION_SMOOTH,
     VARIATION_TOLERANCE,
     Gaussians,
@@ -94,8 +99,9 @@ from service.infer import UNKNOWN_OUTPUT
 
 __all__ = [
     "CANDIDATE_BLOCKS", "DEFAULT_BLOCKS", "DEFAULT_FALSE_FLAG_RATE", "DEFAULT_METHOD", "METHODS",
-    "MIN_CALIBRATION_GOOD", "PARITY_TOLERANCE", "SHRINKAGE", "UNKNOWN_OUTPUT", "VARIATION_FACTOR",
-    "VARIATION_SMOOTH", "VARIATION_TOLERANCE", "Gaussians", "PartSlices", "UnknownError", "VariationModel", "_features_graph", "_session",
+    "MIN_CALIBRATION_GOOD", "PARITY_TOLERANCE", "SHADINGS", "SHRINKAGE", "UNKNOWN_OUTPUT", "VARIATION_FACTOR",
+    "VARIATION_SHADING", "VARIATION_SMOOTH", "VARIATION_TOLERANCE", "Gaussians", "PartSlices", "UnknownError",
+    "VariationModel", "_features_graph", "_session",
     "add_pooled_features", "add_score", "add_variation_score", "attach", "auroc", "block_outputs", "build_parser",
     "calibrate", "evaluate", "fit_gaussians", "fit_variation", "format_evaluation", "load_parts", "main", "measure",
     "part_max", "run_outputs", "slice_label_index", "strip_unknown",

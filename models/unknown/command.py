@@ -32,9 +32,11 @@ from models.unknown.graph import (
     strip_unknown,
 )
 from models.unknown.scores import (
+    SHADINGS,
     SHRINKAGE,
     VARIATION_FACTOR,
     VARIATION_HIGHPASS,
+    VARIATION_SHADING,
     VARIATION_SMOOTH,
     VARIATION_TOLERANCE,
     VariationModel,
@@ -61,10 +63,11 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
            method: str = DEFAULT_METHOD, blocks: Sequence[int] = DEFAULT_BLOCKS,
            rate: float = DEFAULT_FALSE_FLAG_RATE, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
            highpass: float = VARIATION_HIGHPASS, tolerance: int = VARIATION_TOLERANCE,
-           threads: int = 0, limit: int | None = None) -> dict:
+           shading: str = VARIATION_SHADING, threads: int = 0, limit: int | None = None) -> dict:
     """Fit the score on ``fit``, calibrate its threshold on ``calibration``'s good parts, write ``out``/model.onnx +
     model.json. ``method``: "variation" (the pixels' variation model of good parts) or "mahalanobis" (pooled block
-    features). Nothing is written unless the graph's score agrees with the float64 reference (PARITY_TOLERANCE)."""
+    features); ``shading`` (variation): "profile" or "highpass" (scores.SHADINGS). Nothing is written unless
+    the graph's score agrees with the float64 reference (PARITY_TOLERANCE)."""
     import onnx
 
     if method not in METHODS:
@@ -72,6 +75,8 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
     if tolerance < 0:
         raise UnknownError(f"--tolerance {tolerance}: a number of pooled px, 0 or more (0 = pixel to pixel; "
                            f"default {VARIATION_TOLERANCE})")
+    if shading not in SHADINGS:
+        raise UnknownError(f"--shading {shading!r}: one of {', '.join(SHADINGS)} (default {VARIATION_SHADING})")
     model = Path(model)
     meta = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
     classes = list(meta["classes"])
@@ -84,7 +89,7 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
     labels = slice_label_index(fit_parts, classes)  # refuses novel slices in the fit set
     n_slices = fit_parts.slices.shape[1]
     if method == "variation":
-        v = fit_variation(fit_parts, factor, smooth, highpass, tolerance)
+        v = fit_variation(fit_parts, factor, smooth, highpass, tolerance, shading)
         work = copy.deepcopy(proto)
         add_variation_score(work, proto.graph.input[0].name, v)
         extra: list[str] = []
@@ -93,11 +98,14 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
             x = parts.slices.reshape(-1, *parts.slices.shape[2:])
             return v.score(x, _positions(len(parts.part_class), n_slices))
 
-        described = {"method": "variation", "pooling": factor, "smoothing": smooth, "highpass_sigma": highpass,
+        residual = ("log(f x f pooled gray value + 1) minus its row medians, then minus its column medians (the "
+                    "cylinder's shading profile)" if shading == "profile" else
+                    "f x f pooled high-pass residual (slice - Gaussian low-pass, reflect-101 borders)")
+        described = {"method": "variation", "pooling": factor, "smoothing": smooth, "shading": shading,
+                     **({"highpass_sigma": highpass} if shading == "highpass" else {}),
                      "tolerance_px": tolerance,
-                     "features": "per slice position: mean and spread of the good slices' f x f pooled high-pass "
-                                 "residual (slice - Gaussian low-pass, reflect-101 borders); score = max of the "
-                                 "k x k smoothed min over shifts within +-tolerance pooled px of "
+                     "features": f"per slice position: mean and spread of the good slices' {residual}; score = max "
+                                 "of the k x k smoothed min over shifts within +-tolerance pooled px of "
                                  "|x - mean| / (std + median std), the spread fitted on the best-shift residuals",
                      "positions": "batch index modulo the slices per part (one part's slices in row-major order)",
                      "floor": round(v.floor, 4)}
@@ -330,7 +338,9 @@ def measure(model: str | Path, fit: str | Path, calibration: str | Path, known: 
     for f, k, hp, tol in ((4, 3, 0.0, 0), (4, 1, 0.0, 0), (8, 1, 0.0, 0), (4, 3, 6.0, 0), (4, 3, VARIATION_HIGHPASS, 0),
                           (4, 3, 20.0, 0), (4, 5, VARIATION_HIGHPASS, 0), (4, 3, VARIATION_HIGHPASS, 1),
                           (4, 3, VARIATION_HIGHPASS, 2)):
-        cands[f"variation f{f} k{k} hp{hp:g} t{tol}"] = fit_variation(fit_parts, f, k, hp, tol)
+        cands[f"variation f{f} k{k} hp{hp:g} t{tol}"] = fit_variation(fit_parts, f, k, hp, tol, "highpass")
+    for f, k, tol in ((4, 3, 0), (4, 3, 1), (4, 3, 2), (4, 5, 1), (8, 3, 1)):
+        cands[f"variation f{f} k{k} profile t{tol}"] = fit_variation(fit_parts, f, k, 0.0, tol, "profile")
     for blocks in CANDIDATE_BLOCKS:
         if max(blocks) <= n_blocks:
             cands["mahalanobis " + "+".join(map(str, blocks))] = fit_gaussians(
@@ -393,8 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="folder for model.onnx and model.json")
     a.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="variation (the good parts' pixels, default) or mahalanobis (pooled block features)")
+    a.add_argument("--shading", choices=SHADINGS, default=VARIATION_SHADING,
+                   help=f"variation: how the shading is removed first (default {VARIATION_SHADING}: log gray values "
+                        f"minus row and column medians; highpass: minus a Gaussian low-pass of --highpass px)")
     a.add_argument("--highpass", type=float, default=VARIATION_HIGHPASS,
-                   help=f"variation: the shading's Gaussian sigma removed first, px (default {VARIATION_HIGHPASS:g}; 0 = none)")
+                   help=f"variation with --shading highpass: the Gaussian sigma removed, px (default "
+                        f"{VARIATION_HIGHPASS:g}; 0 = raw gray values)")
     a.add_argument("--tolerance", type=int, default=VARIATION_TOLERANCE,
                    help=f"variation: position tolerance in pooled px each way (default {VARIATION_TOLERANCE}; 0 = "
                         f"pixel to pixel)")
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 < args.false_flag_rate < 1:
                 raise UnknownError(f"--false-flag-rate {args.false_flag_rate}: must be in (0, 1), e.g. 0.005")
             u = attach(args.model, args.fit, args.calibrate, args.out, method=args.method, blocks=args.blocks,
-                       highpass=args.highpass, tolerance=args.tolerance,
+                       highpass=args.highpass, tolerance=args.tolerance, shading=args.shading,
                        rate=args.false_flag_rate, threads=args.threads, limit=args.limit)
             print(f"unknown score attached: {u['method']}, threshold {u['threshold']:.5g} "
                   f"({u['calibration']['flagged_parts']} of {u['calibration']['parts']} calibration parts flagged), "

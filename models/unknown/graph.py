@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.unknown.frames import UnknownError
-from models.unknown.scores import Gaussians, VariationModel, pooled_blur_matrix, shifted
+from models.unknown.scores import PROFILE_OFFSET, Gaussians, VariationModel, pooled_blur_matrix, shifted
 from service.infer import UNKNOWN_OUTPUT  # the runtime owns the graph contract
 
 _PREFIX = "unknown_score/"
@@ -147,7 +147,29 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
     nodes.append(helper.make_node("AveragePool", [x], [p + "pool"], kernel_shape=[v.factor] * 2,
                                   strides=[v.factor] * 2))                                              # (B, 1, h, w)
     pooled = p + "pool"
-    if v.highpass:
+    opset = _opset(proto)
+    if v.shading == "profile":
+        # log(pool + offset), minus the row medians (axis 3), then minus the column medians (axis 2); a median is the
+        # last (odd length) or the mean of the last two (even) of TopK's n // 2 + 1 largest, sorted
+        inits.append(numpy_helper.from_array(np.asarray(PROFILE_OFFSET, np.float32), p + "offset"))
+        nodes += [helper.make_node("Add", [pooled, p + "offset"], [p + "lifted"]),
+                  helper.make_node("Log", [p + "lifted"], [p + "log"])]
+        cur = p + "log"
+        for axis, n, tag in ((3, v.mean.shape[2], "row"), (2, v.mean.shape[1], "col")):
+            k, m = n // 2 + 1, 1 if n % 2 else 2
+            q = f"{p}{tag}_"
+            inits += [numpy_helper.from_array(np.asarray([k], np.int64), q + "k"),
+                      numpy_helper.from_array(np.asarray([k - m], np.int64), q + "start"),
+                      numpy_helper.from_array(np.asarray([k], np.int64), q + "end"),
+                      numpy_helper.from_array(np.asarray([axis], np.int64), q + "axis")]
+            nodes += [helper.make_node("TopK", [cur, q + "k"], [q + "top", q + "top_index"], axis=axis, largest=1,
+                                       sorted=1),
+                      helper.make_node("Slice", [q + "top", q + "start", q + "end", q + "axis"], [q + "middle"])]
+            _reduce(nodes, inits, "ReduceMean", q + "middle", [axis], 1, q + "median", opset)
+            nodes.append(helper.make_node("Sub", [cur, q + "median"], [q + "removed"]))
+            cur = q + "removed"
+        pooled = cur
+    elif v.highpass:
         # pool(x - GaussianBlur(x)) = pool(x) - M_h x M_w^T with M = pooling @ blur (reflect-101 borders folded in):
         # the same linear map as the reference's blur-then-pool, as two small MatMuls instead of two 97-tap
         # convolutions at full resolution (those cost about a fifth of the classifier's time per frame)
@@ -173,7 +195,7 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
     ]
     dev = p + "dev"
     if v.tolerance:  # the best-fitting shift
-        dev = _reduce(nodes, inits, "ReduceMin", dev, [1], 1, p + "dev_min", _opset(proto))           # (B, 1, h, w)
+        dev = _reduce(nodes, inits, "ReduceMin", dev, [1], 1, p + "dev_min", opset)           # (B, 1, h, w)
     if v.smooth > 1:
         r = v.smooth // 2
         nodes.append(helper.make_node("AveragePool", [dev], [p + "smooth"], kernel_shape=[v.smooth] * 2,

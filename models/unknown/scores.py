@@ -63,6 +63,17 @@ VARIATION_SMOOTH = 3
 #: the shading removed before the model (Gaussian low-pass sigma, px): part-to-part lighting and pose move the
 #: specular band, and the good parts' spread of raw gray values hides a dent or a stain; 0 = raw gray values
 VARIATION_HIGHPASS = 12.0
+#: how the shading is taken out before the model ("profile" since 2026-11-30, the default; "highpass" shipped before):
+#: "profile": log gray values of the pooled slice, minus each row's median, then minus each column's median. The ROI
+#:   puts the valve's axis along the rows, so a cylinder's lighting is a profile across it (one level per row) times
+#:   the part's gain, plus the ends' falloff along it (one level per column); in log gray values the gain and the
+#:   profile are sums, which the medians remove, and a stain or dent covering less than half a row or column of the
+#:   slice moves neither median, so it stays in the residual even where it is as smooth as the lighting.
+#: "highpass": the slice minus its Gaussian low-pass (sigma VARIATION_HIGHPASS px), which also removes a smooth stain.
+SHADINGS = ("profile", "highpass")
+VARIATION_SHADING = "profile"
+#: log(pooled gray value + PROFILE_OFFSET): defined at 0 (measured: offsets 1, 8 and 32 flag the same novel parts)
+PROFILE_OFFSET = 1.0
 #: the position tolerance (pooled px, per direction): each pixel is compared with the good parts' mean and spread at
 #: the best-fitting place within +-t pooled px (the valve's pose moves machining lines and the band's edges by a
 #: few px; the spread is fitted on residuals aligned the same way); 0 = pixel to pixel
@@ -117,17 +128,40 @@ def highpass(x: np.ndarray, sigma: float) -> np.ndarray:
                      for img in np.asarray(x, np.float64)])
 
 
+def median(x: np.ndarray, axis: int) -> np.ndarray:
+    """np.median along ``axis``, kept as a length-1 axis (even length: the mean of the two middle values, as the
+    graph's TopK + Slice + ReduceMean computes it)."""
+    return np.median(x, axis=axis, keepdims=True)
+
+
+def shading_removed(x: np.ndarray, factor: int, shading: str, sigma: float) -> np.ndarray:
+    """(N, H, W) gray values -> (N, H/f, W/f) float64: the pooled slices with the shading taken out (see SHADINGS):
+    "profile" pools first (f x f means), then log(x + PROFILE_OFFSET) minus the row medians, then minus the
+    column medians; "highpass" subtracts the Gaussian low-pass (sigma px; 0 = raw gray values), then pools."""
+    x = np.asarray(x, np.float64)
+    n, hh, ww = x.shape
+    f = factor
+    if shading == "profile":
+        q = np.log(x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4)) + PROFILE_OFFSET)
+        q = q - median(q, axis=2)
+        return q - median(q, axis=1)
+    if shading != "highpass":
+        raise UnknownError(f"shading {shading!r}: one of {', '.join(SHADINGS)}")
+    return highpass(x, sigma).reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
+
+
 @dataclass
 class VariationModel:
     """A variation model of good parts (as machine vision's "variation model" of a golden part): per slice
     position and per (pooled) pixel, the mean gray value of the good slices and their spread.
 
-    score(slice at position s) = max over pixels of box_k( min over shifts |pool_f(hp(x)) - mean_s'| / scale_s' )
+    score(slice at position s) = max over pixels of box_k( min over shifts |r(x) - mean_s'| / scale_s' )
 
     (mean_s', scale_s' = std + floor: the model shifted by up to ``tolerance`` pooled px each way, see ``shifted``)
 
-    hp: the slice minus its Gaussian low-pass (sigma ``highpass`` px; the shading that lighting and pose move);
-    pool_f: f x f mean pooling; box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
+    r: ``shading_removed``, the f x f pooled slice without the shading that lighting and pose move: by
+    ``shading`` "profile", log gray values minus the row and column medians; by "highpass", the slice minus its
+    Gaussian low-pass (sigma ``highpass`` px; 0 = raw gray values); box_k: the k x k mean over the valid neighbours (as ONNX AveragePool with
     count_include_pad = 0); floor: the median std, so that a pixel with no spread in the good data does not
     divide by ~0. It looks at the pixels, not at the classifier's features: what the classifier never
     learned to see can still be unlike every good part (docs/model.md, "Unknown defects").
@@ -140,13 +174,11 @@ class VariationModel:
     floor: float = 0.0
     highpass: float = 0.0
     tolerance: int = 0
+    shading: str = "highpass"
 
     def deviation(self, slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(N, h, w) smoothed normalised deviation, float64 reference (slices (N, 1, H, W) uint8)."""
-        x = highpass(np.asarray(slices, np.float64)[:, 0], self.highpass)
-        n, hh, ww = x.shape
-        f = self.factor
-        p = x.reshape(n, hh // f, f, ww // f, f).mean(axis=(2, 4))
+        p = shading_removed(np.asarray(slices)[:, 0], self.factor, self.shading, self.highpass)
         t = self.tolerance
         d = (np.abs(p[:, None] - shifted(self.mean, t)[positions]) / shifted(self.scale, t)[positions]).min(axis=1)
         k = self.smooth
@@ -164,10 +196,13 @@ class VariationModel:
 
 
 def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int = VARIATION_SMOOTH,
-                  highpass_sigma: float = VARIATION_HIGHPASS, tolerance: int = VARIATION_TOLERANCE) -> VariationModel:
+                  highpass_sigma: float = VARIATION_HIGHPASS, tolerance: int = VARIATION_TOLERANCE,
+                  shading: str = VARIATION_SHADING) -> VariationModel:
     """Mean and spread per slice position of the slices labelled good (the good parts' and the good slices of
     defect parts). With a ``tolerance``, the spread is the RMS of each good slice's residual to the mean at the
     best-fitting shift (as the score compares), so that pose does not widen it."""
+    if shading not in SHADINGS:
+        raise UnknownError(f"shading {shading!r}: one of {', '.join(SHADINGS)}")
     n_pos = parts.slices.shape[1]
     size = parts.slices.shape[-1]
     if size % factor:
@@ -176,11 +211,11 @@ def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int
     h = size // factor
     mean, std = np.zeros((n_pos, h, h)), np.zeros((n_pos, h, h))
     for s in range(n_pos):
-        x = highpass(parts.slices[good[:, s], s, 0].astype(np.float64), highpass_sigma)
+        x = parts.slices[good[:, s], s, 0]
         if len(x) < 10:
             raise UnknownError(f"slice position {s}: {len(x)} good slices in the fit data, the variation model "
                                f"needs >= 10. Fix: fit on more parts.")
-        p = x.reshape(len(x), h, factor, h, factor).mean(axis=(2, 4))
+        p = shading_removed(x, factor, shading, highpass_sigma)
         mean[s] = p.mean(axis=0)
         if tolerance:
             residual = np.abs(p[:, None] - shifted(mean[s], tolerance)[None]).min(axis=1)
@@ -188,7 +223,8 @@ def fit_variation(parts: PartSlices, factor: int = VARIATION_FACTOR, smooth: int
         else:
             std[s] = p.std(axis=0)
     floor = float(np.median(std))
-    return VariationModel(factor, smooth, mean, std + floor, floor, highpass_sigma, tolerance)
+    return VariationModel(factor, smooth, mean, std + floor, floor, highpass_sigma if shading == "highpass" else 0.0,
+                          tolerance, shading)
 
 
 def part_max(scores: np.ndarray, n_parts: int) -> np.ndarray:

@@ -175,12 +175,20 @@ def _replicate_shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return pad[t + dy:t + dy + a.shape[0], t + dx:t + dx + a.shape[1]]
 
 
+def _middle(a: np.ndarray, axis: int) -> np.ndarray:
+    """The median along ``axis`` from a full sort: the middle value, or the mean of the two middle values."""
+    s = np.sort(a, axis=axis)
+    n = a.shape[axis]
+    mid = np.take(s, [n // 2] if n % 2 else [n // 2 - 1, n // 2], axis=axis)
+    return mid.mean(axis=axis, keepdims=True)
+
+
 def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: int, k: int, pos: np.ndarray,
-                         sigma: float = 0.0, t: int = 0):
+                         sigma: float = 0.0, t: int = 0, shading: str = "highpass"):
     """Independent of models.unknown: OpenCV's GaussianBlur (reflect-101 borders) for the high-pass, its area
-    resize (= f x f mean pooling at an integer factor), the smallest deviation over the model shifted within
-    +-t px (replicated borders) and a box filter over the valid neighbours (zero-padded sums divided by the
-    zero-padded count)."""
+    resize (= f x f mean pooling at an integer factor), for the profile shading the log and the row then column
+    medians by a full sort, the smallest deviation over the model shifted within +-t px (replicated borders) and
+    a box filter over the valid neighbours (zero-padded sums divided by the zero-padded count)."""
     import cv2
 
     out = []
@@ -188,6 +196,10 @@ def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: 
         if sigma:
             img = img - cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
         small = cv2.resize(img, (img.shape[1] // f, img.shape[0] // f), interpolation=cv2.INTER_AREA)
+        if shading == "profile":
+            small = np.log(small + 1.0)
+            small = small - _middle(small, 1)
+            small = small - _middle(small, 0)
         d = np.min([np.abs(small - _replicate_shift(mean[p], dy, dx)) / _replicate_shift(scale[p], dy, dx)
                     for dy in range(-t, t + 1) for dx in range(-t, t + 1)], axis=0)
         if k > 1:
@@ -198,22 +210,30 @@ def _variation_reference(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, f: 
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("k, sigma, t", [(1, 0.0, 0), (3, 0.0, 0), (3, 12.0, 0), (3, 12.0, 1), (1, 0.0, 2)])
-def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, k, sigma, t):
-    """ORT's variation score equals an OpenCV reference within 1e-4 relative (with and without the high-pass and
-    the position tolerance), position = batch index mod 8 (a batch of 11 slices wraps), and a slice's score
-    changes at another position."""
+@pytest.mark.parametrize("f, k, sigma, t, shading", [
+    (4, 1, 0.0, 0, "highpass"), (4, 3, 0.0, 0, "highpass"), (4, 3, 12.0, 0, "highpass"), (4, 3, 12.0, 1, "highpass"),
+    (4, 1, 0.0, 2, "highpass"), (4, 3, 0.0, 1, "profile"), (4, 1, 0.0, 0, "profile"),
+    (64, 1, 0.0, 0, "profile")])  # 3 x 3 pooled: the odd-length median
+def test_the_variation_graph_matches_an_opencv_reference_and_uses_the_batch_position(exported, f, k, sigma, t,
+                                                                                      shading):
+    """ORT's variation score equals an OpenCV reference within 1e-4 relative (with and without the high-pass, the
+    profile shading at even and odd pooled sizes, and the position tolerance), position = batch index mod 8 (a
+    batch of 11 slices wraps), and a slice's score changes at another position."""
     _, path = exported
     rng = np.random.default_rng(3)
-    mean = rng.uniform(60, 200, (8, 48, 48)) if not sigma else rng.normal(0, 3, (8, 48, 48))
-    scale = rng.uniform(2, 9, (8, 48, 48))
-    v = U.VariationModel(4, k, mean, scale, highpass=sigma, tolerance=t)
+    h = 192 // f
+    if shading == "profile":  # log-ratio residuals: the spread of a few percent
+        mean, scale = rng.normal(0, 0.05, (8, h, h)), rng.uniform(0.01, 0.05, (8, h, h))
+    else:
+        mean = rng.uniform(60, 200, (8, h, h)) if not sigma else rng.normal(0, 3, (8, h, h))
+        scale = rng.uniform(2, 9, (8, h, h))
+    v = U.VariationModel(f, k, mean, scale, highpass=sigma, tolerance=t, shading=shading)
     work = onnx.load(str(path))
     U.add_variation_score(work, "slices", v)
     x = rng.integers(0, 256, (11, 1, 192, 192), dtype=np.uint8)
     (got,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x})
     pos = np.arange(11) % 8
-    ref = _variation_reference(x, mean, scale, 4, k, pos, sigma, t)
+    ref = _variation_reference(x, mean, scale, f, k, pos, sigma, t, shading)
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     np.testing.assert_allclose(v.score(x, pos), ref, rtol=1e-9)
     (shifted,) = U._session(work).run([U.UNKNOWN_OUTPUT], {"slices": x[1:9]})  # the same slices, positions - 1
@@ -228,12 +248,13 @@ def test_fit_variation_takes_good_slices_per_position_and_refuses_too_few():
     slices[0, 2] = 255  # a defect slice at position 2, labelled dirt: not part of the model
     labels[0][2] = "dirt"
     parts = U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [str(i) for i in range(12)])
-    v = U.fit_variation(parts, 4, 3, highpass_sigma=0.0)
+    v = U.fit_variation(parts, 4, 3, highpass_sigma=0.0, shading="highpass")
     assert v.mean.shape == (8, 48, 48) and abs(v.mean[2].mean() - 99.5) < 1.0
     assert v.floor == pytest.approx(float(np.median(v.scale - v.floor)))
     labels[1][5] = labels[2][5] = labels[3][5] = "scratch"
     with pytest.raises(U.UnknownError, match="position 5: 9 good slices"):
-        U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3, 0.0)
+        U.fit_variation(U.PartSlices(slices, labels, ["good"] * 12, [None] * 12, [""] * 12), 4, 3, 0.0,
+                        shading="highpass")
 
 
 def test_the_tolerance_forgives_a_pose_shift_and_keeps_a_defect():
@@ -248,7 +269,7 @@ def test_the_tolerance_forgives_a_pose_shift_and_keeps_a_defect():
     slices = [np.repeat(np.clip(np.roll(base, int(rng.integers(-4, 5)), axis=1) + 100 + rng.normal(0, 2, base.shape),
                                 0, 255)[None, None], 8, axis=0) for _ in range(40)]
     parts = U.PartSlices(np.stack(slices).astype(np.uint8), [["good"] * 8] * 40, ["good"] * 40, [None] * 40, [""] * 40)
-    models = {t: U.fit_variation(parts, 4, 1, highpass_sigma=0.0, tolerance=t) for t in (0, 1, 2)}
+    models = {t: U.fit_variation(parts, 4, 1, highpass_sigma=0.0, tolerance=t, shading="highpass") for t in (0, 1, 2)}
     edges = np.s_[:, :, [19, 20, 29, 30]]                          # pooled columns the band's edges cross
     assert (models[1].scale - models[1].floor)[edges].mean() < 0.5 * (models[0].scale - models[0].floor)[edges].mean()
 
@@ -266,6 +287,42 @@ def test_the_tolerance_forgives_a_pose_shift_and_keeps_a_defect():
     assert moved8[0] > 10 * fitted[0] and moved8[1] < 0.25 * moved8[0] and moved8[2] < 1.5 * fitted[2]
     assert score(1, slice_(12)) > 10 * fitted[1]
     assert all(score(t, slice_(4, blob=15)) > 5 * fitted[t] for t in (0, 1, 2))
+
+
+def test_the_profile_shading_forgives_the_lighting_and_keeps_a_smooth_stain():
+    """Good slices: a profile across the valve (rows) times a gain of 0.85-1.15, times an end's falloff along it
+    (columns), with grain. A good slice lit 1.5x brighter with a 30 % stronger falloff stays inside the profile
+    model (log: gain and profile are sums the medians remove) and far outside the raw gray values' model; a
+    smooth stain (Gaussian, sigma 24 px, 12 % darker) stands out of the profile model, and the 12 px high-pass,
+    which removes most of a blob that smooth, scores it less than half as far out."""
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:192, 0:192].astype(np.float64)
+    profile = 70 + 45 * np.exp(-((yy - 96) / 30) ** 2)  # at most 217 after gain and falloff: never clipped
+
+    def slice_(gain, ends=1.0, stain=0.0):
+        falloff = 1 + 0.2 * ends * np.exp(-xx / 40)
+        blob = 1 - stain * np.exp(-((yy - 70) ** 2 + (xx - 110) ** 2) / (2 * 24 ** 2))
+        img = gain * profile * falloff * blob * (1 + rng.normal(0, 0.02, yy.shape))
+        return np.clip(img, 0, 255).astype(np.uint8)[None, None]
+
+    good = np.concatenate([np.repeat(slice_(rng.uniform(0.85, 1.15), rng.uniform(0.8, 1.2)), 8, axis=0)[None]
+                           for _ in range(40)])
+    parts = U.PartSlices(good, [["good"] * 8] * 40, ["good"] * 40, [None] * 40, [""] * 40)
+    prof = U.fit_variation(parts, 4, 3, tolerance=1, shading="profile")
+    raw = U.fit_variation(parts, 4, 3, highpass_sigma=0.0, tolerance=1, shading="highpass")
+    hp = U.fit_variation(parts, 4, 3, highpass_sigma=12.0, tolerance=1, shading="highpass")
+    zero = np.zeros(1, int)
+
+    def rel(m, x):  # the score relative to the largest of 20 fresh good slices
+        top = max(float(m.score(slice_(rng.uniform(0.85, 1.15), rng.uniform(0.8, 1.2)), zero)[0]) for _ in range(20))
+        return float(m.score(x, zero)[0]) / top
+
+    bright = slice_(1.5, 1.3)
+    assert rel(prof, bright) < 1.3 and rel(raw, bright) > 3
+    stained = slice_(1.0, 1.0, stain=0.12)
+    assert rel(prof, stained) > 4 and rel(hp, stained) < 0.5 * rel(prof, stained)
+    with pytest.raises(U.UnknownError, match="shading 'flat': one of profile, highpass"):
+        U.fit_variation(parts, shading="flat")
 
 
 def test_the_pooled_blur_matrix_is_opencvs_blur_then_pooling_and_refuses_a_kernel_wider_than_the_slice():
