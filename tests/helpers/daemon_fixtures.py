@@ -393,7 +393,8 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def daemon_config(path: Path, *, images: Path, plc_port: int, model: str | Path, metrics_port: int = 0,
-                  archive_dir: Path | None = None, **overrides: dict[str, Any]) -> Path:
+                  archive_dir: Path | None = None, unknown_rule: str | None = None,
+                  **overrides: dict[str, Any]) -> Path:
     """A client-mode config for the test line: emulator replaying ``images``, our PLC at 127.0.0.1:plc_port.
 
     The camera emulator feeding an S7 peer is a mixed line (a commissioning set-up), so the config says
@@ -412,6 +413,8 @@ def daemon_config(path: Path, *, images: Path, plc_port: int, model: str | Path,
         "log": {"level": "info", "format": "json"},
         "simulation": {"mix_with_real_hardware": True},
     }
+    if unknown_rule is not None:  # [model] unknown_rule ("model" is this function's model path)
+        sections["model"]["unknown_rule"] = unknown_rule
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)
     return write_toml(path, sections)
