@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--shading", choices=SHADINGS, default=VARIATION_SHADING,
                    help=f"variation: how the shading is removed first (default {VARIATION_SHADING}: log gray values "
                         f"minus row and column medians; highpass: minus a Gaussian low-pass of --highpass px)")
-    a.add_argument("--highpass", type=float, default=VARIATION_HIGHPASS,
+    a.add_argument("--highpass", type=float, default=None,
                    help=f"variation with --shading highpass: the Gaussian sigma removed, px (default "
                         f"{VARIATION_HIGHPASS:g}; 0 = raw gray values)")
     a.add_argument("--tolerance", type=int, default=VARIATION_TOLERANCE,
@@ -441,8 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "attach":
             if not 0 < args.false_flag_rate < 1:
                 raise UnknownError(f"--false-flag-rate {args.false_flag_rate}: must be in (0, 1), e.g. 0.005")
+            if args.highpass is not None and not (args.method == "variation" and args.shading == "highpass"):
+                raise UnknownError(f"--highpass {args.highpass:g} sets the sigma of --shading highpass, but the score "
+                                   f"is --method {args.method} --shading {args.shading}. Fix: add --shading highpass, "
+                                   f"or drop --highpass.")
             u = attach(args.model, args.fit, args.calibrate, args.out, method=args.method, blocks=args.blocks,
-                       highpass=args.highpass, tolerance=args.tolerance, shading=args.shading,
+                       highpass=VARIATION_HIGHPASS if args.highpass is None else args.highpass,
+                       tolerance=args.tolerance, shading=args.shading,
                        rate=args.false_flag_rate, threads=args.threads, limit=args.limit)
             print(f"unknown score attached: {u['method']}, threshold {u['threshold']:.5g} "
                   f"({u['calibration']['flagged_parts']} of {u['calibration']['parts']} calibration parts flagged), "

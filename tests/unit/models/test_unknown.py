@@ -342,10 +342,23 @@ def test_the_pooled_blur_matrix_is_opencvs_blur_then_pooling_and_refuses_a_kerne
         pooled_blur_matrix(64, 4, 20.0)  # 161 taps
 
 
-def test_attach_refuses_a_negative_tolerance(exported, tmp_path):
+def test_attach_refuses_a_negative_tolerance_and_an_unknown_shading(exported, tmp_path):
     _, path = exported
     with pytest.raises(U.UnknownError, match="--tolerance -1: a number of pooled px, 0 or more"):
         U.attach(path, tmp_path, tmp_path, tmp_path / "out", tolerance=-1)
+    with pytest.raises(U.UnknownError, match="--shading 'flat': one of profile, highpass"):
+        U.attach(path, tmp_path, tmp_path, tmp_path / "out", shading="flat")
+
+
+def test_the_cli_refuses_a_highpass_sigma_the_shading_would_ignore(exported, tmp_path, capsys):
+    """--highpass only sets --shading highpass's sigma: given with the default profile shading it would be
+    ignored, so the command refuses it (exit 2, naming the fix) before reading any frames."""
+    _, path = exported
+    argv = ["attach", "--model", str(path), "--fit", str(tmp_path), "--calibrate", str(tmp_path),
+            "--out", str(tmp_path / "out"), "--highpass", "6"]
+    assert U.main(argv) == 2
+    assert "Fix: add --shading highpass, or drop --highpass" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_strip_unknown_gives_back_the_exported_graph(exported):
