@@ -268,6 +268,41 @@ class IRAHead(nn.Module):
         return logits, class_idx, grad.reshape(b, c, h, w)
 
 
+def ensure_both_polarities(conv: nn.Conv2d) -> bool:
+    """Give the stem's first 1x1 conv (one gray channel in) weights of both signs; True when it flipped some.
+
+    BatchNorm follows it and removes each weight's magnitude, so its channel i is ReLU(+z) or ReLU(-z) (z: the
+    standardised gray value) by the sign of its weight alone, and that sign gets no gradient: the loss does not
+    depend on the magnitude, and the sign cannot cross 0. When every sign is the same (probability 2^(1-s) for s
+    channels: 1 in 8 at width 0.125's 4) the network sees one side of the mean only, e.g. nothing of a dark
+    crack on a bright surface; on KolektorSDD such starts stalled at the chance level (docs/results.md, "the
+    stem's signs"). The second half of the channels is flipped then; a draw with both signs is left unchanged.
+    """
+    w = conv.weight
+    if w.shape[1] != 1 or w.shape[0] < 2 or not ((w > 0).all() or (w < 0).all()):
+        return False
+    with torch.no_grad():
+        w[w.shape[0] // 2:] *= -1
+    return True
+
+
+#: how the stem's second 1x1 conv starts: "identity" (nn.init.dirac_: each channel of the first layer passes on
+#: as it is, so both polarities reach the blocks) or "drawn" (Kaiming normal, as every other conv)
+STEM_INITS = ("identity", "drawn")
+
+
+def init_stem(model: IRACNN, how: str) -> None:
+    """Start the stem's second 1x1 conv as ``how`` says (STEM_INITS). The stem is a per-pixel function of the gray
+    value (two 1x1 convs on one channel); with width 0.125's 4 channels a drawn second layer can leave it flat
+    where a defect is, and on KolektorSDD seed 0 stalled so even with both signs in the first layer
+    (docs/results.md, "The stem's signs"): the identity does not."""
+    if how not in STEM_INITS:
+        raise ValueError(f"stem init must be one of {', '.join(STEM_INITS)}, not {how!r}")
+    if how == "identity":
+        with torch.no_grad():
+            nn.init.dirac_(model.stem[1][0].weight)
+
+
 class IRACNN(nn.Module):
     """IRA-CNN (Table 1). ``forward(x) == head(features(x))``; x is raw gray 0..255, (B, 1, S, S)."""
 
@@ -297,6 +332,7 @@ class IRACNN(nn.Module):
                 nn.init.zeros_(m.bias)
         # The logit layer feeds a softmax, not a ReLU: small weights start the loss near ln K.
         nn.init.normal_(self.classifier.fc3.weight, std=0.01)
+        ensure_both_polarities(self.stem[0][0])
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw gray values 0..255 (any dtype) -> float, the model's first step."""

@@ -17,7 +17,7 @@ import torch
 
 from models.data import FORMATS
 from models.errors import ValveModelError
-from models.ira_cnn import ModelConfig, preset_config
+from models.ira_cnn import STEM_INITS, ModelConfig, preset_config
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -57,6 +57,7 @@ class TrainConfig:
     augment: bool = True
     balance: bool = True
     schedule: str = "cosine"
+    stem_init: str = "identity"
     bn_recal: int = 256
     epoch_size: int | None = None
     precision: str = "auto"
@@ -71,7 +72,8 @@ class TrainConfig:
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
-                                         "input_size", "augment", "balance", "schedule", "bn_recal", "epoch_size")
+                                         "input_size", "augment", "balance", "schedule", "stem_init", "bn_recal",
+                                         "epoch_size")
 
 
 @dataclass
@@ -107,6 +109,8 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"unknown --format {config.format!r}: choose one of {', '.join(sorted(FORMATS))}")
     if config.schedule not in SCHEDULES:
         raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {config.schedule!r}")
+    if config.stem_init not in STEM_INITS:
+        raise TrainError(f"--stem-init must be one of {', '.join(STEM_INITS)}, not {config.stem_init!r}")
     if config.epoch_size is not None and config.epoch_size < 1:
         raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
     if config.epoch_size is not None and not config.balance:

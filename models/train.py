@@ -89,7 +89,16 @@ from models.checkpoint import (
 from models.data import FORMATS, Augment, ImageDataset, load_samples, split_samples
 from models.errors import DataError
 from models.images import INPUT_POLICY
-from models.ira_cnn import HEAD_POOLS, IRACNN, PRESETS, ModelConfig, build_model, count_parameters
+from models.ira_cnn import (
+    HEAD_POOLS,
+    IRACNN,
+    PRESETS,
+    STEM_INITS,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    init_stem,
+)
 from models.recipe import (
     LR_FLOOR,
     PRECISIONS,
@@ -378,7 +387,9 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
 
     seed_everything(config.seed)
     precision = resolve_precision(config.precision, device)
-    model = build_model(mcfg).to(device).to(memory_format=torch.channels_last)
+    model = build_model(mcfg)
+    init_stem(model, config.stem_init)  # a resumed run loads its weights over it below
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -417,7 +428,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
                 "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
-                "balance": config.balance, "schedule": config.schedule,
+                "balance": config.balance, "schedule": config.schedule, "stem_init": config.stem_init,
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
                 "bn_recal": config.bn_recal, "epoch_size": config.epoch_size,
@@ -587,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default): for imbalanced data such as defect slices; --no-balance: plain shuffle")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d.schedule}: "
                                                           f"cosine from --lr to --lr * {LR_FLOOR})")
+    p.add_argument("--stem-init", choices=STEM_INITS,
+                   help=f"how the stem's second 1x1 conv starts (default {d.stem_init}: the identity, so that the "
+                        f"stem passes on dark and bright alike; drawn: Kaiming normal like every other conv, as "
+                        f"before 2026-11-30)")
     p.add_argument("--epoch-size", type=int, help="draws per epoch of the class-balanced sampling (default: "
                                                   "the number of training images)")
     p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "
@@ -604,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "channels", "head_width", "head_pool", "input_size", "augment", "balance", "schedule", "bn_recal",
+             "width", "channels", "head_width", "head_pool", "input_size", "augment", "balance", "schedule",
+             "stem_init", "bn_recal",
              "epoch_size", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

@@ -231,3 +231,79 @@ def test_explicit_channels_replace_the_widths_and_survive_the_config_round_trip(
 def test_channels_that_are_not_four_positive_whole_numbers_are_refused(bad):
     with pytest.raises(ValueError, match="four positive whole numbers"):
         preset_config("compact", channels=bad)
+
+
+def _stem_sees_a_dark_spot(model: IRACNN) -> bool:
+    """At initialisation (eval mode: BatchNorm is the identity), does the stem's first layer (conv, BN, ReLU) tell
+    a spot at gray 20 from one at 60 on a 128 background? Both are below the mean, so weights that are all
+    positive map both to 0. (The second layer mixes channels and learns; the first layer's signs cannot.)"""
+    x = torch.full((2, 1, 32, 32), 128.0)
+    x[0, :, 8:16, 8:16] = 20.0
+    x[1, :, 8:16, 8:16] = 60.0
+    model.eval()
+    with torch.no_grad():
+        z = model.normalise(x)
+        out = model.stem[0](z)
+    return not torch.allclose(out[0], out[1])
+
+
+def test_the_stems_first_conv_starts_with_both_signs_and_so_sees_dark_and_bright(monkeypatch):
+    """Width 0.125's stem has 4 channels: a seed whose draw gives them one sign (4 of these 16, where 1 in 8 is
+    expected) would leave the network blind below the mean for good (the sign gets no gradient). Every seed's
+    model has both signs and tells the two dark spots apart; a draw that already had both is left unchanged, and
+    the same model with its stem's signs made one (the draw the fix repairs) is blind to the spot."""
+    import models.ira_cnn as M
+
+    def build(seed: int) -> IRACNN:
+        torch.manual_seed(seed)
+        return build_model(preset_config("compact", "iam", classes=("good", "defect"), width=0.125, head_pool="mix"))
+
+    fixed = {seed: build(seed) for seed in range(16)}
+    monkeypatch.setattr(M, "ensure_both_polarities", lambda conv: False)  # the draws as they come
+    raw = {seed: build(seed) for seed in range(16)}
+    flipped = []
+    for seed, m in fixed.items():
+        w, w0 = m.stem[0][0].weight.flatten(), raw[seed].stem[0][0].weight.flatten()
+        assert (w > 0).any() and (w < 0).any(), (seed, w)
+        assert _stem_sees_a_dark_spot(m), seed
+        if torch.equal(w, w0):
+            assert (w0 > 0).any() and (w0 < 0).any()
+        else:
+            flipped.append(seed)
+            assert (w0 > 0).all() or (w0 < 0).all(), (seed, w0)
+            assert torch.equal(w.abs(), w0.abs()) and torch.equal(w[:2], w0[:2])  # only the second half's signs
+            assert not _stem_sees_a_dark_spot(raw[seed]) or bool((w0 < 0).all())
+    assert flipped == [0, 6, 8, 15]
+    m = build(1)
+    with torch.no_grad():
+        m.stem[0][0].weight.abs_()
+    assert not _stem_sees_a_dark_spot(m)
+
+
+def test_the_identity_stem_passes_both_polarities_on_for_every_seed():
+    """With the identity second layer the whole stem (both 1x1 layers) tells the two dark spots apart for each of
+    16 seeds at width 0.125; drawn, it does not for some (the second layer can flatten the dark side too). An
+    unknown choice is refused."""
+    from models.ira_cnn import init_stem
+
+    def stem_sees(m: IRACNN) -> bool:
+        x = torch.full((2, 1, 32, 32), 128.0)
+        x[0, :, 8:16, 8:16], x[1, :, 8:16, 8:16] = 20.0, 60.0
+        m.eval()
+        with torch.no_grad():
+            out = m.stem(m.normalise(x))
+        return not torch.allclose(out[0], out[1])
+
+    blind_drawn = []
+    for seed in range(16):
+        for how in ("identity", "drawn"):
+            torch.manual_seed(seed)
+            m = build_model(preset_config("compact", "iam", classes=("good", "defect"), width=0.125, head_pool="mix"))
+            init_stem(m, how)
+            if how == "identity":
+                assert torch.equal(m.stem[1][0].weight[:, :, 0, 0], torch.eye(4)) and stem_sees(m), seed
+            elif not stem_sees(m):
+                blind_drawn.append(seed)
+    assert blind_drawn, "no drawn stem was blind: the identity's test would show nothing"
+    with pytest.raises(ValueError, match="stem init must be one of identity, drawn"):
+        init_stem(m, "zeros")

@@ -366,3 +366,27 @@ def test_bn_check_batches_mix_the_classes_whatever_the_order_of_the_indices():
     assert a == b
     mixed = [len({int(y[i]) for i in s}) == 2 for s in seen]
     assert sum(mixed) >= len(mixed) // 2, mixed
+
+
+def test_the_stem_starts_as_the_identity_by_default_recorded_and_locked_on_resume(data, tmp_path, capsys):
+    """By default the stem's second 1x1 conv starts as the identity (after a short run it is still close to it,
+    a drawn one is not); config.json records the choice, a resume keeps it and refuses another, and a run
+    written before the option resumes as "drawn"."""
+    ident, drawn = tmp_path / "ident", tmp_path / "drawn"
+    assert run_train(data, ident, "--epochs", "1") == 0
+    assert run_train(data, drawn, "--epochs", "1", "--stem-init", "drawn") == 0
+    eye = torch.eye(4)
+    w_ident = load(ident).stem[1][0].weight.detach()[:, :, 0, 0]
+    w_drawn = load(drawn).stem[1][0].weight.detach()[:, :, 0, 0]
+    assert w_ident.shape == (4, 4) and (w_ident - eye).abs().max() < 0.05
+    assert (w_drawn - eye).abs().max() > 0.3
+    assert json.loads((ident / "config.json").read_text())["train"]["stem_init"] == "identity"
+    assert json.loads((drawn / "config.json").read_text())["train"]["stem_init"] == "drawn"
+    assert cli_main(["train", "--out", str(drawn), "--resume", "--epochs", "2"]) == 0
+    assert cli_main(["train", "--out", str(drawn), "--resume", "--epochs", "3", "--stem-init", "identity"]) == 2
+    assert "stem_init 'identity' (the run used 'drawn')" in capsys.readouterr().err
+    cfg = json.loads((ident / "config.json").read_text())
+    del cfg["train"]["stem_init"]  # a run from before the option
+    (ident / "config.json").write_text(json.dumps(cfg))
+    assert cli_main(["train", "--out", str(ident), "--resume", "--epochs", "2", "--stem-init", "identity"]) == 2
+    assert "stem_init 'identity' (the run used 'drawn')" in capsys.readouterr().err
