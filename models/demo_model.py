@@ -152,10 +152,16 @@ def check_mix(mix: str) -> None:
 
 def training_config(args: argparse.Namespace, work: Path, argv: list[str] | None = None):
     """The TrainConfig demo-model trains with: the compact IRA-CNN with IAM and ``--recipe``'s options."""
+    from models.run_dir import LEGACY_OPTIONS
     from models.train import TrainConfig
 
+    options = dict(RECIPES[args.recipe])
+    saved = work / "run" / "config.json"
+    if args.resume and "stem_init" not in options and saved.is_file():  # a run from before --stem-init: drawn
+        options["stem_init"] = json.loads(saved.read_text()).get("train", {}).get("stem_init",
+                                                                                  LEGACY_OPTIONS["stem_init"])
     return TrainConfig(data=work / "ds-train", out=work / "run", preset="compact", attention="iam",
-                       epochs=args.epochs, seed=args.seed, head_pool=args.head_pool, **RECIPES[args.recipe],
+                       epochs=args.epochs, seed=args.seed, head_pool=args.head_pool, **options,
                        threads=args.threads, force=not args.resume, resume=args.resume,
                        command=["valve-model", "demo-model", *(argv if argv is not None else sys.argv[1:])])
 

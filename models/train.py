@@ -429,6 +429,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
                 "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
                 "balance": config.balance, "schedule": config.schedule, "stem_init": config.stem_init,
+                "stem_signs": "both (a one-sign draw of the stem's first conv has its second half flipped)",
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
                 "bn_recal": config.bn_recal, "epoch_size": config.epoch_size,
@@ -601,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stem-init", choices=STEM_INITS,
                    help=f"how the stem's second 1x1 conv starts (default {d.stem_init}: the identity, so that the "
                         f"stem passes on dark and bright alike; drawn: Kaiming normal like every other conv, as "
-                        f"before 2026-11-30)")
+                        f"before 2026-11-30; either way the first conv starts with both signs)")
     p.add_argument("--epoch-size", type=int, help="draws per epoch of the class-balanced sampling (default: "
                                                   "the number of training images)")
     p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "

@@ -9,8 +9,9 @@
   (names as in ``model.get_submodule``: stem, block1, classifier, ...) replaced by those of the draw with seed
   B; the global RNG is then seeded with A + 1000 (dropout).
 - ``--no-sign-fix``: the stem's first conv as drawn (``models.ira_cnn.ensure_both_polarities`` off).
-- ``--stem-identity``: the stem's second 1x1 conv initialised as the identity (``nn.init.dirac_``), so that both
-  polarities of the first layer reach the blocks.
+- ``--stem-identity``: the stem's second 1x1 conv starts as the identity (``--stem-init identity``, train's default
+  since 2026-11-30). Without it the probe passes ``--stem-init drawn``, as the runs in docs/results.md had it
+  (they predate the option), unless the train options name ``--stem-init`` themselves.
 
 docs/results.md ("The stem's signs") reads these runs with tools/early_epochs.py. Stop a run after the epochs
 you need (the runs there were stopped after 2 or 3 of 60).
@@ -62,16 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return a
 
         T.build_model = build
-    if args.stem_identity:
-        build_inner = T.build_model
-
-        def build_identity(mcfg):
-            m = build_inner(mcfg)
-            torch.nn.init.dirac_(m.stem[1][0].weight)
-            return m
-
-        T.build_model = build_identity
-    return T.main(argv[k + 1:])
+    train_argv = argv[k + 1:]
+    if "--stem-init" not in train_argv:
+        train_argv += ["--stem-init", "identity" if args.stem_identity else "drawn"]
+    return T.main(train_argv)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
             f"({'slice labels from the masks' if labels == 'mask' else 'image labels only'}); image verdict = any "
             f"tile defective; IRA-CNN {m.get('preset', '?')} {size} ({m.get('attention', '?')}, "
             f"{m.get('head_pool', '?')} head), {t.get('epochs', '?')} epochs of {t.get('epoch_size', '?')} "
-            f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, BN recalibration, "
+            f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, "
+            + (f"stem init {t['stem_init']}, " if "stem_init" in t else "") + "BN recalibration, "
             f"weights on balanced validation accuracy; trained on {where}; seeded grouped split train:test 2:3 "
             "(seed 0)")
 

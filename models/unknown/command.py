@@ -32,6 +32,7 @@ from models.unknown.graph import (
     strip_unknown,
 )
 from models.unknown.scores import (
+    PROFILE_OFFSET,
     SHADINGS,
     SHRINKAGE,
     VARIATION_FACTOR,
@@ -98,11 +99,11 @@ def attach(model: str | Path, fit: str | Path, calibration: str | Path, out: str
             x = parts.slices.reshape(-1, *parts.slices.shape[2:])
             return v.score(x, _positions(len(parts.part_class), n_slices))
 
-        residual = ("log(f x f pooled gray value + 1) minus its row medians, then minus its column medians (the "
-                    "cylinder's shading profile)" if shading == "profile" else
+        residual = (f"log(f x f pooled gray value + {PROFILE_OFFSET:g}) minus its row medians, then minus its column "
+                    "medians (the cylinder's shading profile)" if shading == "profile" else
                     "f x f pooled high-pass residual (slice - Gaussian low-pass, reflect-101 borders)")
         described = {"method": "variation", "pooling": factor, "smoothing": smooth, "shading": shading,
-                     **({"highpass_sigma": highpass} if shading == "highpass" else {}),
+                     **({"highpass_sigma": highpass} if shading == "highpass" else {"profile_offset": PROFILE_OFFSET}),
                      "tolerance_px": tolerance,
                      "features": f"per slice position: mean and spread of the good slices' {residual}; score = max "
                                  "of the k x k smoothed min over shifts within +-tolerance pooled px of "

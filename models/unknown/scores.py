@@ -68,7 +68,7 @@ VARIATION_HIGHPASS = 12.0
 #:   puts the valve's axis along the rows, so a cylinder's lighting is a profile across it (one level per row) times
 #:   the part's gain, plus the ends' falloff along it (one level per column); in log gray values the gain and the
 #:   profile are sums, which the medians remove, and a stain or dent covering less than half a row or column of the
-#:   slice moves neither median, so it stays in the residual even where it is as smooth as the lighting.
+#:   slice barely moves either median, so it stays in the residual even where it is as smooth as the lighting.
 #: "highpass": the slice minus its Gaussian low-pass (sigma VARIATION_HIGHPASS px), which also removes a smooth stain.
 SHADINGS = ("profile", "highpass")
 VARIATION_SHADING = "profile"

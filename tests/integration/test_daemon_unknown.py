@@ -31,7 +31,7 @@ from tests.helpers.daemon_fixtures import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 SEED = 78
-PARTS = 32  # 24 novel parts: with 24, the RejectUnknown bar below is 4 (with 80/300 it needed 24 to reach 1)
+PARTS = 32  # 24 novel parts: the RejectUnknown bar below is 4 on them ("unexplained"; at least 20 reach 1)
 MIX = "good=1,dent=1,stain=1,chip=1"  # 8 of each
 FIRST_PART_ID = 9101
 #: The shipped model's held-out part figures with its unknown score (docs/model.md, "Unknown defects";

@@ -62,6 +62,14 @@ def test_demo_model_trains_with_the_shipped_models_recipe_by_default(tmp_path):
     defaults = TrainConfig(data=tmp_path, out=tmp_path)
     other = demo_model.training_config(demo_model.build_parser().parse_args(["--recipe", "train-defaults"]),
                                        tmp_path, [])
-    for key in ("val_fraction", "schedule", "balance", "bn_recal", "precision"):
+    for key in ("val_fraction", "schedule", "balance", "bn_recal", "precision", "stem_init"):
         assert getattr(other, key) == getattr(defaults, key), key
     assert any(getattr(other, k) != getattr(cfg, k) for k in ("val_fraction", "schedule", "balance"))
+    # the shipped model's stem as it was drawn; train-defaults' identity stem, except when resuming a run
+    # written before the option (it resumes as it was trained: drawn)
+    assert (cfg.stem_init, other.stem_init) == ("drawn", "identity")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"schedule": "cosine"}}))
+    resumed = demo_model.training_config(
+        demo_model.build_parser().parse_args(["--recipe", "train-defaults", "--resume"]), tmp_path, [])
+    assert resumed.stem_init == "drawn"
