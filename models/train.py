@@ -412,11 +412,12 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         start_epoch = done + 1
         history = [h for h in read_log(log_path) if h["epoch"] <= done]  # drop lines past the checkpoint
         log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-        saved["train"]["epochs"] = config.epochs
-        saved.setdefault("resumed", []).append(
-            {"from_epoch": done, "epochs": config.epochs, "device": str(device), "threads": torch.get_num_threads(),
-             "workers": config.workers, "command": config.command})
-        write_json(out / CONFIG_NAME, saved)
+        if done < config.epochs:  # a resume that trains nothing (already at --epochs) is not recorded
+            saved["train"]["epochs"] = config.epochs
+            saved.setdefault("resumed", []).append(
+                {"from_epoch": done, "epochs": config.epochs, "device": str(device),
+                 "threads": torch.get_num_threads(), "workers": config.workers, "command": config.command})
+            write_json(out / CONFIG_NAME, saved)
     else:
         run_config = {
             "model": mcfg.to_dict(),

@@ -90,6 +90,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data, tmp_path):
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(split)]
     cfg = json.loads((split / "config.json").read_text())
     assert cfg["train"]["epochs"] == 3 and cfg["resumed"][0]["from_epoch"] == 1
+    # resuming a run already at --epochs trains nothing and records nothing
+    assert cli_main(["train", "--out", str(split), "--resume", "--epochs", "3", "--threads", "1"]) == 0
+    assert json.loads((split / "config.json").read_text()) == cfg
 
 
 def test_worker_processes_do_not_change_the_result(data, tmp_path):
