@@ -152,16 +152,14 @@ def check_mix(mix: str) -> None:
 
 def training_config(args: argparse.Namespace, work: Path, argv: list[str] | None = None):
     """The TrainConfig demo-model trains with: the compact IRA-CNN with IAM and ``--recipe``'s options."""
-    from models.run_dir import LEGACY_OPTIONS
-    from models.train import TrainConfig
+    from models.train import CONFIG_NAME, TrainConfig, fill_resumed_options
 
-    options = dict(RECIPES[args.recipe])
-    saved = work / "run" / "config.json"
-    if args.resume and "stem_init" not in options and saved.is_file():  # a run from before --stem-init: drawn
-        options["stem_init"] = json.loads(saved.read_text()).get("train", {}).get("stem_init",
-                                                                                  LEGACY_OPTIONS["stem_init"])
-    return TrainConfig(data=work / "ds-train", out=work / "run", preset="compact", attention="iam",
-                       epochs=args.epochs, seed=args.seed, head_pool=args.head_pool, **options,
+    options = {"preset": "compact", "attention": "iam", "epochs": args.epochs, "seed": args.seed,
+               "head_pool": args.head_pool, **RECIPES[args.recipe]}
+    saved = work / "run" / CONFIG_NAME
+    if args.resume and saved.is_file():  # what the recipe leaves to the defaults: as the run was trained
+        fill_resumed_options(options, json.loads(saved.read_text()))
+    return TrainConfig(data=work / "ds-train", out=work / "run", **options,
                        threads=args.threads, force=not args.resume, resume=args.resume,
                        command=["valve-model", "demo-model", *(argv if argv is not None else sys.argv[1:])])
 

@@ -138,7 +138,7 @@ __all__ = [
     "CONFIG_NAME", "CURVES_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
     "SCHEDULES", "SPLIT_NAME", "STATE_FORMAT", "STATE_NAME", "RunResult", "TrainConfig", "TrainError",
     "balanced_accuracy", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
-    "clean_run_dir", "config_from_args", "cpu_has_bf16", "epoch_seed", "lr_at", "main", "model_config_for",
+    "clean_run_dir", "config_from_args", "cpu_has_bf16", "fill_resumed_options", "epoch_seed", "lr_at", "main", "model_config_for",
     "read_log", "recalibrate_bn", "resolve_device", "resolve_precision", "rng_state", "run_epoch",
     "seed_everything", "set_rng_state", "train", "write_json",
 ]
@@ -619,6 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fill_resumed_options(given: dict, saved: dict) -> None:
+    """Add to ``given`` the locked options (and epochs) it leaves out, as the run in ``saved`` (its config.json)
+    was trained: a resume continues the run it resumes (LEGACY_OPTIONS for options newer than the run)."""
+    t = {**LEGACY_OPTIONS, **saved.get("train", {})}
+    for n in TrainConfig.LOCKED + ("epochs",):
+        if n not in given and n in t:
+            given[n] = tuple(t[n]) if n in ("betas", "channels") and t[n] is not None else t[n]
+
+
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
              "width", "channels", "head_width", "head_pool", "input_size", "augment", "balance", "schedule",
@@ -633,10 +642,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
         except (OSError, json.JSONDecodeError):
             raise TrainError(f"nothing to resume in {args.out}: it holds no readable {CONFIG_NAME}; "
                              "start a new run without --resume") from None
-        t = {**LEGACY_OPTIONS, **saved.get("train", {})}
-        for n in TrainConfig.LOCKED + ("epochs",):
-            if n not in given and n in t:
-                given[n] = tuple(t[n]) if n in ("betas", "channels") and t[n] is not None else t[n]
+        fill_resumed_options(given, saved)
         given.setdefault("format", saved.get("data", {}).get("format", "folders"))
         given.setdefault("data", saved.get("data", {}).get("path"))
     if not given.get("data"):

@@ -202,9 +202,9 @@ def add_variation_score(proto, input_name: str, v: VariationModel) -> None:
                                       strides=[1, 1], pads=[r] * 4, count_include_pad=0))
         dev = p + "smooth"
     nodes.append(helper.make_node("ReduceMax", [dev], [UNKNOWN_OUTPUT], axes=[1, 2, 3], keepdims=0)
-                 if _opset(proto) < 18 else
+                 if opset < 18 else
                  helper.make_node("ReduceMax", [dev, p + "axes"], [UNKNOWN_OUTPUT], keepdims=0))
-    if _opset(proto) >= 18:
+    if opset >= 18:
         inits.append(numpy_helper.from_array(np.asarray([1, 2, 3], np.int64), p + "axes"))
     proto.graph.node.extend(nodes)
     proto.graph.initializer.extend(inits)

@@ -66,10 +66,13 @@ def test_demo_model_trains_with_the_shipped_models_recipe_by_default(tmp_path):
         assert getattr(other, key) == getattr(defaults, key), key
     assert any(getattr(other, k) != getattr(cfg, k) for k in ("val_fraction", "schedule", "balance"))
     # the shipped model's stem as it was drawn; train-defaults' identity stem, except when resuming a run
-    # written before the option (it resumes as it was trained: drawn)
+    # written before the option: what the recipe leaves to the defaults resumes as the run was trained, as
+    # `valve-model train --resume` does (drawn stem; a run without "bn_recal" recorded had none)
     assert (cfg.stem_init, other.stem_init) == ("drawn", "identity")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"schedule": "cosine"}}))
     resumed = demo_model.training_config(
         demo_model.build_parser().parse_args(["--recipe", "train-defaults", "--resume"]), tmp_path, [])
-    assert resumed.stem_init == "drawn"
+    assert (resumed.stem_init, resumed.schedule, resumed.bn_recal) == ("drawn", "cosine", 0)
+    shipped = demo_model.training_config(demo_model.build_parser().parse_args(["--resume"]), tmp_path, [])
+    assert (shipped.stem_init, shipped.schedule, shipped.epochs) == ("drawn", "constant", 100)  # the recipe's
