@@ -124,32 +124,23 @@ def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
         print(f"{dataset}/{labels}/{part}: {len(m['images'])} images -> {m['tile_counts']}", file=sys.stderr)
 
 
-def train_args(dataset: str, labels: str, seed: int, runs: Path, threads: int, device: str) -> list[str]:
-    t = PROTOCOL[dataset]["train"]
-    args = ["--data", str(tiles_dir(runs, dataset, labels, "train")), "--format", "folders",
-            "--out", str(run_dir(runs, dataset, labels, seed)), "--seed", str(seed), "--threads", str(threads),
-            "--device", device]
-    for key, value in t.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
-
-
-def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, device: str) -> dict:
-    """Train (or resume) one run, then score its image verdicts on the test tiles; returns the metrics."""
-    from models.tiles import evaluate_images
-
-    out = run_dir(runs, dataset, labels, seed)
-    metrics_path = out / "image_metrics.json"
-    log = out.parent / f"seed{seed}.log"
+def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, device: str) -> float:
+    """Train ``data`` (a tiles folder) into ``out`` by the protocol's recipe for ``dataset``, or resume it; the
+    log goes to ``out``'s parent as seed<seed>.log. Returns the wall seconds (0 when it was complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = out / "train_state.pt"
-    cmd = [sys.executable, "-m", "models.cli", "train", *train_args(dataset, labels, seed, runs, threads, device)]
-    if state.is_file():
+    log = out.parent / f"seed{seed}.log"
+    epochs = PROTOCOL[dataset]["train"]["epochs"]
+    if (out / "train_state.pt").is_file():
         done = json.loads((out / "config.json").read_text())
-        if epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and metrics_path.is_file() and "bn_check" in done:
-            return json.loads(metrics_path.read_text())
+        if epochs_run(out) >= epochs and "bn_check" in done:
+            return 0.0
         cmd = [sys.executable, "-m", "models.cli", "train", "--out", str(out), "--resume",
-               "--epochs", str(PROTOCOL[dataset]["train"]["epochs"]), "--threads", str(threads), "--device", device]
+               "--epochs", str(epochs), "--threads", str(threads), "--device", device]
+    else:
+        cmd = [sys.executable, "-m", "models.cli", "train", "--data", str(data), "--format", "folders",
+               "--out", str(out), "--seed", str(seed), "--threads", str(threads), "--device", device]
+        for key, value in PROTOCOL[dataset]["train"].items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
     t0 = time.time()
     with log.open("a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -158,11 +149,25 @@ def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, de
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if rc != 0:
         raise SystemExit(f"training {out} failed (exit {rc}); see {log}")
+    return time.time() - t0
+
+
+def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, device: str) -> dict:
+    """Train (or resume) one run, then score its image verdicts on the test tiles; returns the metrics."""
+    from models.tiles import evaluate_images
+
+    out = run_dir(runs, dataset, labels, seed)
+    metrics_path = out / "image_metrics.json"
+    if metrics_path.is_file() and (out / "train_state.pt").is_file():
+        done = json.loads((out / "config.json").read_text())
+        if epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and "bn_check" in done:
+            return json.loads(metrics_path.read_text())
+    wall = train_run(tiles_dir(runs, dataset, labels, "train"), out, seed, dataset, threads, device)
     t_eval = time.time()
     m = evaluate_images(out, tiles_dir(runs, dataset, labels, "test"), metrics_path, device=device,
                         calibrate_on=tiles_dir(runs, dataset, labels, "train"))
     m["eval_wall_s"] = round(time.time() - t_eval, 1)
-    m["train_wall_s"] = round(t_eval - t0, 1)
+    m["train_wall_s"] = round(wall, 1)
     metrics_path.write_text(json.dumps(m, indent=1))
     return m
 

@@ -35,6 +35,7 @@ Commands:
     valve-model unknown attach --model model.onnx --fit FRAMES --calibrate FRAMES --out DIR
     valve-model unknown evaluate --model DIR/model.onnx --known FRAMES --novel FRAMES [--json OUT]
     valve-model unknown measure --model model.onnx --fit FRAMES --calibrate FRAMES --known ... --novel ...
+    valve-model unknown loco [--dataset magnetic-tile] [--seeds 0] [--runs runs/realdata]   # leave one class out
 
 FRAMES is a folder written by ``valve-inspect synth`` (frames/ and manifest.jsonl): the frames go
 through the runtime's own ROI cut (service.roi.extract), so the scores are what the daemon sees.

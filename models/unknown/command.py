@@ -433,13 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (a, e, m):
         q.add_argument("--threads", type=int, default=0)
         q.add_argument("--limit", type=int, default=None, help="first N parts of each folder (quick looks)")
+    from models.unknown.loco import add_arguments
+
+    add_arguments(sub.add_parser("loco", help="leave one class out of Magnetic-tile: the score's AUROC on the class "
+                                              "a training never saw, and the known classes' accuracy it costs"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "attach":
+        if args.cmd == "loco":
+            from models.unknown.loco import run
+
+            args.argv = argv[argv.index("loco") + 1:]
+            run(args)
+        elif args.cmd == "attach":
             if not 0 < args.false_flag_rate < 1:
                 raise UnknownError(f"--false-flag-rate {args.false_flag_rate}: must be in (0, 1), e.g. 0.005")
             if args.highpass is not None and not (args.method == "variation" and args.shading == "highpass"):

@@ -1,0 +1,144 @@
+"""``valve-model unknown loco`` on a made-up Magnetic-tile layout: the held-out class never reaches the training,
+the record holds what the docs read, and a glaringly new class is found by the feature score.
+
+The trainings are tiny (one epoch of 32 draws): this tests the protocol's plumbing and the score's arithmetic,
+not the figures of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from models.experiments import realdata
+from models.unknown import build_parser
+from models.unknown.frames import UnknownError
+from models.unknown.loco import run, without_class
+
+CLASSES = {"MT_Free": 16, "MT_Blowhole": 6, "MT_Break": 6, "MT_Crack": 6, "MT_Fray": 6, "MT_Uneven": 6}
+
+
+@pytest.fixture
+def mt_like(tmp_path):
+    """Magnetic-tile's layout, 192 x 192 images (one tile each): textured gray tiles; each defect class a dark
+    mark of its own shape; fray (the class held out below) a saturated white disc no other image has."""
+    root = tmp_path / "data" / "magnetic-tile"
+    rng = np.random.default_rng(7)
+    for folder, n in CLASSES.items():
+        d = root / folder
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = cv2.GaussianBlur(rng.normal(120, 25, (192, 192)).clip(0, 255).astype(np.uint8), (5, 5), 0)
+            mask = np.zeros((192, 192), np.uint8)
+            y, x = rng.integers(40, 150, 2)
+            if folder == "MT_Blowhole":
+                cv2.circle(mask, (int(x), int(y)), 12, 255, -1)
+            elif folder == "MT_Break":
+                mask[:30, :] = 255
+            elif folder == "MT_Crack":
+                cv2.line(mask, (20, int(y)), (170, int(y) + 10), 255, 3)
+            elif folder == "MT_Uneven":
+                mask[60:140, 60:140] = 255
+            elif folder == "MT_Fray":
+                cv2.circle(mask, (int(x), int(y)), 30, 255, -1)
+            if folder == "MT_Fray":
+                img[mask > 0] = 255
+            elif folder != "MT_Free":
+                img[mask > 0] = (img[mask > 0] * 0.3).astype(np.uint8)
+            cv2.imwrite(str(d / f"exp{i}_num_{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(str(d / f"exp{i}_num_{i}.png"), mask)
+    return root
+
+
+@pytest.fixture
+def tiny_protocol(monkeypatch):
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "tiles", {"size": 192, "stride": 96, "scale": 1.0})
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train",
+                        {"preset": "compact", "attention": "iam", "epochs": 1, "batch_size": 8, "epoch_size": 32})
+
+
+def test_loco_leaves_the_class_out_and_finds_a_glaring_one(mt_like, tiny_protocol, tmp_path):
+    runs = tmp_path / "runs"
+    argv = ["loco", "--classes", "fray", "--seeds", "0", "--runs", str(runs), "--data-root", str(mt_like.parent),
+            "--threads", "1", "--json", str(tmp_path / "loco.json"), "--doc", str(tmp_path / "results.md")]
+    args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
+    result = run(args)
+
+    # the held-out run never saw a tile of a fray image, and does not know the class
+    out = runs / "magnetic-tile-mask-without-fray" / "seed0"
+    cfg = json.loads((out / "config.json").read_text())
+    assert "fray" not in cfg["model"]["classes"] and len(cfg["model"]["classes"]) == 5
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] and not any("fray" in f for f in split["train"] + split["val"])
+    full = json.loads((runs / "tiles" / "magnetic-tile-mask" / "train" / "tiles.json").read_text())
+    assert any(im["label"] == "fray" for im in full["images"])  # ... while the reference's tiles hold fray images
+    ref_cfg = json.loads((runs / "magnetic-tile-mask" / "seed0" / "config.json").read_text())
+    assert "fray" in ref_cfg["model"]["classes"]
+
+    rec = result["records"][0]
+    assert rec["held_out"] == "fray" and rec["test_images"]["held_out"] > 0 and rec["test_images"]["good"] > 0
+    # a saturated white disc is unlike every training tile in the blocks' [GAP, GMP] features, even after one epoch
+    assert rec["auroc_vs_good"]["mahalanobis"] >= 0.9
+    for k in ("energy", "max_softmax", "defect_logodds"):
+        assert 0.0 <= rec["auroc_vs_good"][k] <= 1.0
+    # the threshold was calibrated on the good validation images at the stated rate
+    t = rec["mahalanobis_threshold"]
+    assert t["validation_good_images"] > 0 and t["validation_good_flagged"] <= t["rate"]
+    ka = rec["known_accuracy"]
+    assert 0.0 <= ka["held_out_run"] <= 1.0 and 0.0 <= ka["reference"] <= 1.0
+    assert rec["held_out_not_accepted"]["either"] >= max(rec["held_out_not_accepted"]["as_a_known_defect"],
+                                                          rec["flagged"]["held_out"])
+
+    written = json.loads((tmp_path / "loco.json").read_text())
+    assert written["summary"]["per_class"]["fray"]["auroc_mahalanobis"]["mean"] == rec["auroc_vs_good"]["mahalanobis"]
+    doc = (tmp_path / "results.md").read_text()
+    assert "<!-- BEGIN unknown-loco -->" in doc and "| fray |" in doc and "valve-model unknown loco" in doc
+
+    # a second call trains nothing and gives the same record (the cached features and runs)
+    again = run(args)
+    assert again["records"][0]["auroc_vs_good"] == rec["auroc_vs_good"]
+    assert again["records"][0]["train_wall_s"] == 0.0
+
+
+def test_without_class_drops_every_tile_of_the_class_images(tmp_path):
+    src = tmp_path / "src"
+    images = []
+    for label, tiles in (("good", ["good"]), ("fray", ["good", "fray"]), ("crack", ["crack", "good"])):
+        im = {"source": f"{label}.jpg", "label": label, "tiles": []}
+        for j, t in enumerate(tiles):
+            f = f"{t}/{label}-{j}.png"
+            (src / t).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(src / f), np.zeros((4, 4), np.uint8))
+            im["tiles"].append({"file": f, "label": t})
+        images.append(im)
+    (src / "tiles.json").write_text(json.dumps({"format": "valve-inspect/tiles/1", "classes": ["good", "crack", "fray"],
+                                                "images": images}))
+    m = without_class(src, tmp_path / "dst", "fray")
+    assert m["classes"] == ["good", "crack"] and m["left_out"] == "fray"
+    kept = sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*.png"))
+    assert kept == ["crack/crack-0.png", "good/crack-1.png", "good/good-0.png"]  # fray's good tile went too
+    assert m["tile_counts"] == {"good": 2, "crack": 1}
+    with pytest.raises(UnknownError, match="good class"):
+        without_class(src, tmp_path / "x", "good")
+    with pytest.raises(UnknownError, match="not in"):
+        without_class(src, tmp_path / "x", "dent")
+
+
+def test_loco_refuses_a_dataset_with_one_defect_class_and_unknown_classes(tmp_path, monkeypatch):
+    monkeypatch.setattr(realdata, "make_tiles", lambda *a: None)
+    train = realdata.tiles_dir(tmp_path, "kolektorsdd", "mask", "train")
+    train.mkdir(parents=True)
+    (train / "tiles.json").write_text(json.dumps({"format": "valve-inspect/tiles/1", "classes": ["good", "defect"],
+                                                  "images": []}))
+    args = build_parser().parse_args(["loco", "--dataset", "kolektorsdd", "--runs", str(tmp_path)])
+    args.argv = []
+    with pytest.raises(UnknownError, match="at least two"):
+        run(args)
+    args = build_parser().parse_args(["loco", "--dataset", "nope", "--runs", str(tmp_path)])
+    args.argv = []
+    with pytest.raises(UnknownError, match="--dataset 'nope'"):
+        run(args)
