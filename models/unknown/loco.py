@@ -173,7 +173,8 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
     labels = np.array([classes.index(f.split("/", 1)[0]) for f in fit_files])
     g = fit_gaussians(fit["features"], labels, classes, BLOCKS, shrinkage=SHRINKAGE)
     val_s = tile_scores(tile_outputs(run, train_tiles, val_files, device), g, good)
-    test_s = tile_scores(tile_outputs(run, test_tiles, test_files, device), g, good)
+    test_out = tile_outputs(run, test_tiles, test_files, device)
+    test_s = tile_scores(test_out, g, good)
 
     truth = np.array([im["label"] for im in test_full["images"]])
     gclass = test_full["classes"][good_index(test_full["classes"])]
@@ -190,7 +191,8 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
 
     # the known classes: the held-out run and the reference on the same test images, each at its own threshold
     known_m = {**test_full, "classes": classes, "images": [im for im in test_full["images"] if im["label"] != held_out]}
-    probs = tile_probabilities(run, test_tiles, known_m, device=device)
+    # the same float64 softmax of the fp32 logits as models.tiles.tile_probabilities, from the pass above
+    probs = dict(zip(test_files, _softmax(test_out["logits"]), strict=True))
     held = calibrated_metrics(run, train_tiles, known_m, probs, device=device)
     ref_train = Path(json.loads((reference / "config.json").read_text())["data"]["path"])
     ref_known = {**known_m, "classes": test_full["classes"]}
@@ -220,9 +222,12 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
 
 def run(args: argparse.Namespace) -> dict:
     """Train what is missing, evaluate every held-out run, write the JSON (and the doc section)."""
+    import torch
+
     from models.experiments import realdata as R
     from models.tiles import good_index, read_tiles_manifest
 
+    torch.set_num_threads(max(1, args.threads))
     runs, data_root = Path(args.runs), Path(args.data_root)
     ds, labels = args.dataset, "mask"
     if ds not in R.PROTOCOL:
