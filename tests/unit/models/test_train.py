@@ -337,6 +337,22 @@ def test_chance_loss_is_ln_k_for_balanced_draws_and_the_prior_entropy_otherwise(
     assert chance_loss({"a": 10, "b": 0, "c": 10}, balanced=True) == pytest.approx(math.log(2))
 
 
+def test_the_final_bn_check_reads_more_images_than_the_recalibration(data, tmp_path, monkeypatch):
+    """--bn-recal 8 recalibrates on 8 images; the check reads BN_CHECK_IMAGES of the training side (set to 30
+    here, of more than 30), and keeps the gap's sign."""
+    import models.train as T
+
+    monkeypatch.setattr(T, "BN_CHECK_IMAGES", 30)
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1", "--bn-recal", "8") == 0
+    check = json.loads((run / "config.json").read_text())["bn_check"]
+    train_images = len(json.loads((run / "split.json").read_text())["train"])
+    assert train_images > 30 and check["images"] == 30
+    signed = 100.0 * (check["running_stats_acc"] - check["batch_stats_acc"])
+    assert check["running_minus_batch_points"] == pytest.approx(signed, abs=0.006)
+    assert check["gap_points"] == pytest.approx(abs(signed), abs=0.006)
+
+
 def test_bn_check_batches_mix_the_classes_whatever_the_order_of_the_indices():
     """Indices in class order (as datasets list them) must not give one-class batches: the check batches a
     fixed shuffle, so class-sorted and reversed indices give the same figures, and batches hold both classes."""
