@@ -86,9 +86,10 @@ def without_class(src: Path, dst: Path, held_out: str) -> dict:
     return out
 
 
-def tile_outputs(run: Path, tiles: Path, files: list[str], device: str = "cpu", batch: int = 64) -> dict:
+def tile_outputs(run: Path, tiles: Path, files: list[str], part: str, device: str = "cpu", batch: int = 64) -> dict:
     """Per tile (in ``files`` order): the logits (N, K) and [GAP, GMP] of each IRA-Block's output (N, 2 C_b),
-    float64; cached in the run folder (``loco-<name>.npz``) while the weights are unchanged."""
+    float64; cached in the run folder (``loco-<part>.npz``: "fit", "val", "test") while the weights, the tiles
+    folder and the file list are unchanged."""
     import torch
 
     from models.checkpoint import load
@@ -96,7 +97,7 @@ def tile_outputs(run: Path, tiles: Path, files: list[str], device: str = "cpu", 
 
     weights = run / "model.safetensors"
     stamp = f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}:{Path(tiles).resolve()}"
-    cache = run / f"loco-{Path(tiles).parent.name}-{Path(tiles).name}.npz"
+    cache = run / f"loco-{part}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["stamp"]) == stamp and z["files"].tolist() == files:
@@ -121,6 +122,38 @@ def tile_outputs(run: Path, tiles: Path, files: list[str], device: str = "cpu", 
     np.savez(cache, stamp=stamp, files=np.array(files), logits=out["logits"],
              **{f"f{b}": f for b, f in zip(BLOCKS, out["features"], strict=True)})
     return out
+
+
+#: what the held-out run and its reference must share besides the model's keys other than its classes (the model's
+#: keys are the architecture as built; the train section's preset, width, head_pool ... are None where defaulted)
+SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "bn_recal",
+                   "stem_init", "seed", "val_fraction", "precision_option")
+
+
+def check_same_recipe(run: Path, reference: Path) -> None:
+    """Refuse a held-out run whose recipe differs from its reference's (classes and data aside): the known
+    classes' accuracy is compared between the two."""
+    a, b = (json.loads((r / "config.json").read_text()) for r in (run, reference))
+    differ = [f"train.{k}" for k in SAME_TRAIN_KEYS if a["train"].get(k) != b["train"].get(k)]
+    differ += [f"model.{k}" for k in sorted(set(a["model"]) | set(b["model"]))
+               if k not in ("classes", "num_classes") and a["model"].get(k) != b["model"].get(k)]
+    if differ:
+        raise UnknownError(f"{run} and its reference {reference} were trained with other settings "
+                           f"({', '.join(differ)}): give loco the reference's overrides (--epochs, --width, ...), or "
+                           f"remove {run} to retrain it")
+
+
+def check_trained_on(run: Path, folder: Path) -> None:
+    """Refuse a held-out run trained on other tiles than ``folder`` lists now (its split.json's files)."""
+    split = run / "split.json"
+    if not split.is_file():
+        return
+    from models.tiles import read_tiles_manifest
+
+    listed = {t["file"] for im in read_tiles_manifest(folder)["images"] for t in im["tiles"]}
+    s = json.loads(split.read_text())
+    if set(s["train"]) | set(s["val"]) != listed:
+        raise UnknownError(f"{run} was trained on other tiles than {folder} lists: remove {run} to retrain it")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -169,17 +202,20 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
     test_full = read_tiles_manifest(test_tiles)
     test_files = [t["file"] for im in test_full["images"] for t in im["tiles"]]
 
-    fit = tile_outputs(run, train_tiles, fit_files, device)
+    fit = tile_outputs(run, train_tiles, fit_files, "fit", device)
     labels = np.array([classes.index(f.split("/", 1)[0]) for f in fit_files])
     g = fit_gaussians(fit["features"], labels, classes, BLOCKS, shrinkage=SHRINKAGE)
-    val_s = tile_scores(tile_outputs(run, train_tiles, val_files, device), g, good)
-    test_out = tile_outputs(run, test_tiles, test_files, device)
+    val_s = tile_scores(tile_outputs(run, train_tiles, val_files, "val", device), g, good)
+    test_out = tile_outputs(run, test_tiles, test_files, "test", device)
     test_s = tile_scores(test_out, g, good)
 
     truth = np.array([im["label"] for im in test_full["images"]])
     gclass = test_full["classes"][good_index(test_full["classes"])]
     is_good, is_out = truth == gclass, truth == held_out
     known_defect = ~is_good & ~is_out
+    if not is_out.any() or not is_good.any():
+        raise UnknownError(f"{test_tiles} holds {int(is_out.sum())} {held_out} and {int(is_good.sum())} good test images: "
+                           f"the AUROC needs both")
     per_image = {k: image_max(test_full, test_files, v) for k, v in test_s.items()}
     val_good = np.array([im["label"] == classes[good] for im in val["images"]])
     val_img = image_max(val, val_files, val_s["mahalanobis"])
@@ -247,6 +283,8 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise UnknownError(f"--classes {','.join(unknown)}: not a defect class of {ds} ({', '.join(defects)})")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise UnknownError("--seeds: give at least one training seed, e.g. --seeds 0")
     records = []
     for seed in seeds:
         reference = R.run_dir(runs, ds, labels, seed)
@@ -256,7 +294,9 @@ def run(args: argparse.Namespace) -> dict:
             folder = runs / "tiles" / f"{ds}-{labels}-without-{c}" / "train"
             without_class(train_tiles, folder, c)
             out = runs / f"{ds}-{labels}-without-{c}" / f"seed{seed}"
+            check_trained_on(out, folder)
             wall = R.train_run(folder, out, seed, ds, args.threads, args.device)
+            check_same_recipe(out, reference)
             rec = evaluate_held_out(out, reference, folder, test_tiles, c, rate=args.false_flag_rate,
                                     device=args.device)
             rec.update(seed=seed, train_wall_s=round(wall, 1), eval_wall_s=round(time.time() - t0 - wall, 1))

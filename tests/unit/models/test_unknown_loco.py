@@ -142,3 +142,30 @@ def test_loco_refuses_a_dataset_with_one_defect_class_and_unknown_classes(tmp_pa
     args.argv = []
     with pytest.raises(UnknownError, match="--dataset 'nope'"):
         run(args)
+
+
+def test_a_held_out_run_with_another_recipe_or_other_tiles_is_refused(tmp_path):
+    from models.unknown.loco import check_same_recipe, check_trained_on
+
+    model = {"preset": "compact", "width": 0.125, "head_pool": "gap", "classes": ["good", "a", "b"]}
+    train = {"epochs": 20, "batch_size": 16, "epoch_size": 768, "seed": 0, "stem_init": "identity", "head_pool": None}
+    ref, held = tmp_path / "ref", tmp_path / "held"
+    for d, m, t in ((ref, model, {**train, "head_pool": "gap"}), (held, {**model, "classes": ["good", "a"]}, train)):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model": m, "train": t}))
+    check_same_recipe(held, ref)  # classes differ, and head_pool is given in one train section only: same recipe
+    (held / "config.json").write_text(json.dumps({"model": {**model, "width": 0.25}, "train": {**train, "epochs": 10}}))
+    with pytest.raises(UnknownError, match=r"train\.epochs, model\.width"):
+        check_same_recipe(held, ref)
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    (folder / "tiles.json").write_text(json.dumps({"format": "valve-inspect/tiles/1", "classes": ["good", "a"],
+                                                   "images": [{"label": "good", "tiles": [{"file": "good/x.png"}]},
+                                                              {"label": "a", "tiles": [{"file": "a/y.png"}]}]}))
+    check_trained_on(held, folder)  # no split yet: nothing trained
+    (held / "split.json").write_text(json.dumps({"train": ["good/x.png"], "val": ["a/y.png"]}))
+    check_trained_on(held, folder)
+    (held / "split.json").write_text(json.dumps({"train": ["good/x.png", "b/z.png"], "val": ["a/y.png"]}))
+    with pytest.raises(UnknownError, match="other tiles"):
+        check_trained_on(held, folder)
