@@ -7,8 +7,7 @@ running statistics recomputed over the first ``recal`` of the run's BN images (`
 the run's own seeded choice of training images, extended by the same permutation) and then
 ``models.train.bn_check`` over the first ``images`` of that permutation, exactly as training does at its end
 (recal 256 and images 256 is what config.json's ``bn_check`` held before 2026-11-30; since then train checks up to
-1024 images). Printed per row: batch-statistics and
-running-statistics accuracy, the gap in points, and how many images the two modes call differently.
+1024 images). Printed per row: batch-statistics and running-statistics accuracy and the gap in points.
 
 docs/results.md ("The BN gap") reads these runs.
 """
