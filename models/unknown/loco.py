@@ -367,7 +367,11 @@ def doc_section(result: dict) -> str:
                      f"{f(b['auroc_defect_logodds'])} | {f(b['held_out_flagged'], True)} ({f(b['good_flagged'], True)}) | "
                      f"{f(b['held_out_not_accepted'], True)} | {f(b['known_accuracy'], True)} "
                      f"({f(b['known_accuracy_reference'], True)}) |")
-    lines += ["", f"Protocol: {result['protocol']}; seeds {', '.join(map(str, result['seeds']))}."]
+    lines += ["", "Read with two caveats: the held-out run draws its own grouped validation split over the images "
+              "left to it, so the known-accuracy difference includes the change of split (which picks the epoch and "
+              "the threshold) beside the missing class; and an image's score is a max over its tiles, so classes "
+              "whose images are larger (more tiles) score higher under every score.", "",
+              f"Protocol: {result['protocol']}; seeds {', '.join(map(str, result['seeds']))}."]
     return "\n".join(lines)
 
 
