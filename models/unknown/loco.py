@@ -217,6 +217,7 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
         raise UnknownError(f"{test_tiles} holds {int(is_out.sum())} {held_out} and {int(is_good.sum())} good test images: "
                            f"the AUROC needs both")
     per_image = {k: image_max(test_full, test_files, v) for k, v in test_s.items()}
+    n_tiles = np.array([len(im["tiles"]) for im in test_full["images"]], dtype=float)
     val_good = np.array([im["label"] == classes[good] for im in val["images"]])
     val_img = image_max(val, val_files, val_s["mahalanobis"])
     if not val_good.any():
@@ -240,6 +241,7 @@ def evaluate_held_out(run: Path, reference: Path, train_tiles: Path, test_tiles:
     return {
         "held_out": held_out, "run": str(run), "reference": str(reference),
         "test_images": {"good": int(is_good.sum()), "held_out": int(is_out.sum()), "known_defect": int(known_defect.sum())},
+        "tiles_per_image": {"good": float(n_tiles[is_good].mean()), "held_out": float(n_tiles[is_out].mean())},
         "auroc_vs_good": {k: auroc(v[is_good], v[is_out]) for k, v in per_image.items()},
         "auroc_vs_known_defects": {k: auroc(v[known_defect], v[is_out]) for k, v in per_image.items()},
         "mahalanobis_threshold": {"value": threshold, "rate": rate, "validation_good_images": int(val_good.sum()),
