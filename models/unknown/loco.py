@@ -347,28 +347,29 @@ def doc_section(result: dict) -> str:
     def f(d: dict, pct: bool = False) -> str:
         if d["mean"] is None:
             return "-"
-        k = 100.0 if pct else 1.0
-        digits = 1 if pct else 3
-        return f"{d['mean'] * k:.{digits}f}" + (f" ± {d['std'] * k:.{digits}f}" if d["std"] is not None else "") \
-            + f" (n={d['n']})"
+        k, digits = (100.0, 1) if pct else (1.0, 3)
+        return f"{d['mean'] * k:.{digits}f}" + (f" ± {d['std'] * k:.{digits}f}" if d["std"] is not None else "")
 
     s = result["summary"]
-    lines = [f"## Unknown defects on {result['dataset']}: leave one class out (`valve-model unknown loco`)", "",
+    rate = result["records"][0]["mahalanobis_threshold"]["rate"] if result["records"] else "-"
+    name = {"magnetic-tile": "Magnetic-tile", "kolektorsdd": "KolektorSDD"}.get(result["dataset"], result["dataset"])
+    lines = [f"## Unknown defects on {name}: leave one class out (`valve-model unknown loco`)", "",
              f"Written by `{result['command']}` on {result['date']}; numbers in `docs/results/unknown-loco.json`. "
              "For each defect class, a training without every tile of its images; the held-out class's test "
              "images are then the unknown defects. Image score = max over its tiles. AUROC against the good test "
              "images. *Flagged*: Mahalanobis score at the threshold calibrated on the run's good validation images "
-             f"(rate {result['records'][0]['mahalanobis_threshold']['rate'] if result['records'] else '-'}). "
-             "*Not accepted*: flagged, or a known defect at the run's calibrated image threshold. *Known accuracy*: "
-             "the test images of the other classes, the held-out run against the reference run trained on every "
-             "class (each at its own calibrated threshold).", "",
+             f"(rate {rate}). *Not accepted*: flagged, or a known defect at the run's calibrated image threshold; "
+             "beside it the good test images that rule does not accept. *Known accuracy*: the test images of the "
+             "other classes, the held-out run against the reference run trained on every class (each at its own "
+             "calibrated threshold). Per class: mean ± std over the seeds; *all*: over every held-out run "
+             f"({len(result['records'])}).", "",
              "| held out | AUROC Mahalanobis | AUROC energy | AUROC max-softmax | AUROC defect log-odds | flagged % "
-             "(good %) | not accepted % | known accuracy % (reference) |", "|---|---|---|---|---|---|---|---|"]
+             "(good %) | not accepted % (good %) | known accuracy % (reference) |", "|---|---|---|---|---|---|---|---|"]
     for c, b in [*s["per_class"].items(), ("all", s["all"])]:
         lines.append(f"| {c} | {f(b['auroc_mahalanobis'])} | {f(b['auroc_energy'])} | {f(b['auroc_max_softmax'])} | "
                      f"{f(b['auroc_defect_logodds'])} | {f(b['held_out_flagged'], True)} ({f(b['good_flagged'], True)}) | "
-                     f"{f(b['held_out_not_accepted'], True)} | {f(b['known_accuracy'], True)} "
-                     f"({f(b['known_accuracy_reference'], True)}) |")
+                     f"{f(b['held_out_not_accepted'], True)} ({f(b['good_not_accepted'], True)}) | "
+                     f"{f(b['known_accuracy'], True)} ({f(b['known_accuracy_reference'], True)}) |")
     lines += ["", "Read with two caveats: the held-out run draws its own grouped validation split over the images "
               "left to it, so the known-accuracy difference includes the change of split (which picks the epoch and "
               "the threshold) beside the missing class; and an image's score is a max over its tiles, so classes "
