@@ -1,0 +1,51 @@
+"""``valve-model realdata``'s training step (``train_run``, shared with ``valve-model unknown loco``): which
+command it starts for a run folder, by what the folder holds (the training itself is replaced by a recorder)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.experiments import realdata
+
+
+def test_train_run_starts_resumes_or_skips_a_run_by_what_it_holds(tmp_path, monkeypatch):
+    """realdata.train_run (shared by realdata train and unknown loco): a new run gets the protocol's recipe,
+    a stopped one is resumed to the protocol's epochs, a complete one (all epochs and its bn_check) is left."""
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train",
+                        {"preset": "compact", "epochs": 3, "batch_size": 8, "epoch_size": 64})
+    calls = []
+
+    def fake_call(cmd, **kwargs):
+        calls.append(cmd)
+        assert kwargs["env"]["OMP_NUM_THREADS"] == "1"
+        return 0
+
+    monkeypatch.setattr(realdata.subprocess, "call", fake_call)
+    out = tmp_path / "mt" / "seed4"
+    realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu")
+    cmd = calls[-1]
+    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "tiles") and cmd[cmd.index("--seed") + 1] == "4"
+    assert [cmd[cmd.index(f"--{k}") + 1] for k in ("preset", "epochs", "batch-size", "epoch-size")] == \
+        ["compact", "3", "8", "64"]
+    assert (tmp_path / "mt" / "seed4.log").read_text().startswith("$ ")
+
+    out.mkdir(parents=True)
+    (out / "train_state.pt").write_bytes(b"")
+    (out / "config.json").write_text(json.dumps({"train": {}}))
+    (out / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
+    realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu")
+    assert "--resume" in calls[-1] and calls[-1][calls[-1].index("--epochs") + 1] == "3"
+    assert "--data" not in calls[-1]
+
+    (out / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu")
+    assert "--resume" in calls[-1] and len(calls) == 3  # all epochs but no bn_check yet: resumed (it writes it)
+    (out / "config.json").write_text(json.dumps({"train": {}, "bn_check": {"gap_points": 0.0}}))
+    assert realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu") == 0.0
+    assert len(calls) == 3  # complete: nothing started
+
+    monkeypatch.setattr(realdata.subprocess, "call", lambda cmd, **kw: 2)
+    with pytest.raises(SystemExit, match="failed"):
+        realdata.train_run(tmp_path / "tiles", tmp_path / "other" / "seed0", 0, "magnetic-tile", 1, "cpu")
