@@ -139,7 +139,7 @@ __all__ = [
     "CONFIG_NAME", "CURVES_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
     "SCHEDULES", "SPLIT_NAME", "STATE_FORMAT", "STATE_NAME", "RunResult", "TrainConfig", "TrainError",
     "balanced_accuracy", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
-    "clean_run_dir", "config_from_args", "cpu_has_bf16", "fill_resumed_options", "epoch_seed", "lr_at", "main", "model_config_for",
+    "clean_run_dir", "config_from_args", "cpu_has_bf16", "epoch_seed", "fill_resumed_options", "lr_at", "main", "model_config_for",
     "read_log", "recalibrate_bn", "resolve_device", "resolve_precision", "rng_state", "run_epoch",
     "seed_everything", "set_rng_state", "train", "write_json",
 ]

@@ -124,16 +124,23 @@ def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
         print(f"{dataset}/{labels}/{part}: {len(m['images'])} images -> {m['tile_counts']}", file=sys.stderr)
 
 
+def run_complete(out: Path, dataset: str) -> bool:
+    """Whether the run in ``out`` finished the protocol's epochs and wrote its final BN check."""
+    if not (out / "train_state.pt").is_file():
+        return False
+    return epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and "bn_check" in json.loads(
+        (out / "config.json").read_text())
+
+
 def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, device: str) -> float:
     """Train ``data`` (a tiles folder) into ``out`` by the protocol's recipe for ``dataset``, or resume it; the
     log goes to ``out``'s parent as seed<seed>.log. Returns the wall seconds (0 when it was complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"seed{seed}.log"
     epochs = PROTOCOL[dataset]["train"]["epochs"]
+    if run_complete(out, dataset):
+        return 0.0
     if (out / "train_state.pt").is_file():
-        done = json.loads((out / "config.json").read_text())
-        if epochs_run(out) >= epochs and "bn_check" in done:
-            return 0.0
         cmd = [sys.executable, "-m", "models.cli", "train", "--out", str(out), "--resume",
                "--epochs", str(epochs), "--threads", str(threads), "--device", device]
     else:
@@ -158,10 +165,8 @@ def train_one(dataset: str, labels: str, seed: int, runs: Path, threads: int, de
 
     out = run_dir(runs, dataset, labels, seed)
     metrics_path = out / "image_metrics.json"
-    if metrics_path.is_file() and (out / "train_state.pt").is_file():
-        done = json.loads((out / "config.json").read_text())
-        if epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and "bn_check" in done:
-            return json.loads(metrics_path.read_text())
+    if metrics_path.is_file() and run_complete(out, dataset):
+        return json.loads(metrics_path.read_text())
     wall = train_run(tiles_dir(runs, dataset, labels, "train"), out, seed, dataset, threads, device)
     t_eval = time.time()
     m = evaluate_images(out, tiles_dir(runs, dataset, labels, "test"), metrics_path, device=device,
@@ -514,6 +519,18 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
     return "\n".join(lines)
 
 
+#: the recipe options a command line may override in PROTOCOL (its attribute names; absent or None = keep)
+OVERRIDES = ("epochs", "epoch_size", "batch_size", "width", "channels", "head_pool")
+
+
+def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
+    """Set the training options ``args`` gives (OVERRIDES) in the PROTOCOL of each of ``datasets``."""
+    for d in datasets:
+        for key in OVERRIDES:
+            if getattr(args, key, None) is not None:
+                PROTOCOL[d]["train"][key] = getattr(args, key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling"))
@@ -556,12 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             args.channels = ",".join(map(str, parse_channels(args.channels)))
         except argparse.ArgumentTypeError as e:
             raise SystemExit(f"{PROG}: --channels {e}") from None
-    for d in PROTOCOL:
-        if args.epochs is not None:
-            PROTOCOL[d]["train"]["epochs"] = args.epochs
-        for key in ("epoch_size", "batch_size", "width", "channels", "head_pool"):
-            if getattr(args, key) is not None:
-                PROTOCOL[d]["train"][key] = getattr(args, key)
+    override_protocol(args, list(PROTOCOL))
     if args.step == "pack":
         if not args.out:
             raise SystemExit(f"{PROG} pack: --out is required (a new folder for the copy)")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.unknown.command import _logsumexp
 from models.unknown.frames import UnknownError
 from models.unknown.scores import SHRINKAGE, auroc, calibrate, fit_gaussians
 
@@ -55,13 +56,11 @@ def without_class(src: Path, dst: Path, held_out: str) -> dict:
     """A tiles folder like ``src`` (a realdata training tiles folder) without the images of class ``held_out``:
     every tile of theirs is left out, whatever the tile's own label, and so is the class. Links, not copies;
     its tiles.json is ``src``'s with those images and the class removed. Rewritten when it differs."""
-    from models.tiles import MANIFEST_NAME, read_tiles_manifest
+    from models.tiles import MANIFEST_NAME, good_index, read_tiles_manifest
 
     m = read_tiles_manifest(src)
     if held_out not in m["classes"]:
         raise UnknownError(f"class {held_out!r} is not in {src} (classes {', '.join(m['classes'])})")
-    from models.tiles import good_index
-
     if m["classes"].index(held_out) == good_index(m["classes"]):
         raise UnknownError(f"{held_out!r} is the good class: leave out a defect class")
     images = [im for im in m["images"] if im["label"] != held_out]
@@ -157,9 +156,7 @@ def check_trained_on(run: Path, folder: Path) -> None:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return np.exp(logits - _logsumexp(logits)[:, None])
 
 
 def tile_scores(outs: dict, gaussians, good: int) -> dict[str, np.ndarray]:
@@ -168,9 +165,8 @@ def tile_scores(outs: dict, gaussians, good: int) -> dict[str, np.ndarray]:
 
     lg = outs["logits"]
     p = _softmax(lg)
-    mx = lg.max(axis=1)
     return {"mahalanobis": gaussians.score(outs["features"]),
-            "energy": -(mx + np.log(np.exp(lg - mx[:, None]).sum(axis=1))),
+            "energy": -_logsumexp(lg),
             "max_softmax": 1.0 - p.max(axis=1),
             "defect_logodds": tile_logodds(p, good)}
 
@@ -270,9 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     ds, labels = args.dataset, "mask"
     if ds not in R.PROTOCOL:
         raise UnknownError(f"--dataset {ds!r}: one of {', '.join(R.PROTOCOL)}")
-    for key in ("epochs", "epoch_size", "batch_size", "width", "head_pool"):
-        if getattr(args, key) is not None:
-            R.PROTOCOL[ds]["train"][key] = getattr(args, key)
+    R.override_protocol(args, [ds])
     R.make_tiles(runs, data_root, ds, labels)
     train_tiles, test_tiles = R.tiles_dir(runs, ds, labels, "train"), R.tiles_dir(runs, ds, labels, "test")
     classes = read_tiles_manifest(train_tiles)["classes"]
@@ -322,23 +316,19 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _mean_std(v: list[float]) -> dict:
-    v = [x for x in v if x is not None and not np.isnan(x)]
-    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
-            "n": len(v)}
-
-
 def summarise(records: list[dict], classes: list[str]) -> dict:
     """Per held-out class (over seeds) and over all records: mean +- std of the figures the doc reads."""
+    from models.experiments.realdata import mean_std
+
     def block(rs: list[dict]) -> dict:
-        return {**{f"auroc_{k}": _mean_std([r["auroc_vs_good"][k] for r in rs]) for k in SCORES},
-                "held_out_flagged": _mean_std([r["flagged"]["held_out"] for r in rs]),
-                "good_flagged": _mean_std([r["flagged"]["good"] for r in rs]),
-                "held_out_not_accepted": _mean_std([r["held_out_not_accepted"]["either"] for r in rs]),
-                "held_out_as_known_defect": _mean_std([r["held_out_not_accepted"]["as_a_known_defect"] for r in rs]),
-                "good_not_accepted": _mean_std([r["good_not_accepted"] for r in rs]),
-                "known_accuracy": _mean_std([r["known_accuracy"]["held_out_run"] for r in rs]),
-                "known_accuracy_reference": _mean_std([r["known_accuracy"]["reference"] for r in rs])}
+        return {**{f"auroc_{k}": mean_std([r["auroc_vs_good"][k] for r in rs]) for k in SCORES},
+                "held_out_flagged": mean_std([r["flagged"]["held_out"] for r in rs]),
+                "good_flagged": mean_std([r["flagged"]["good"] for r in rs]),
+                "held_out_not_accepted": mean_std([r["held_out_not_accepted"]["either"] for r in rs]),
+                "held_out_as_known_defect": mean_std([r["held_out_not_accepted"]["as_a_known_defect"] for r in rs]),
+                "good_not_accepted": mean_std([r["good_not_accepted"] for r in rs]),
+                "known_accuracy": mean_std([r["known_accuracy"]["held_out_run"] for r in rs]),
+                "known_accuracy_reference": mean_std([r["known_accuracy"]["reference"] for r in rs])}
     return {"per_class": {c: block([r for r in records if r["held_out"] == c]) for c in classes},
             "all": block(records)}
 
