@@ -54,6 +54,8 @@ DEFAULT_SUMMARY = REPO / "docs" / "results" / "summary.json"
 DATASETS = ("kolektorsdd", "magnetic-tile")
 LABEL_MODES = ("mask", "image")
 SECTION = "realdata"
+ABLATION_SECTION = "realdata-ablation"
+DEFAULT_ABLATION_SUMMARY = REPO / "docs" / "results" / "ablation-realdata.json"
 
 #: tiles and training per dataset (the train recipe's defaults do the rest)
 PROTOCOL: dict[str, dict] = {
@@ -533,7 +535,7 @@ def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling"))
+    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling", "ablation"))
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
     p.add_argument("--seeds", default="0,1,2")
@@ -553,8 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     p.add_argument("--runs", default=str(DEFAULT_RUNS))
     p.add_argument("--doc", default=str(DEFAULT_DOC))
-    p.add_argument("--summary", default=str(DEFAULT_SUMMARY))
-    p.add_argument("--section", default=SECTION, help=f"summary: the docs section to write (default {SECTION})")
+    p.add_argument("--summary", default=None, help=f"default {os.path.relpath(DEFAULT_SUMMARY, REPO)} (ablation: "
+                                                   f"{os.path.relpath(DEFAULT_ABLATION_SUMMARY, REPO)})")
+    p.add_argument("--section", default=None, help=f"summary: the docs section to write (default {SECTION}; "
+                                                   f"ablation: {ABLATION_SECTION})")
+    p.add_argument("--attentions", default=None,
+                   help="ablation: train only these variants (comma list of none, iam-no-spatial, cbam, iam), e.g. to "
+                        "split the trainings between two processes; the summary still reads every variant")
+    p.add_argument("--no-train", action="store_true",
+                   help="ablation: train nothing, write the summary and the section from the runs there are")
     return p
 
 
@@ -574,6 +583,18 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             raise SystemExit(f"{PROG}: --channels {e}") from None
     override_protocol(args, list(PROTOCOL))
+    if args.step == "ablation":
+        from models.experiments.realdata_ablation import run as ablation
+
+        given = [f" --{k.replace('_', '-')} {getattr(args, k)}" for k in OVERRIDES if getattr(args, k) is not None]
+        ablation(runs, data_root, datasets, seeds, args.threads, args.device,
+                 Path(args.summary or DEFAULT_ABLATION_SUMMARY), Path(args.doc) if args.doc else None,
+                 args.section or ABLATION_SECTION,
+                 attentions=[a for a in (args.attentions or "").split(",") if a] or None,
+                 train=not args.no_train, overrides="".join(given))
+        return 0
+    args.summary = args.summary or str(DEFAULT_SUMMARY)
+    args.section = args.section or SECTION
     if args.step == "pack":
         if not args.out:
             raise SystemExit(f"{PROG} pack: --out is required (a new folder for the copy)")
