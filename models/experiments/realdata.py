@@ -66,6 +66,8 @@ PROTOCOL: dict[str, dict] = {
                       "train": {"preset": "compact", "attention": "iam", "epochs": 20, "batch_size": 16,
                                 "epoch_size": 768}},
 }
+#: PROTOCOL as written, before a command line's overrides (what a recorded command must repeat is what differs)
+PROTOCOL_DEFAULTS = json.loads(json.dumps(PROTOCOL))
 
 
 def tiles_dir(runs: Path, dataset: str, labels: str, part: str) -> Path:
@@ -132,6 +134,36 @@ def run_complete(out: Path, dataset: str) -> bool:
         return False
     return epochs_run(out) >= PROTOCOL[dataset]["train"]["epochs"] and "bn_check" in json.loads(
         (out / "config.json").read_text())
+
+
+#: what two runs compared in one table must share besides the model's architecture (the train section's preset,
+#: width, head_pool ... are None where defaulted; the model's keys are the architecture as built)
+SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "bn_recal",
+                   "stem_init", "seed", "val_fraction", "precision_option")
+
+
+def recipe_differences(run: Path, reference: Path, ignore: tuple[str, ...] = (),
+                       extra_train: tuple[str, ...] = ()) -> list[str]:
+    """The recipe keys (``model.<k>``, ``train.<k>``) in which two runs' config.json differ: every model key but
+    the classes (the data decide them) and SAME_TRAIN_KEYS plus ``extra_train``, leaving out ``ignore``."""
+    a, b = (json.loads((r / "config.json").read_text()) for r in (run, reference))
+    keys = [f"train.{k}" for k in SAME_TRAIN_KEYS + extra_train]
+    keys += [f"model.{k}" for k in sorted(set(a["model"]) | set(b["model"])) if k not in ("classes", "num_classes")]
+    return [k for k in keys if k not in ignore
+            and a[k.split(".")[0]].get(k.split(".", 1)[1]) != b[k.split(".")[0]].get(k.split(".", 1)[1])]
+
+
+def trained_on(run: Path, folder: Path) -> bool:
+    """Whether ``run`` was trained on exactly the tiles ``folder`` lists now (its split.json's files); True while
+    it has no split (nothing trained yet)."""
+    from models.tiles import read_tiles_manifest
+
+    split = run / "split.json"
+    if not split.is_file():
+        return True
+    listed = {t["file"] for im in read_tiles_manifest(folder)["images"] for t in im["tiles"]}
+    s = json.loads(split.read_text())
+    return set(s["train"]) | set(s["val"]) == listed
 
 
 def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, device: str) -> float:
@@ -561,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"ablation: {ABLATION_SECTION})")
     p.add_argument("--attentions", default=None,
                    help="ablation: train only these variants (comma list of none, iam-no-spatial, cbam, iam), e.g. to "
-                        "split the trainings between two processes; the summary still reads every variant")
+                        "split the trainings between two processes (cut the tiles first with the tiles step); the "
+                        "summary reads every run under --runs. The ablation uses mask labels; --labels and --jobs "
+                        "do not apply to it")
     p.add_argument("--no-train", action="store_true",
                    help="ablation: train nothing, write the summary and the section from the runs there are")
     return p
@@ -586,12 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "ablation":
         from models.experiments.realdata_ablation import run as ablation
 
-        given = [f" --{k.replace('_', '-')} {getattr(args, k)}" for k in OVERRIDES if getattr(args, k) is not None]
         ablation(runs, data_root, datasets, seeds, args.threads, args.device,
                  Path(args.summary or DEFAULT_ABLATION_SUMMARY), Path(args.doc) if args.doc else None,
                  args.section or ABLATION_SECTION,
                  attentions=[a for a in (args.attentions or "").split(",") if a] or None,
-                 train=not args.no_train, overrides="".join(given))
+                 train=not args.no_train, default_doc=DEFAULT_DOC)
         return 0
     args.summary = args.summary or str(DEFAULT_SUMMARY)
     args.section = args.section or SECTION

@@ -123,19 +123,12 @@ def tile_outputs(run: Path, tiles: Path, files: list[str], part: str, device: st
     return out
 
 
-#: what the held-out run and its reference must share besides the model's keys other than its classes (the model's
-#: keys are the architecture as built; the train section's preset, width, head_pool ... are None where defaulted)
-SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "bn_recal",
-                   "stem_init", "seed", "val_fraction", "precision_option")
-
-
 def check_same_recipe(run: Path, reference: Path) -> None:
     """Refuse a held-out run whose recipe differs from its reference's (classes and data aside): the known
     classes' accuracy is compared between the two."""
-    a, b = (json.loads((r / "config.json").read_text()) for r in (run, reference))
-    differ = [f"train.{k}" for k in SAME_TRAIN_KEYS if a["train"].get(k) != b["train"].get(k)]
-    differ += [f"model.{k}" for k in sorted(set(a["model"]) | set(b["model"]))
-               if k not in ("classes", "num_classes") and a["model"].get(k) != b["model"].get(k)]
+    from models.experiments import realdata as R
+
+    differ = R.recipe_differences(run, reference)
     if differ:
         raise UnknownError(f"{run} and its reference {reference} were trained with other settings "
                            f"({', '.join(differ)}): give loco the reference's overrides (--epochs, --width, ...), or "
@@ -144,14 +137,9 @@ def check_same_recipe(run: Path, reference: Path) -> None:
 
 def check_trained_on(run: Path, folder: Path) -> None:
     """Refuse a held-out run trained on other tiles than ``folder`` lists now (its split.json's files)."""
-    split = run / "split.json"
-    if not split.is_file():
-        return
-    from models.tiles import read_tiles_manifest
+    from models.experiments import realdata as R
 
-    listed = {t["file"] for im in read_tiles_manifest(folder)["images"] for t in im["tiles"]}
-    s = json.loads(split.read_text())
-    if set(s["train"]) | set(s["val"]) != listed:
+    if not R.trained_on(run, folder):
         raise UnknownError(f"{run} was trained on other tiles than {folder} lists: remove {run} to retrain it")
 
 

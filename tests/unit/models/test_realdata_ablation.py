@@ -9,6 +9,8 @@ docs/results.md.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -53,8 +55,11 @@ def test_each_variant_trains_on_the_same_tiles_and_is_ordered(mt_like, tiny_prot
     # one seed: the sentence says the spread is unknown instead of ordering by noise
     assert all("single seed" in e["ordering"][k] for k in ("ap", "accuracy_calibrated"))
     doc = (tmp_path / "results.md").read_text()
-    assert "<!-- BEGIN realdata-ablation -->" in doc and "valve-model realdata ablation --datasets magnetic-tile" in doc
-    assert "| IAM (`iam`," in doc and "| CBAM (`cbam`," in doc
+    assert "<!-- BEGIN realdata-ablation -->" in doc and "| IAM (`iam`," in doc and "| CBAM (`cbam`," in doc
+    # the recorded command repeats the runs' own recipe (the tiny protocol's, read from config.json) and the doc
+    assert ("valve-model realdata ablation --datasets magnetic-tile --seeds 0 --epochs 1 --epoch-size 32 "
+            "--batch-size 8 --runs ") in doc and f"--doc {os.path.relpath(tmp_path / 'results.md', realdata.REPO)}" in doc
+    assert "1 torch thread(s) per training" in doc
 
     # a second call trains nothing and writes the same summary
     stamps = {a: (run_path(runs, a, "magnetic-tile", 0) / "model.safetensors").stat().st_mtime_ns for a in ABLATION}
@@ -65,19 +70,39 @@ def test_each_variant_trains_on_the_same_tiles_and_is_ordered(mt_like, tiny_prot
 
 
 def test_attentions_split_the_work_and_no_train_reads_what_is_there(mt_like, tiny_protocol, tmp_path):
+    with pytest.raises(AblationError, match="no ablation runs under"):
+        ablation(tmp_path, mt_like.parent, "--no-train")
+    assert not (tmp_path / "ablation.json").exists()
     summary = ablation(tmp_path, mt_like.parent, "--attentions", "none")
     runs = tmp_path / "runs"
     assert (run_path(runs, "none", "magnetic-tile", 0) / "ablation_metrics.json").is_file()
     assert not run_path(runs, "iam", "magnetic-tile", 0).exists()
+    assert realdata.PROTOCOL["magnetic-tile"]["train"]["attention"] == "iam"  # the variant's attention is undone
     e = summary["magnetic-tile"]
     assert e["variants"]["none"]["seeds"] == [0] and e["variants"]["iam"]["seeds"] == []
     assert "Fewer than two variants" in e["ordering"]["ap"]
     assert "| IAM (`iam`) | 97.7 | - |" in (tmp_path / "results.md").read_text()
-    # --no-train writes the summary without training the missing variants
-    ablation(tmp_path, mt_like.parent, "--no-train")
-    assert not run_path(runs, "iam", "magnetic-tile", 0).exists()
+    # --no-train writes the summary without training the missing variants, and names no seed it was not given
+    (tmp_path / "ablation.json").unlink()
+    again = ablation(tmp_path, mt_like.parent, "--no-train", "--datasets", "kolektorsdd", "--seeds", "5")
+    assert again == summary and not run_path(runs, "iam", "magnetic-tile", 0).exists()
     with pytest.raises(AblationError, match="unknown attention 'se'"):
         ablation(tmp_path, mt_like.parent, "--attentions", "se")
+
+
+def test_figures_older_than_the_weights_are_left_out_and_scored_again(mt_like, tiny_protocol, tmp_path):
+    ablation(tmp_path, mt_like.parent, "--attentions", "none")
+    none = run_path(tmp_path / "runs", "none", "magnetic-tile", 0)
+    m = json.loads((none / "ablation_metrics.json").read_text())
+    (none / "ablation_metrics.json").write_text(json.dumps({**m, "epochs_run": 0, "ap": -1.0}))  # scored before
+    summary = ablation(tmp_path, mt_like.parent, "--no-train")
+    assert summary["magnetic-tile"]["variants"]["none"]["seeds"] == []
+    assert summary["magnetic-tile"]["not_scored"] == [str(none)]
+    assert "Not in the figures" in (tmp_path / "results.md").read_text()
+    stamp = (none / "model.safetensors").stat().st_mtime_ns
+    summary = ablation(tmp_path, mt_like.parent, "--attentions", "none")
+    assert (none / "model.safetensors").stat().st_mtime_ns == stamp  # scored again, not retrained
+    assert summary["magnetic-tile"]["variants"]["none"]["ap"]["values"] == [m["ap"]]
 
 
 def test_a_run_that_does_not_belong_is_refused(mt_like, tiny_protocol, tmp_path, monkeypatch):
@@ -93,10 +118,17 @@ def test_a_run_that_does_not_belong_is_refused(mt_like, tiny_protocol, tmp_path,
         ablation(tmp_path, mt_like.parent, "--attentions", "cbam")
     cbam.unlink()
 
-    # a variant trained with another recipe than the others (here: two epochs)
+    # a call that would train another recipe than the runs there are: refused before it trains
+    with pytest.raises(AblationError, match=r"other settings than .*--epochs 2 \(the run: 1\)"):
+        ablation(tmp_path, mt_like.parent, "--attentions", "cbam", "--epochs", "2")
+    assert not cbam.exists()
+    # a run trained with another recipe than the others (here: two epochs, trained outside the command)
     monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"]["train"], "epochs", 2)
-    with pytest.raises(AblationError, match=r"other settings \(train.epochs\).*same overrides"):
-        ablation(tmp_path, mt_like.parent, "--attentions", "cbam")
+    realdata.train_run(realdata.tiles_dir(runs, "magnetic-tile", "mask", "train"), cbam, 0, "magnetic-tile", 1, "cpu")
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"]["train"], "epochs", 1)
+    with pytest.raises(AblationError, match=rf"other settings than {none}: {cbam} \(train.epochs\).*same overrides"):
+        ablation(tmp_path, mt_like.parent, "--no-train")
+    shutil.rmtree(cbam)
 
     # a run trained on other tiles than the folder lists now
     split = json.loads((none / "split.json").read_text())
