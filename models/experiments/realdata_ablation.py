@@ -267,7 +267,9 @@ def doc_section(summary: dict, runs: str, summary_path: str, doc_option: str) ->
             lines.append(f"| {LABELS[a]} | " + " | ".join("-" if s not in per else f"{100 * per[s]:.1f}"
                                                           for s in e["seeds"]) + " |")
         threads = sorted({t for v in e["variants"].values() for t in v["threads"]})
-        lines += [""] + [e["ordering"][k] for k, _ in ORDERED] + [
+        for k, _ in ORDERED:
+            lines += ["", e["ordering"][k]]
+        lines += [
             "", f"Protocol: {e['protocol']}; {e['test_images']} test images. s / epoch is the median of the runs' "
             f"logged epoch times ({', '.join(map(str, threads)) or '?'} torch thread(s) per training; other jobs may "
             "have shared the machine)."]
