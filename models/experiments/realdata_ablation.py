@@ -274,7 +274,8 @@ def doc_section(summary: dict, runs: str, summary_path: str, doc_option: str) ->
             f"logged epoch times ({', '.join(map(str, threads)) or '?'} torch thread(s) per training; other jobs may "
             "have shared the machine)."]
         if e["not_scored"]:
-            lines.append(f"Not in the figures (trained, not yet scored with their final weights): "
+            lines.append("")
+            lines.append(f"Not in the figures (still training, or not scored since their last epoch): "
                          f"{', '.join(e['not_scored'])}.")
         lines.append("")
     return "\n".join(lines).rstrip()
