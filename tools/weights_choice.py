@@ -23,10 +23,6 @@ from pathlib import Path
 WEIGHTS = ("model.safetensors", "last.safetensors")
 
 
-def log_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+")
@@ -38,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models.experiments.realdata import best_epoch
+    from models.run_dir import LOG_NAME, read_log
     from models.tiles import evaluate_images
 
     torch.set_num_threads(args.threads)
@@ -46,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(name)
         group = run.parent.name                       # <dataset>-<labels>
         tiles = run.parent.parent / "tiles" / group
-        log = log_rows(run)
+        log = read_log(run / LOG_NAME)
         row = {"run": str(run), "epochs": len(log), "best_epoch": best_epoch(run),
                "val_bal_acc": {"best": max(r["val_bal_acc"] for r in log), "last": log[-1]["val_bal_acc"]},
                "weights": {}}

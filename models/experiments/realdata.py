@@ -166,9 +166,11 @@ def trained_on(run: Path, folder: Path) -> bool:
     return set(s["train"]) | set(s["val"]) == listed
 
 
-def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, device: str) -> float:
-    """Train ``data`` (a tiles folder) into ``out`` by the protocol's recipe for ``dataset``, or resume it; the
-    log goes to ``out``'s parent as seed<seed>.log. Returns the wall seconds (0 when it was complete)."""
+def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, device: str,
+              changes: dict | None = None) -> float:
+    """Train ``data`` (a tiles folder) into ``out`` by the protocol's recipe for ``dataset`` with ``changes`` (training
+    options over PROTOCOL's, e.g. another attention), or resume it; the log goes to ``out``'s parent as
+    seed<seed>.log. Returns the wall seconds (0 when it was complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"seed{seed}.log"
     epochs = PROTOCOL[dataset]["train"]["epochs"]
@@ -180,7 +182,7 @@ def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, devi
     else:
         cmd = [sys.executable, "-m", "models.cli", "train", "--data", str(data), "--format", "folders",
                "--out", str(out), "--seed", str(seed), "--threads", str(threads), "--device", device]
-        for key, value in PROTOCOL[dataset]["train"].items():
+        for key, value in {**PROTOCOL[dataset]["train"], **(changes or {})}.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     t0 = time.time()
     with log.open("a") as fh:

@@ -132,12 +132,7 @@ def train_score(runs: Path, attention: str, dataset: str, seed: int, threads: in
             raise AblationError(f"this call would train {out} with other settings than {other}: "
                                 f"{'; '.join(differ)}. Give the same overrides as that run's, or remove the runs")
     metrics_path.unlink(missing_ok=True)  # a resumed run's old figures must not outlive its new weights
-    saved = PROTOCOL[dataset]["train"]["attention"]
-    PROTOCOL[dataset]["train"]["attention"] = attention
-    try:
-        wall = train_run(train_tiles, out, seed, dataset, threads, device)
-    finally:
-        PROTOCOL[dataset]["train"]["attention"] = saved
+    wall = train_run(train_tiles, out, seed, dataset, threads, device, changes={"attention": attention})
     check_run(out, attention, train_tiles)
     t0 = time.time()
     m = evaluate_images(out, test_tiles, None, segmentation=False, calibrate_on=train_tiles, device=device)
@@ -194,7 +189,7 @@ def summarise(runs: Path) -> dict:
             continue
         check_recipe(on_disk)
         seeds = sorted({int(p.name.removeprefix("seed")) for p in on_disk})
-        variants, stale = {}, []
+        variants, stale, scored = {}, [], []
         for a in ABLATION:
             found = []
             for s in seeds:
@@ -218,13 +213,13 @@ def summarise(runs: Path) -> dict:
                 "parameters": (json.loads((found[0][1] / "config.json").read_text())["train"].get("parameters")
                                if found else None),
             }
-        scored = [run_path(runs, a, dataset, s) for a, v in variants.items() for s in v["seeds"]]
-        first = scored[0] if scored else on_disk[0]
+            scored += [(p, m) for _, p, m in found]
+        first = scored[0][0] if scored else on_disk[0]
         cfg = json.loads((first / "config.json").read_text())
         entry = {"protocol": protocol_text(dataset, LABELS_MODE, cfg).replace(f"({cfg['model']['attention']}, ",
                                                                               "(the variant's attention, "),
                  "overrides": recorded_overrides(first, dataset), "seeds": seeds,
-                 "test_images": fresh_metrics(first)["images"] if scored else None,
+                 "test_images": scored[0][1]["images"] if scored else None,
                  "variants": variants, "not_scored": stale, "ordering": {}}
         for key, label in ORDERED:
             stats = {a: (v[key]["mean"], v[key]["std"]) for a, v in variants.items() if v["seeds"]}
