@@ -109,8 +109,25 @@ def pack(data_root: Path, out: Path, datasets: list[str]) -> None:
         print(f"{dataset}: {n} images at scale {scale} in {dst}", file=sys.stderr)
 
 
+TILES_LOCK = ".lock"
+
+
 def make_tiles(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
-    """Write the train and test tiles of one dataset and label mode (skipped when present)."""
+    """Write the train and test tiles of one dataset and label mode (skipped when present).
+
+    Holds an exclusive lock on ``<runs>/tiles/.lock`` while it checks and writes, so processes started together on
+    one ``--runs`` (the ablation split with ``--attentions``) cut the tiles once: the second waits, then finds them.
+    """
+    import fcntl
+
+    lock_path = runs / "tiles" / TILES_LOCK
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _make_tiles_locked(runs, data_root, dataset, labels)
+
+
+def _make_tiles_locked(runs: Path, data_root: Path, dataset: str, labels: str) -> None:
     from models.data import load_samples
     from models.tiles import MANIFEST_NAME, TileSpec, write_tiles
 
@@ -595,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"ablation: {ABLATION_SECTION})")
     p.add_argument("--attentions", default=None,
                    help="ablation: train only these variants (comma list of none, iam-no-spatial, cbam, iam), e.g. to "
-                        "split the trainings between two processes (cut the tiles first with the tiles step); the "
+                        "split the trainings between two processes (the first cuts the tiles, the other waits for them); the "
                         "summary reads every run under --runs. The ablation uses mask labels; --labels and --jobs "
                         "do not apply to it")
     p.add_argument("--no-train", action="store_true",

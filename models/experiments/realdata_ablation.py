@@ -280,9 +280,9 @@ def run(runs: Path, data_root: Path, datasets: list[str], seeds: list[int], thre
         summary_path: Path, doc: Path | None, section: str, attentions: list[str] | None = None,
         train: bool = True, default_doc: Path | None = None) -> dict:
     """Train and score what is missing (``train``; ``attentions`` limits it to some variants, e.g. to split the
-    work between processes: cut the tiles first with ``valve-model realdata tiles --labels mask``, so that two
-    processes do not both write them), then write the summary JSON of every run under ``runs`` and, with
-    ``doc``, its section."""
+    work between processes: :func:`make_tiles` locks the tiles folder, so the first process cuts them and the
+    others wait for them), then write the summary JSON of every run under ``runs`` and, with ``doc``, its
+    section."""
     import os
 
     for a in attentions or ():
