@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
+
+from models.experiments.results.stats import mean_std
 
 RULES = ("daemon", "good_max", "midpoint", "defect_min")
 
@@ -43,6 +44,11 @@ def score(per_image: list[dict], bound: float) -> dict:
     return {"good_recall": ok_good / len(good), "defect_recall": len(found) / len(bad),
             "accuracy": (ok_good + len(found)) / len(per_image),
             "escaped": sorted(i["source"] for i in bad if i["defect_logodds"] < bound)}
+
+
+def mean_and_std(values) -> dict:
+    m, s, _ = mean_std(values)
+    return {"mean": m, "std": s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * r['defect_recall']:5.1f} %  accuracy {100 * r['accuracy']:5.1f} %  escaped "
                   f"{', '.join(r['escaped']) or '-'}")
         rows.append(row)
-    mean = {rule: {k: {"mean": statistics.fmean(r["rules"][rule][k] for r in rows),
-                       "std": statistics.stdev(r["rules"][rule][k] for r in rows) if len(rows) > 1 else None}
+    mean = {rule: {k: mean_and_std(r["rules"][rule][k] for r in rows)
                    for k in ("good_recall", "defect_recall", "accuracy")} for rule in RULES}
     for rule in RULES:
         print(f"mean over {len(rows)} runs  {rule:10s} " + "  ".join(
