@@ -55,6 +55,9 @@ class TrainConfig:
     head_pool: str | None = None
     input_size: int | None = None
     augment: bool = True
+    rot90: bool = False
+    brightness: float = 10.0
+    contrast: float = 0.1
     balance: bool = True
     schedule: str = "cosine"
     stem_init: str = "identity"
@@ -72,8 +75,8 @@ class TrainConfig:
     #: options a resumed run must share with the run it continues
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
-                                         "input_size", "augment", "balance", "schedule", "stem_init", "bn_recal",
-                                         "epoch_size")
+                                         "input_size", "augment", "rot90", "brightness", "contrast", "balance",
+                                         "schedule", "stem_init", "bn_recal", "epoch_size")
 
 
 @dataclass
@@ -115,6 +118,13 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
     if config.epoch_size is not None and not config.balance:
         raise TrainError("--epoch-size sets the draws of class-balanced sampling; drop --no-balance or --epoch-size")
+    if not config.brightness >= 0:
+        raise TrainError(f"--brightness is the jitter's range in gray levels, 0 or more, not {config.brightness}")
+    if not 0.0 <= config.contrast < 1.0:
+        raise TrainError(f"--contrast is the jitter's relative range, in [0, 1), not {config.contrast}")
+    if (config.rot90 or config.brightness != 10.0 or config.contrast != 0.1) and not config.augment:
+        raise TrainError("--rot90, --brightness and --contrast set the augmentation that --no-augment turns off: "
+                         "drop one or the other")
     if config.precision not in PRECISIONS:
         raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
     if config.bn_recal < 0:

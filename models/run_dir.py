@@ -23,7 +23,8 @@ CURVES_NAME = "curves.png"
 RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
 STATE_FORMAT = 1
 #: what runs written before an option existed did (a resume of such a run keeps it)
-LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None, "channels": None, "stem_init": "drawn"}
+LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None, "channels": None, "stem_init": "drawn",
+                  "rot90": False, "brightness": 10.0, "contrast": 0.1}
 
 
 def _jsonable(v):

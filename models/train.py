@@ -380,7 +380,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     else:
         mcfg = model_config_for(config, data.classes)
 
-    augment = Augment() if config.augment else None
+    augment = (Augment(brightness=config.brightness, contrast=config.contrast, rot90=config.rot90)
+               if config.augment else None)
     # decoding every image now reports an unreadable file before anything in --out changes
     train_ds = ImageDataset(train_s, mcfg.input_size, augment, seed=config.seed)
     plain_ds = ImageDataset(train_s, mcfg.input_size, None, preload=False)  # the training images, unaugmented
@@ -437,6 +438,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": 0.0,
                 "loss": "cross_entropy", "val_fraction": config.val_fraction, "seed": config.seed,
                 "augment": config.augment, "augmentation": augment.to_dict() if augment else None,
+                "rot90": config.rot90, "brightness": config.brightness, "contrast": config.contrast,
                 "balance": config.balance, "schedule": config.schedule, "stem_init": config.stem_init,
                 "stem_signs": "both (a one-sign draw of the stem's first conv has its second half flipped)",
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
@@ -603,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, help="override the input side S (multiple of 8; default 192)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without flips and brightness/contrast jitter")
+    p.add_argument("--rot90", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment with transposes too, so every 90-degree rotation (all 8 symmetries of the square): "
+                        "for textures with no preferred direction (default off: a valve's slices have one)")
+    p.add_argument("--brightness", type=float,
+                   help=f"brightness jitter: uniform in +-B gray levels (default {d.brightness})")
+    p.add_argument("--contrast", type=float,
+                   help=f"contrast jitter: factor uniform in 1 +- C around the image mean (default {d.contrast})")
     p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                    help="class-balanced sampling (each class drawn equally often, with replacement; the "
                         "default): for imbalanced data such as defect slices; --no-balance: plain shuffle")
@@ -638,8 +647,9 @@ def fill_resumed_options(given: dict, saved: dict) -> None:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
-             "width", "channels", "head_width", "head_pool", "input_size", "augment", "balance", "schedule",
-             "stem_init", "bn_recal",
+             "width", "channels", "head_width", "head_pool", "input_size", "augment", "rot90", "brightness",
+             "contrast", "balance",
+             "schedule", "stem_init", "bn_recal",
              "epoch_size", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

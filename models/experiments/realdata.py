@@ -21,7 +21,8 @@ scored on the test parts (models.tiles.evaluate_images). Two label modes side by
     mask    slice labels derived from the masks (the paper labels its slices)
     image   image labels only: every tile of a defect image carries its label (no mask is read)
 
-Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--channels``, ``--head-pool``) change the
+Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--channels``, ``--head-pool``,
+``--rot90``, ``--brightness``, ``--contrast``) change the
 training, not the tiles; each run's config.json records what it used, and the summary's protocol text is
 read from there. ``pack`` writes a lossless copy of the datasets for another machine: KolektorSDD resized
 once to the protocol's scale 0.5 (PNG, 36 MB instead of 101 MB of JPEG), Magnetic-tile as it is, each
@@ -155,15 +156,19 @@ def run_complete(out: Path, dataset: str) -> bool:
 
 #: what two runs compared in one table must share besides the model's architecture (the train section's preset,
 #: width, head_pool ... are None where defaulted; the model's keys are the architecture as built)
-SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "bn_recal",
-                   "stem_init", "seed", "val_fraction", "precision_option")
+SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "rot90",
+                   "brightness", "contrast", "bn_recal", "stem_init", "seed", "val_fraction", "precision_option")
 
 
 def recipe_differences(run: Path, reference: Path, ignore: tuple[str, ...] = (),
                        extra_train: tuple[str, ...] = ()) -> list[str]:
     """The recipe keys (``model.<k>``, ``train.<k>``) in which two runs' config.json differ: every model key but
     the classes (the data decide them) and SAME_TRAIN_KEYS plus ``extra_train``, leaving out ``ignore``."""
+    from models.run_dir import LEGACY_OPTIONS
+
     a, b = (json.loads((r / "config.json").read_text()) for r in (run, reference))
+    for cfg in (a, b):  # a run older than an option trained with its default
+        cfg["train"] = {**LEGACY_OPTIONS, **cfg.get("train", {})}
     keys = [f"train.{k}" for k in SAME_TRAIN_KEYS + extra_train]
     keys += [f"model.{k}" for k in sorted(set(a["model"]) | set(b["model"])) if k not in ("classes", "num_classes")]
     return [k for k in keys if k not in ignore
@@ -200,7 +205,8 @@ def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, devi
         cmd = [sys.executable, "-m", "models.cli", "train", "--data", str(data), "--format", "folders",
                "--out", str(out), "--seed", str(seed), "--threads", str(threads), "--device", device]
         for key, value in {**PROTOCOL[dataset]["train"], **(changes or {})}.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            flag = key.replace("_", "-")
+            cmd += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     t0 = time.time()
     with log.open("a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -242,9 +248,18 @@ def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
             f"tile defective; IRA-CNN {m.get('preset', '?')} {size} ({m.get('attention', '?')}, "
             f"{m.get('head_pool', '?')} head), {t.get('epochs', '?')} epochs of {t.get('epoch_size', '?')} "
             f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, "
-            + (f"stem init {t['stem_init']}, " if "stem_init" in t else "") + "BN recalibration, "
+            + (f"stem init {t['stem_init']}, " if "stem_init" in t else "") + augmentation_text(t) + "BN recalibration, "
             f"weights on balanced validation accuracy; trained on {where}; seeded grouped split train:test 2:3 "
             "(seed 0)")
+
+
+def augmentation_text(train: dict) -> str:
+    """The recorded augmentation in words ("" for a run that recorded none)."""
+    a = train.get("augmentation")
+    if not a:
+        return "no augmentation, " if train.get("augment") is False else ""
+    flips = "flips and transposes (8 symmetries)" if a.get("rot90") else "flips"
+    return f"augmentation {flips}, brightness +-{a['brightness']:g}, contrast +-{a['contrast']:g}, "
 
 
 def epochs_run(out: Path) -> int:
@@ -573,7 +588,7 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
 
 
 #: the recipe options a command line may override in PROTOCOL (its attribute names; absent or None = keep)
-OVERRIDES = ("epochs", "epoch_size", "batch_size", "width", "channels", "head_pool")
+OVERRIDES = ("epochs", "epoch_size", "batch_size", "width", "channels", "head_pool", "rot90", "brightness", "contrast")
 
 
 def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
@@ -582,6 +597,20 @@ def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
         for key in OVERRIDES:
             if getattr(args, key, None) is not None:
                 PROTOCOL[d]["train"][key] = getattr(args, key)
+
+
+def given_options(args: argparse.Namespace) -> str:
+    """The selection and recipe options of a call that differ from the parser's defaults, as command-line text
+    (so a recorded command repeats them: ``--datasets``, ``--labels``, ``--seeds`` and OVERRIDES)."""
+    defaults = build_parser().parse_args([args.step])
+    out = ""
+    for key in ("datasets", "labels", "seeds", *OVERRIDES):
+        value = getattr(args, key, None)
+        if value is None or value == getattr(defaults, key):
+            continue
+        flag = key.replace("_", "-")
+        out += (f" --{flag}" if value else f" --no-{flag}") if isinstance(value, bool) else f" --{flag} {value}"
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default=None, metavar="STEM,B1,B2,B3",
                    help="explicit channels of the stem and the three blocks instead of the width's (e.g. 4,16,16,32)")
     p.add_argument("--head-pool", default=None, help="override the head's pooling (gap, gmp, mix, flatten)")
+    p.add_argument("--rot90", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment with every 90-degree rotation too (valve-model train --rot90)")
+    p.add_argument("--brightness", type=float, default=None, help="override the brightness jitter (gray levels)")
+    p.add_argument("--contrast", type=float, default=None, help="override the contrast jitter (relative)")
     p.add_argument("--out", default=None, help="pack: the folder for the copy; ceiling: the JSON to write "
                                                "(default docs/results/segmentation-ceiling.json)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
@@ -697,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     def rel(path: str | Path) -> str:
         return os.path.relpath(Path(path).resolve(), REPO)
 
-    command = f"valve-model realdata summary --runs {rel(runs)} --summary {rel(args.summary)} --section {args.section}"
+    command = (f"valve-model realdata summary{given_options(args)} --runs {rel(runs)} --summary {rel(args.summary)} "
+               f"--section {args.section}")
     curves = Path(args.summary).with_name(f"{args.section}-curves.png")
     write_curves(runs, summary, curves)
     limits = Path(args.summary).with_name(f"{args.section}-limits.png")

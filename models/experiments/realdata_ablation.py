@@ -92,7 +92,9 @@ def check_recipe(runs: list[Path]) -> None:
 def planned_differences(run: Path, dataset: str) -> list[str]:
     """The command line's recipe options (PROTOCOL, OVERRIDES) that differ from what ``run`` was trained with:
     checked before a training starts, so a mismatch costs no training."""
-    t = json.loads((run / "config.json").read_text())["train"]
+    from models.run_dir import LEGACY_OPTIONS
+
+    t = {**LEGACY_OPTIONS, **json.loads((run / "config.json").read_text())["train"]}  # older runs: the defaults
 
     def norm(v):
         return ",".join(map(str, v)) if isinstance(v, list | tuple) else v
@@ -170,13 +172,20 @@ def recorded_overrides(run: Path, dataset: str) -> str:
     """The command-line overrides that reproduce ``run``'s recipe: its train options that differ from
     PROTOCOL_DEFAULTS (read from the run, not from this call's arguments)."""
     t = json.loads((run / "config.json").read_text())["train"]
+    from models.recipe import TrainConfig
+
+    plain = TrainConfig(data="", out="")  # what an option the protocol leaves out defaults to
     default = PROTOCOL_DEFAULTS[dataset]["train"]
     out = ""
     for k in OVERRIDES:
-        v = t.get(k)
-        if v is None or v == default.get(k) or (k == "head_pool" and v == "gap" and default.get(k) is None):
+        v, d = t.get(k), default.get(k, getattr(plain, k, None))
+        if v is None or v == d or (k == "head_pool" and v == "gap" and d is None):
             continue  # "gap" is the compact preset's own head: no option needed
-        out += f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        flag = k.replace("_", "-")
+        if isinstance(v, bool):
+            out += f" --{flag}" if v else f" --no-{flag}"
+        else:
+            out += f" --{flag} {','.join(map(str, v)) if isinstance(v, list) else v}"
     return out
 
 

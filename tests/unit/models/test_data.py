@@ -216,3 +216,17 @@ def test_split_samples_train_test_by_ratio(tmp_path):
     train, test = split_samples(data, 0.3, seed=0)
     assert len(train) + len(test) == 40
     assert data.counts(test) == {"good": 3, "dirt": 3, "scratch": 3, "ec": 3}
+
+
+def test_rot90_adds_the_transposes_so_all_eight_symmetries_and_only_when_asked():
+    """With rot90 the flips and a transpose give the 8 symmetries of the square, every 90-degree rotation among
+    them; without it the draws are those of the flips alone (a run without the option is unchanged)."""
+    img = np.random.default_rng(0).integers(0, 256, (16, 16)).astype(np.uint8)
+    dihedral = Augment(brightness=0.0, contrast=0.0, rot90=True)
+    seen = {dihedral(img, np.random.default_rng(s)).tobytes() for s in range(200)}
+    rotations = {np.rot90(img, k).tobytes() for k in range(4)}
+    assert len(seen) == 8 and rotations <= seen
+    plain, jitter = Augment(), Augment(rot90=False)
+    assert all(np.array_equal(plain(img, np.random.default_rng(s)), jitter(img, np.random.default_rng(s)))
+               for s in range(20))
+    assert Augment(rot90=True).to_dict()["rot90"] is True

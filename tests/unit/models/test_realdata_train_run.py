@@ -30,6 +30,12 @@ def test_train_run_starts_resumes_or_skips_a_run_by_what_it_holds(tmp_path, monk
     assert [cmd[cmd.index(f"--{k}") + 1] for k in ("preset", "epochs", "batch-size", "epoch-size")] == \
         ["compact", "3", "8", "64"]
     assert (tmp_path / "mt" / "seed4.log").read_text().startswith("$ ")
+    realdata.train_run(tmp_path / "tiles", tmp_path / "mt" / "seed5", 5, "magnetic-tile", 1, "cpu",
+                       changes={"rot90": True, "brightness": 25.0})
+    assert "--rot90" in calls[-1] and calls[-1][calls[-1].index("--brightness") + 1] == "25.0"
+    realdata.train_run(tmp_path / "tiles", tmp_path / "mt" / "seed6", 6, "magnetic-tile", 1, "cpu",
+                       changes={"rot90": False})
+    assert "--no-rot90" in calls[-1] and "False" not in calls[-1]
 
     out.mkdir(parents=True)
     (out / "train_state.pt").write_bytes(b"")
@@ -41,11 +47,33 @@ def test_train_run_starts_resumes_or_skips_a_run_by_what_it_holds(tmp_path, monk
 
     (out / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu")
-    assert "--resume" in calls[-1] and len(calls) == 3  # all epochs but no bn_check yet: resumed (it writes it)
+    assert "--resume" in calls[-1] and len(calls) == 5  # all epochs but no bn_check yet: resumed (it writes it)
     (out / "config.json").write_text(json.dumps({"train": {}, "bn_check": {"gap_points": 0.0}}))
     assert realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu") == 0.0
-    assert len(calls) == 3  # complete: nothing started
+    assert len(calls) == 5  # complete: nothing started
 
     monkeypatch.setattr(realdata.subprocess, "call", lambda cmd, **kw: 2)
     with pytest.raises(SystemExit, match="failed"):
         realdata.train_run(tmp_path / "tiles", tmp_path / "other" / "seed0", 0, "magnetic-tile", 1, "cpu")
+
+
+def test_a_recorded_command_repeats_the_options_the_call_was_given():
+    """The generated section's command names the datasets, labels, seeds and recipe overrides it was called
+    with (and nothing that is the default), so running it again reads the same runs the same way."""
+    parse = realdata.build_parser().parse_args
+    assert realdata.given_options(parse(["summary"])) == ""
+    args = parse(["summary", "--datasets", "magnetic-tile", "--labels", "mask", "--seeds", "0,1,2", "--epochs", "100",
+                  "--rot90", "--contrast", "0.25"])
+    assert realdata.given_options(args) == (" --datasets magnetic-tile --labels mask --epochs 100 --rot90 "
+                                            "--contrast 0.25")
+    assert realdata.given_options(parse(["summary", "--seeds", "0,1", "--no-rot90"])) == " --seeds 0,1 --no-rot90"
+
+
+def test_the_protocol_text_names_the_augmentation_the_run_recorded():
+    plain = {"augment": True, "augmentation": {"hflip": True, "vflip": True, "brightness": 10.0, "contrast": 0.1}}
+    assert realdata.augmentation_text(plain) == "augmentation flips, brightness +-10, contrast +-0.1, "
+    strong = {"augmentation": {"brightness": 25.0, "contrast": 0.25, "rot90": True}}
+    assert "flips and transposes (8 symmetries), brightness +-25, contrast +-0.25" in realdata.augmentation_text(strong)
+    assert realdata.augmentation_text({"augment": False, "augmentation": None}) == "no augmentation, "
+    text = realdata.protocol_text("magnetic-tile", "mask", {"train": strong, "model": {}})
+    assert "transposes" in text

@@ -409,3 +409,20 @@ def test_the_stem_starts_as_the_identity_by_default_recorded_and_locked_on_resum
     (ident / "config.json").write_text(json.dumps(cfg))
     assert cli_main(["train", "--out", str(ident), "--resume", "--epochs", "2", "--stem-init", "identity"]) == 2
     assert "stem_init 'identity' (the run used 'drawn')" in capsys.readouterr().err
+
+
+def test_augmentation_options_are_recorded_locked_on_resume_and_checked(data, tmp_path, capsys):
+    """--rot90, --brightness and --contrast reach the recorded augmentation, a resume keeps them, a resume that
+    changes one is refused, and values out of range or beside --no-augment are refused with the reason."""
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1", "--rot90", "--brightness", "25", "--contrast", "0.25") == 0
+    t = json.loads((run / "config.json").read_text())["train"]
+    assert t["augmentation"] == {"hflip": True, "vflip": True, "brightness": 25.0, "contrast": 0.25, "rot90": True}
+    assert (t["rot90"], t["brightness"], t["contrast"]) == (True, 25.0, 0.25)
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 0
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-rot90"]) == 2
+    assert "rot90 False (the run used True)" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "b", "--contrast", "1.5") == 2
+    assert "--contrast is the jitter's relative range" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "c", "--no-augment", "--rot90") == 2
+    assert "--no-augment" in capsys.readouterr().err
