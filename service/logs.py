@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -36,6 +37,35 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
         return "console" if stream.isatty() else "json"
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return "json"
+
+
+#: one lock per stream for every writer of lines to it (structlog's and the standard library's handler)
+_STREAM_LOCKS: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _stream_lock(stream: TextIO) -> threading.RLock:
+    with _LOCKS_GUARD:
+        return _STREAM_LOCKS.setdefault(id(stream), threading.RLock())
+
+
+class _LineLogger(structlog.PrintLogger):
+    """structlog's PrintLogger, but each line goes out in one write, newline included, under the stream's lock
+    that the standard library's handler holds too. (PrintLogger's print() writes the message and its newline in
+    two calls under a lock of its own, so a python-snap7 record from another thread could land between them:
+    two JSON objects on one line, then an empty line, seen in a CI run's daemon log.)"""
+
+    def __init__(self, file: TextIO, lock: threading.RLock) -> None:
+        super().__init__(file)
+        self._line_lock = lock
+
+    def msg(self, message: str) -> None:
+        with self._line_lock:
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 def _shared_processors() -> list[Any]:
@@ -66,6 +96,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     numeric = getattr(logging, level.upper())
     out = sys.stdout if stream is None else stream
     fmt = resolve_format(fmt, out)
+    lock = _stream_lock(out)
     if fmt == "json":
         renderer: Any = structlog.processors.JSONRenderer(sort_keys=False)
         # Tracebacks as structured JSON, without local variables (large arrays, secrets).
@@ -77,11 +108,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     structlog.configure(
         processors=[*_shared_processors(), structlog.processors.StackInfoRenderer(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *args: _LineLogger(out, lock),
         cache_logger_on_first_use=False,
     )
     # Standard library records (third-party libraries) -> same renderer, same stream.
     handler = logging.StreamHandler(out)
+    handler.lock = lock  # emit() (one write of the line and its terminator) and flush() under the same lock
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer,
         foreign_pre_chain=[*_shared_processors(), structlog.stdlib.add_logger_name, *tail],
