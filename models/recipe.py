@@ -118,8 +118,8 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--epoch-size must be at least 1 draw, not {config.epoch_size}")
     if config.epoch_size is not None and not config.balance:
         raise TrainError("--epoch-size sets the draws of class-balanced sampling; drop --no-balance or --epoch-size")
-    if not config.brightness >= 0:
-        raise TrainError(f"--brightness is the jitter's range in gray levels, 0 or more, not {config.brightness}")
+    if not 0.0 <= config.brightness <= 255.0:
+        raise TrainError(f"--brightness is the jitter's range in gray levels, 0 to 255, not {config.brightness}")
     if not 0.0 <= config.contrast < 1.0:
         raise TrainError(f"--contrast is the jitter's relative range, in [0, 1), not {config.contrast}")
     if (config.rot90 or config.brightness != 10.0 or config.contrast != 0.1) and not config.augment:

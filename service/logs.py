@@ -55,12 +55,8 @@ class _LineLogger(structlog.PrintLogger):
     two calls under a lock of its own, so a python-snap7 record from another thread could land between them:
     two JSON objects on one line, then an empty line, seen in a CI run's daemon log.)"""
 
-    def __init__(self, file: TextIO, lock: threading.RLock) -> None:
-        super().__init__(file)
-        self._line_lock = lock
-
     def msg(self, message: str) -> None:
-        with self._line_lock:
+        with _stream_lock(self._file):  # looked up here, so a copy or an unpickled logger writes as well
             self._file.write(message + "\n")
             self._file.flush()
 
@@ -108,7 +104,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     structlog.configure(
         processors=[*_shared_processors(), structlog.processors.StackInfoRenderer(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=lambda *args: _LineLogger(out, lock),
+        logger_factory=lambda *args: _LineLogger(out),
         cache_logger_on_first_use=False,
     )
     # Standard library records (third-party libraries) -> same renderer, same stream.

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -609,7 +610,7 @@ def given_options(args: argparse.Namespace) -> str:
         if value is None or value == getattr(defaults, key):
             continue
         flag = key.replace("_", "-")
-        out += (f" --{flag}" if value else f" --no-{flag}") if isinstance(value, bool) else f" --{flag} {value}"
+        out += (f" --{flag}" if value else f" --no-{flag}") if isinstance(value, bool) else f" --{flag} {shlex.quote(str(value))}"
     return out
 
 

@@ -99,8 +99,17 @@ def planned_differences(run: Path, dataset: str) -> list[str]:
     def norm(v):
         return ",".join(map(str, v)) if isinstance(v, list | tuple) else v
 
-    planned = PROTOCOL[dataset]["train"]
-    return [f"--{k.replace('_', '-')} {planned[k]} (the run: {norm(t.get(k))})"
+    from models.recipe import TrainConfig
+
+    plain = TrainConfig(data="", out="")
+    # the augmentation options have a value whether given or not: a call without --rot90 plans rot90 off
+    planned = {**{k: getattr(plain, k) for k in ("rot90", "brightness", "contrast")}, **PROTOCOL[dataset]["train"]}
+
+    def option(k, v):
+        flag = k.replace("_", "-")
+        return (f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {norm(v)}"
+
+    return [f"{option(k, planned[k])} (the run: {option(k, t.get(k)) if t.get(k) is not None else 'none'})"
             for k in OVERRIDES if planned.get(k) is not None and norm(planned[k]) != norm(t.get(k))]
 
 

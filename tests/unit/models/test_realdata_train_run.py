@@ -77,3 +77,28 @@ def test_the_protocol_text_names_the_augmentation_the_run_recorded():
     assert realdata.augmentation_text({"augment": False, "augmentation": None}) == "no augmentation, "
     text = realdata.protocol_text("magnetic-tile", "mask", {"train": strong, "model": {}})
     assert "transposes" in text
+
+
+def test_the_ablation_refuses_before_training_a_call_whose_augmentation_differs_from_the_runs(tmp_path, monkeypatch):
+    """planned_differences (checked before the ablation trains the next variant): a run trained with --rot90 and
+    --brightness 25 against a call without them, and the other way round; an older run without the keys reads
+    as the defaults; matching calls find nothing."""
+    from models.experiments.realdata_ablation import planned_differences
+
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train", {"preset": "compact", "epochs": 3})
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"epochs": 3, "rot90": True, "brightness": 25.0,
+                                                           "contrast": 0.1}}))
+    assert planned_differences(run, "magnetic-tile") == ["--no-rot90 (the run: --rot90)",
+                                                         "--brightness 10.0 (the run: --brightness 25.0)"]
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train",
+                        {"preset": "compact", "epochs": 3, "rot90": True, "brightness": 25})
+    assert planned_differences(run, "magnetic-tile") == []
+    (run / "config.json").write_text(json.dumps({"train": {"epochs": 3}}))  # from before the options
+    assert planned_differences(run, "magnetic-tile")[0] == "--rot90 (the run: --no-rot90)"
+
+
+def test_a_recorded_option_with_a_space_is_quoted():
+    args = realdata.build_parser().parse_args(["summary", "--seeds", "0, 1"])
+    assert realdata.given_options(args) == " --seeds '0, 1'"

@@ -424,5 +424,7 @@ def test_augmentation_options_are_recorded_locked_on_resume_and_checked(data, tm
     assert "rot90 False (the run used True)" in capsys.readouterr().err
     assert run_train(data, tmp_path / "b", "--contrast", "1.5") == 2
     assert "--contrast is the jitter's relative range" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "d", "--brightness", "inf") == 2
+    assert "--brightness is the jitter's range in gray levels, 0 to 255" in capsys.readouterr().err
     assert run_train(data, tmp_path / "c", "--no-augment", "--rot90") == 2
     assert "--no-augment" in capsys.readouterr().err
