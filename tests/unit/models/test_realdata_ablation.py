@@ -119,7 +119,7 @@ def test_a_run_that_does_not_belong_is_refused(mt_like, tiny_protocol, tmp_path,
     cbam.unlink()
 
     # a call that would train another recipe than the runs there are: refused before it trains
-    with pytest.raises(AblationError, match=r"other settings than .*--epochs 2 \(the run: 1\)"):
+    with pytest.raises(AblationError, match=r"other settings than .*--epochs 2 \(the run: --epochs 1\)"):
         ablation(tmp_path, mt_like.parent, "--attentions", "cbam", "--epochs", "2")
     assert not cbam.exists()
     # a run trained with another recipe than the others (here: two epochs, trained outside the command)
