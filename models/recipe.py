@@ -122,7 +122,8 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--brightness is the jitter's range in gray levels, 0 to 255, not {config.brightness}")
     if not 0.0 <= config.contrast < 1.0:
         raise TrainError(f"--contrast is the jitter's relative range, in [0, 1), not {config.contrast}")
-    if (config.rot90 or config.brightness != 10.0 or config.contrast != 0.1) and not config.augment:
+    if (config.rot90 or config.brightness != TrainConfig.brightness or config.contrast != TrainConfig.contrast) \
+            and not config.augment:
         raise TrainError("--rot90, --brightness and --contrast set the augmentation that --no-augment turns off: "
                          "drop one or the other")
     if config.precision not in PRECISIONS:

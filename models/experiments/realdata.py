@@ -206,8 +206,7 @@ def train_run(data: Path, out: Path, seed: int, dataset: str, threads: int, devi
         cmd = [sys.executable, "-m", "models.cli", "train", "--data", str(data), "--format", "folders",
                "--out", str(out), "--seed", str(seed), "--threads", str(threads), "--device", device]
         for key, value in {**PROTOCOL[dataset]["train"], **(changes or {})}.items():
-            flag = key.replace("_", "-")
-            cmd += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+            cmd += option_args(key, value)
     t0 = time.time()
     with log.open("a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -600,6 +599,14 @@ def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
                 PROTOCOL[d]["train"][key] = getattr(args, key)
 
 
+def option_args(key: str, value) -> list[str]:
+    """One option as command-line arguments: a boolean as ``--key``/``--no-key``, a list as comma-joined values."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return [f"--{flag}" if value else f"--no-{flag}"]
+    return [f"--{flag}", ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)]
+
+
 def given_options(args: argparse.Namespace) -> str:
     """The selection and recipe options of a call that differ from the parser's defaults, as command-line text
     (so a recorded command repeats them: ``--datasets``, ``--labels``, ``--seeds`` and OVERRIDES)."""
@@ -609,8 +616,7 @@ def given_options(args: argparse.Namespace) -> str:
         value = getattr(args, key, None)
         if value is None or value == getattr(defaults, key):
             continue
-        flag = key.replace("_", "-")
-        out += (f" --{flag}" if value else f" --no-{flag}") if isinstance(value, bool) else f" --{flag} {shlex.quote(str(value))}"
+        out += " " + shlex.join(option_args(key, value))
     return out
 
 

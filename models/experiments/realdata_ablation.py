@@ -25,6 +25,7 @@ The summary covers every run under ``--runs``, whatever ``--datasets`` and ``--s
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from models.experiments.realdata import (
     epochs_run,
     make_tiles,
     mean_std,
+    option_args,
     pct,
     protocol_text,
     recipe_differences,
@@ -106,8 +108,7 @@ def planned_differences(run: Path, dataset: str) -> list[str]:
     planned = {**{k: getattr(plain, k) for k in ("rot90", "brightness", "contrast")}, **PROTOCOL[dataset]["train"]}
 
     def option(k, v):
-        flag = k.replace("_", "-")
-        return (f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {norm(v)}"
+        return shlex.join(option_args(k, v))
 
     return [f"{option(k, planned[k])} (the run: {option(k, t.get(k)) if t.get(k) is not None else 'none'})"
             for k in OVERRIDES if planned.get(k) is not None and norm(planned[k]) != norm(t.get(k))]
@@ -190,11 +191,7 @@ def recorded_overrides(run: Path, dataset: str) -> str:
         v, d = t.get(k), default.get(k, getattr(plain, k, None))
         if v is None or v == d or (k == "head_pool" and v == "gap" and d is None):
             continue  # "gap" is the compact preset's own head: no option needed
-        flag = k.replace("_", "-")
-        if isinstance(v, bool):
-            out += f" --{flag}" if v else f" --no-{flag}"
-        else:
-            out += f" --{flag} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        out += " " + shlex.join(option_args(k, v))
     return out
 
 
