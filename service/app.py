@@ -39,12 +39,16 @@ from service.metrics import Metrics
 from service.parts import OpenPart, PartBook
 from service.pipeline import inspect_frame
 from service.records import DEFECTS_TABLE, Frame, Verdict
-from service.sim.demo import demo_frames
+from service.sim.demo import bmp_frames, demo_frames
 
 log = get_logger("service.app")
 
 STOP_BUDGET_S = 8.0  # SIGTERM -> exit, inside systemd's 10 s
 DEMO_ARCHIVE_QUOTA_MB = 200  # the embedded demo (no --config) writes its rejects to ~/.cache
+#: The embedded demo's automatic part rate keeps one inspection worker busy about this fraction of the time:
+#: the camera emulator, the PLC simulator, the live view's JPEGs and the archive's PNGs share the same cores.
+DEMO_LOAD = 0.35
+DEMO_MIN_RATE_HZ = 0.2  # the automatic rate never goes below one part every 5 s
 
 
 # ------------------------------------------------------------------------------------ the daemon
@@ -81,8 +85,12 @@ class Daemon:
     """
 
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None, plc_simulator: Any = None,
-                 demo_manifest: list[str] | None = None) -> None:
+                 demo_manifest: list[str] | None = None, demo_rate: float | str | None = None) -> None:
+        if not (demo_rate is None or demo_rate == "auto"
+                or (isinstance(demo_rate, (int, float)) and not isinstance(demo_rate, bool) and demo_rate > 0)):
+            raise ValueError(f"demo_rate must be None, 'auto' or a rate > 0 (parts/s), got {demo_rate!r}")
         self.settings = settings
+        self._demo_rate = demo_rate
         self.metrics = metrics or Metrics()
         self.stats = DaemonStats()
         self._sim = plc_simulator
@@ -168,11 +176,16 @@ class Daemon:
         if s.plc.mode == "simulated" and self._sim is None:
             from service.sim.plc_sim import PlcSimulator
 
-            self._sim = PlcSimulator(host=s.plc.host, port=s.plc.port, db=s.plc.db, rate=s.plc.sim_rate_hz,
+            rate = s.plc.sim_rate_hz
+            if self._demo_rate == "auto":
+                rate = self._fit_demo_rate(rate)
+            elif self._demo_rate is not None:
+                rate = float(self._demo_rate)
+            self._sim = PlcSimulator(host=s.plc.host, port=s.plc.port, db=s.plc.db, rate=rate,
                                      watchdog_s=s.plc.sim_watchdog_s, manifest=self._demo_manifest)
             self._sim.start()
             self._own_sim = True
-            log.info("plc_simulator_started", port=self._sim.port, rate_hz=s.plc.sim_rate_hz)
+            log.info("plc_simulator_started", port=self._sim.port, rate_hz=rate)
         simulated = s.simulated_parts
         for component in ("camera", "plc"):
             self.metrics.simulated.labels(component=component).set(1 if component in simulated else 0)
@@ -485,6 +498,39 @@ class Daemon:
             else:
                 self._finish(job.part_id, verdict, frame=job.frame, extras=extras)
 
+    def _fit_demo_rate(self, most: float) -> float:
+        """The embedded demo's part rate on this machine: ``most`` parts/s, or fewer where inspecting one of the
+        demo's frames takes longer than DEMO_LOAD / ``most`` seconds (the median of 5, after the model's warm-up).
+
+        The demo's simulated line should show the daemon inspecting its parts, not a CPU too slow for 4 parts/s
+        answering most of them NotInspected. A real line's rate is its PLC's: this applies to the embedded demo
+        only (``valve-inspect run`` without --config, or --demo-rate auto)."""
+        import cv2
+
+        folder = Path(self.settings.camera.images or "")
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".bmp", ".png", ".tif", ".tiff"))
+        image = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED) if files else None
+        if image is None or image.ndim != 2:
+            log.warning("demo_rate_not_measured", rate_hz=most, images=str(folder),
+                        reason="no readable Mono8 frame in camera.images to time an inspection on")
+            return most
+        took = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            inspect_frame(Frame(image=image, frame_id=0, arrival=t0), 0, self.roi_params, self.model, self.thresholds,
+                          unknown_threshold=self.unknown_threshold, unknown_rule=self.settings.model.unknown_rule)
+            took.append(time.monotonic() - t0)
+        one = sorted(took)[2]
+        rate = min(most, max(DEMO_MIN_RATE_HZ, int(10.0 * DEMO_LOAD / one) / 10.0))
+        if rate < most:
+            log.warning("demo_rate_lowered", rate_hz=rate, default_hz=most, inspect_ms=round(one * 1000.0, 1),
+                        reason=f"one inspection takes {one * 1000.0:.0f} ms on this machine: at {most:g} parts/s "
+                               "the demo would answer parts NotInspected (overload)",
+                        fix="valve-inspect run --demo-rate N sets the demo's rate; a line's rate is its PLC's")
+        else:
+            log.info("demo_rate", rate_hz=rate, inspect_ms=round(one * 1000.0, 1))
+        return rate
+
     def inspect(self, frame: Frame, part_id: int) -> tuple[Verdict, dict | None]:
         """One frame -> its Verdict (and what the archive needs); stage times go to the metrics."""
         return inspect_frame(frame, part_id, self.roi_params, self.model, self.thresholds,
@@ -535,6 +581,18 @@ class Daemon:
 # ------------------------------------------------------------------------------------ CLI
 
 
+def _demo_rate(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'auto' or parts per second, > 0 and <= 1000")
+    return rate
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="valve-inspect run",
                                 description="Run the inspection daemon. Without --config: the embedded demo line "
@@ -544,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until "
                                                                  "SIGTERM/Ctrl-C)")
     p.add_argument("--demo-parts", type=int, default=24, help="demo: synthetic frames to render and replay")
+    p.add_argument("--demo-rate", type=_demo_rate, default=None, metavar="auto|PARTS_PER_S",
+                   help="demo: the simulated line's part rate; 'auto' (the default without --config): up to "
+                        "[plc] sim_rate_hz (4), fewer where this machine takes more than "
+                        f"{1000 * DEMO_LOAD / 4:.0f} ms to inspect a part (it times one demo frame)")
     return p
 
 
@@ -554,10 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     except FatalError as exc:
         print(f"valve-inspect: {exc}", file=sys.stderr)
         return exc.exit_code
+    if args.demo_rate is not None and not (args.config is None or settings.plc.mode == "simulated"):
+        print("valve-inspect: --demo-rate sets the simulated PLC's part rate; this config's PLC is real "
+              f"([plc] mode = {settings.plc.mode!r}): its rate is the line's", file=sys.stderr)
+        return 2
     configure_logging(settings.log.level, settings.log.format)
     demo_manifest = None
+    demo_rate = args.demo_rate if args.demo_rate is not None else ("auto" if args.config is None else None)
     if settings.camera.source == "emulator" and not settings.camera.images:
         frames, classes = demo_frames(parts=args.demo_parts)
+        frames = bmp_frames(frames)  # a camera's frame arrives without a decode (service.sim.demo.bmp_frames)
         settings = settings.model_copy(update={"camera": settings.camera.model_copy(update={"images": str(frames)})})
         demo_manifest = classes * 10_000  # the emulator replays the folder in a loop
         if args.config is None and settings.archive.quota_mb > DEMO_ARCHIVE_QUOTA_MB:
@@ -565,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings.model_copy(update={"archive": settings.archive.model_copy(
                 update={"quota_mb": DEMO_ARCHIVE_QUOTA_MB})})
         log.info("demo_line", frames=str(frames), parts=len(classes), archive_quota_mb=settings.archive.quota_mb)
-    daemon = Daemon(settings, demo_manifest=demo_manifest)
+    daemon = Daemon(settings, demo_manifest=demo_manifest, demo_rate=demo_rate)
 
     def on_signal(signum, _frame):
         log.info("signal", signal=signal.Signals(signum).name)

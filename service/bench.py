@@ -64,7 +64,7 @@ from service.errors import FatalError, ValveInspectError
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.records import Verdict
-from service.sim.demo import demo_frames
+from service.sim.demo import bmp_frames, demo_frames  # noqa: F401 (bmp_frames: service.soak and the tests import it here)
 
 DEFAULT_RATES = (4.0, 8.0, 12.0, 16.0, 20.0, 23.0)
 STAGES = ("roi", "infer", "segment")
@@ -108,27 +108,6 @@ def _rss_mib() -> float | None:
 def _peak_rss_mib() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return kb / 1024.0
-
-
-def bmp_frames(png_dir: Path) -> Path:
-    """The demo frames as uncompressed BMP files beside ``png_dir`` (written once, then reused).
-
-    The emulator decodes the replayed file on every trigger, on the same CPU cores as the daemon: a
-    2448 x 2048 PNG costs it several times a BMP. A real camera's frame arrives by DMA with no decode, so
-    BMP replay is the closer stand-in for the line; ``--frames png`` measures with the decode.
-    """
-    import cv2
-
-    out = png_dir.parent / "frames-bmp"
-    pngs = sorted(png_dir.glob("*.png"))
-    want = [out / (f.stem + ".bmp") for f in pngs]
-    if not all(f.is_file() for f in want):
-        out.mkdir(parents=True, exist_ok=True)
-        for src, dst in zip(pngs, want, strict=True):
-            image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
-            if image is None or not cv2.imwrite(str(dst), image):
-                raise OSError(f"cannot convert {src} to {dst}")
-    return out
 
 
 def bench_settings(*, rate: float, plc_port: int, images: str, model: str | None, threads: int | None,

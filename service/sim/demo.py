@@ -33,3 +33,32 @@ def demo_frames(parts: int = 24, seed: int = 20261124) -> tuple[Path, list[str]]
     from service.sim.plc_sim import load_manifest
 
     return out / "frames", load_manifest(manifest)
+
+
+def bmp_frames(png_dir: Path) -> Path:
+    """The demo frames as uncompressed BMP files beside ``png_dir`` (written once, then reused).
+
+    The emulator decodes the replayed file on every trigger, on the same CPU cores as the daemon: a
+    2448 x 2048 PNG costs it several times a BMP. A real camera's frame arrives by DMA with no decode, so
+    BMP replay is the closer stand-in for the line (the embedded demo and ``valve-inspect bench`` replay BMP;
+    ``bench --frames png`` measures with the decode). Each file appears whole (written beside the folder,
+    then renamed into it), so a daemon replaying the folder never reads a half-written frame.
+    """
+    import cv2
+
+    out = png_dir.parent / "frames-bmp"
+    pngs = sorted(png_dir.glob("*.png"))
+    want = [out / (f.stem + ".bmp") for f in pngs]
+    if not all(f.is_file() for f in want):
+        out.mkdir(parents=True, exist_ok=True)
+        for src, dst in zip(pngs, want, strict=True):
+            if dst.is_file():
+                continue
+            image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+            ok, data = cv2.imencode(".bmp", image) if image is not None else (False, None)
+            if not ok:
+                raise OSError(f"cannot convert {src} to {dst}: delete {png_dir.parent} to render the demo again")
+            tmp = out.parent / f".{dst.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data.tobytes())
+            os.replace(tmp, dst)
+    return out

@@ -59,8 +59,15 @@ def test_live_view_in_a_real_browser(tmp_path):
         assert shot.is_file(), run.stderr[-2000:]
         dom = browse(binary, url, tmp_path / "profile-dom", "--dump-dom").stdout
         after = status(url)
+        # the embedded demo timed one inspection and runs its simulated line at a rate this machine keeps up with
+        fitted = d.named("demo_rate") + d.named("demo_rate_lowered")
+        started = d.named("plc_simulator_started")
+        demo_line = d.named("demo_line")
     finally:
         d.kill()
+    assert len(fitted) == 1 and fitted[0]["inspect_ms"] > 0 and 0.2 <= fitted[0]["rate_hz"] <= 4.0, fitted
+    assert started and started[0]["rate_hz"] == fitted[0]["rate_hz"], started
+    assert demo_line and demo_line[0]["frames"].endswith("frames-bmp"), demo_line  # replayed without a decode
     keep = os.environ.get("LIVE_VIEW_SCREENSHOT")  # a copy for a person to look at
     if keep:
         shutil.copyfile(shot, keep)

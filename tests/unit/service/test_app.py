@@ -30,6 +30,7 @@ from tests.helpers.daemon_doubles import (
     make_settings,
     part_event,
     parts_metric,
+    write_toml,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -507,8 +508,8 @@ def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
     seen = {}
 
     class StubDaemon:
-        def __init__(self, settings, demo_manifest=None):
-            seen["settings"], seen["manifest"] = settings, demo_manifest
+        def __init__(self, settings, demo_manifest=None, demo_rate=None):
+            seen["settings"], seen["manifest"], seen["demo_rate"] = settings, demo_manifest, demo_rate
 
         def start(self):
             raise app.FatalError("stop before touching the line")
@@ -518,6 +519,7 @@ def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
 
     monkeypatch.setattr(app, "Daemon", StubDaemon)
     monkeypatch.setattr(app, "demo_frames", lambda parts: (tmp_path, ["good", "dirt"]))
+    monkeypatch.setattr(app, "bmp_frames", lambda frames: frames / "bmp")
     monkeypatch.setattr(app, "configure_logging", lambda *a, **k: None)
     monkeypatch.setattr(app.signal, "signal", lambda *a: None)
     for key in [k for k in __import__("os").environ if k.startswith("VALVE_INSPECT_")]:
@@ -525,8 +527,62 @@ def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
     assert app.main([]) == 2
     s = seen["settings"]
     assert s.archive.quota_mb == app.DEMO_ARCHIVE_QUOTA_MB < 1024
-    assert s.camera.images == str(tmp_path) and seen["manifest"][:2] == ["good", "dirt"]
-    assert seen["stopped"] == "fatal"
+    assert s.camera.images == str(tmp_path / "bmp") and seen["manifest"][:2] == ["good", "dirt"]
+    assert seen["stopped"] == "fatal" and seen["demo_rate"] == "auto"  # the embedded demo fits its rate
+    assert app.main(["--demo-rate", "1.5"]) == 2 and seen["demo_rate"] == 1.5
+
+
+def test_demo_rate_option_is_checked_and_refused_beside_a_real_plc(tmp_path, capsys):
+    """--demo-rate takes 'auto' or a positive rate, and is refused when the config's PLC is a real one."""
+    import service.app as app
+
+    for bad in ("0", "-1", "fast", "1e9"):
+        with pytest.raises(SystemExit) as exc:
+            app.main(["--demo-rate", bad])
+        assert exc.value.code == 2 and "give 'auto' or parts per second" in capsys.readouterr().err
+    cfg = write_toml(tmp_path / "line.toml", {"plc": {"mode": "client", "host": "192.168.0.10"}})
+    assert app.main(["--config", str(cfg), "--demo-rate", "2"]) == 2
+    assert "this config's PLC is real ([plc] mode = 'client')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="demo_rate must be"):
+        app.Daemon(make_settings(tmp_path), demo_rate=0)
+
+
+class SlowModel(FakeModel):
+    """FakeModel that takes ``seconds`` per call, like a model on a slower CPU."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def run(self, slices):
+        time.sleep(self.seconds)
+        return super().run(slices)
+
+
+@pytest.mark.parametrize(("seconds", "low", "high"), [(0.0, 4.0, 4.0), (0.25, 1.1, 1.4), (0.4, 0.7, 0.8)])
+def test_the_demo_rate_fits_the_time_one_inspection_takes(tmp_path, valve_image, monkeypatch, seconds, low, high):
+    """'auto' times the inspection of the demo's first frame (median of 5) and keeps the line at DEMO_LOAD (0.35) of
+    one worker: 4 parts/s (sim_rate_hz) on a machine that keeps up, fewer on a slower one (0.25 s a part: 1.4 parts/s
+    less the ROI's and Otsu's share), never below DEMO_MIN_RATE_HZ."""
+    import cv2
+
+    import service.app as app
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "part_000000.bmp"), valve_image)
+    d = make_daemon(tmp_path, model=SlowModel(seconds), camera={"images": str(frames)})
+    rate = d._fit_demo_rate(4.0)
+    assert d.model.calls == 5 and low <= rate <= high, rate
+    assert app.DEMO_LOAD == 0.35
+    if seconds:
+        monkeypatch.setattr(app, "DEMO_LOAD", 0.01)  # as on a machine 50x slower: the floor
+        assert d._fit_demo_rate(4.0) == app.DEMO_MIN_RATE_HZ == 0.2
+    # no readable frame: the configured rate, with a warning
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no frames here")
+    d = make_daemon(tmp_path, model=SlowModel(seconds), camera={"images": str(tmp_path / "empty")})
+    assert d._fit_demo_rate(4.0) == 4.0 and d.model.calls == 0
 
 
 def test_every_reported_part_reaches_the_live_view_by_reference(tmp_path, valve_image):
