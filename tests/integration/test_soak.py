@@ -63,6 +63,7 @@ def test_an_unanswered_or_twice_answered_part_fails():
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # every part answered at 4 parts/s: not beside another test on the same cores
 def test_a_short_real_soak_answers_every_part_and_samples_the_process(tmp_path, monkeypatch):
     """20 s of one real daemon at 4 parts/s (emulator, PLC simulator, ONNX): every part answered, samples
     carry RSS, threads, fds and queue depths, and threads stay constant."""
