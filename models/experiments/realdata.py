@@ -386,14 +386,20 @@ def mean_std(values: list[float | None]) -> dict:
             "values": values}
 
 
-def summarise(runs: Path, seeds: list[int]) -> dict:
-    """summary.json: per dataset, the primary protocol (mask labels) and, beside it, image labels only."""
+def summarise(runs: Path, seeds: list[int], datasets: list[str] | None = None,
+              label_modes: list[str] | None = None) -> dict:
+    """summary.json: per dataset, the primary protocol (mask labels) and, beside it, image labels only; only the
+    ``datasets`` and ``label_modes`` given (default: all), so a summary says no more than its command names."""
     from models.tiles import good_index
 
     out: dict = {}
     for dataset in DATASETS:
+        if datasets is not None and dataset not in datasets:
+            continue
         entry: dict = {}
         for labels in LABEL_MODES:
+            if label_modes is not None and labels not in label_modes:
+                continue
             found = [(s, run_dir(runs, dataset, labels, s) / "image_metrics.json") for s in seeds]
             found = [(s, json.loads(p.read_text())) for s, p in found if p.is_file()]
             if not found:
@@ -731,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from models.experiments.results.doc import write_section
 
-    summary = summarise(runs, seeds)
+    summary = summarise(runs, seeds, datasets, labels)
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
     def rel(path: str | Path) -> str:

@@ -102,3 +102,26 @@ def test_the_ablation_refuses_before_training_a_call_whose_augmentation_differs_
 def test_a_recorded_option_with_a_space_is_quoted():
     args = realdata.build_parser().parse_args(["summary", "--seeds", "0, 1"])
     assert realdata.given_options(args) == " --seeds '0, 1'"
+
+
+def test_the_summary_holds_only_the_datasets_and_label_modes_its_command_names(tmp_path):
+    """`realdata summary --datasets magnetic-tile --labels mask` summarises those runs only, though others lie
+    under the same --runs (it used to read every dataset and label mode there)."""
+    per_image = [{"source": "g", "true": 0, "defect_logodds": -2.0}, {"source": "d", "true": 1, "defect_logodds": 3.0}]
+    metrics = {"accuracy": 1.0, "balanced_accuracy": 1.0, "ap": 1.0, "defect_vs_good_accuracy": 1.0, "images": 2,
+               "per_image": per_image}
+    for dataset, classes in (("kolektorsdd", ["good", "defect"]), ("magnetic-tile", ["good", "blowhole"])):
+        for labels in realdata.LABEL_MODES:
+            run = realdata.run_dir(tmp_path, dataset, labels, 0)
+            run.mkdir(parents=True)
+            (run / "image_metrics.json").write_text(json.dumps(metrics))
+            (run / "config.json").write_text(json.dumps({"model": {"classes": classes}, "train": {}}))
+    everything = realdata.summarise(tmp_path, [0])
+    assert set(everything) == {"kolektorsdd", "magnetic-tile"}
+    assert all(set(v["label_modes"]) == set(realdata.LABEL_MODES) for v in everything.values())
+    named = realdata.summarise(tmp_path, [0], ["magnetic-tile"], ["mask"])
+    assert set(named) == {"magnetic-tile"} and set(named["magnetic-tile"]["label_modes"]) == {"mask"}
+    assert named["magnetic-tile"]["label_modes"]["mask"] == everything["magnetic-tile"]["label_modes"]["mask"]
+    image_only = realdata.summarise(tmp_path, [0], None, ["image"])
+    assert set(image_only) == {"kolektorsdd", "magnetic-tile"}
+    assert all(set(v["label_modes"]) == {"image"} for v in image_only.values())
