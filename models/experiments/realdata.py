@@ -669,8 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs, data_root = Path(args.runs), Path(args.data_root)
-    datasets = [d for d in args.datasets.split(",") if d]
-    labels = [x for x in args.labels.split(",") if x]
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    for option, names, known in (("--datasets", datasets, DATASETS), ("--labels", labels, LABEL_MODES)):
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise SystemExit(f"{PROG}: {option} {','.join(unknown) or '(empty)'}: give one or more of "
+                             f"{','.join(known)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.channels is not None and args.width is not None:
         raise SystemExit(f"{PROG}: --width and --channels both set the model's channels: give one")
@@ -738,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
     from models.experiments.results.doc import write_section
 
     summary = summarise(runs, seeds, datasets, labels)
+    if not summary:
+        raise SystemExit(f"{PROG} summary: no scored runs under {runs} for --datasets {','.join(datasets)} --labels "
+                         f"{','.join(labels)} --seeds {','.join(map(str, seeds))}: nothing written (train them first: "
+                         f"valve-model realdata train with the same options)")
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
     def rel(path: str | Path) -> str:

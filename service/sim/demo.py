@@ -49,16 +49,32 @@ def bmp_frames(png_dir: Path) -> Path:
     out = png_dir.parent / "frames-bmp"
     pngs = sorted(png_dir.glob("*.png"))
     want = [out / (f.stem + ".bmp") for f in pngs]
-    if not all(f.is_file() for f in want):
+    if not all(_whole_bmp(f) for f in want):
         out.mkdir(parents=True, exist_ok=True)
         for src, dst in zip(pngs, want, strict=True):
-            if dst.is_file():
+            if _whole_bmp(dst):
                 continue
             image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
-            ok, data = cv2.imencode(".bmp", image) if image is not None else (False, None)
+            try:
+                ok, data = cv2.imencode(".bmp", image) if image is not None else (False, None)
+            except cv2.error:
+                ok = False
             if not ok:
                 raise OSError(f"cannot convert {src} to {dst}: delete {png_dir.parent} to render the demo again")
             tmp = out.parent / f".{dst.name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data.tobytes())
-            os.replace(tmp, dst)
+            try:
+                tmp.write_bytes(data.tobytes())
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
     return out
+
+
+def _whole_bmp(path: Path) -> bool:
+    """Whether ``path`` is a BMP file as long as its header says (a copy cut short is written again)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+        return head[:2] == b"BM" and int.from_bytes(head[2:6], "little") == path.stat().st_size
+    except OSError:
+        return False

@@ -125,3 +125,17 @@ def test_the_summary_holds_only_the_datasets_and_label_modes_its_command_names(t
     image_only = realdata.summarise(tmp_path, [0], None, ["image"])
     assert set(image_only) == {"kolektorsdd", "magnetic-tile"}
     assert all(set(v["label_modes"]) == {"image"} for v in image_only.values())
+
+
+def test_unknown_dataset_or_label_names_and_an_empty_summary_are_refused(tmp_path):
+    """A misspelt --datasets/--labels name stops the command naming the choices (it used to summarise nothing and
+    overwrite the docs section with it); a summary without one scored run writes nothing."""
+    doc = tmp_path / "results.md"
+    doc.write_text("kept\n")
+    base = ["summary", "--runs", str(tmp_path / "runs"), "--summary", str(tmp_path / "s.json"), "--doc", str(doc)]
+    for option, value in (("--datasets", "magnetic_tile"), ("--labels", "masks"), ("--datasets", " , ")):
+        with pytest.raises(SystemExit, match=rf"{option} .*give one or more of"):
+            realdata.main([*base, option, value])
+    with pytest.raises(SystemExit, match="no scored runs under .* nothing written"):
+        realdata.main([*base, "--datasets", " magnetic-tile", "--labels", "mask "])
+    assert doc.read_text() == "kept\n" and not (tmp_path / "s.json").exists()

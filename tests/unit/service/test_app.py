@@ -530,9 +530,13 @@ def test_embedded_demo_caps_the_reject_archive_quota(monkeypatch, tmp_path):
     assert s.camera.images == str(tmp_path / "bmp") and seen["manifest"][:2] == ["good", "dirt"]
     assert seen["stopped"] == "fatal" and seen["demo_rate"] == "auto"  # the embedded demo fits its rate
     assert app.main(["--demo-rate", "1.5"]) == 2 and seen["demo_rate"] == 1.5
+    # a config's simulated PLC keeps its sim_rate_hz unless --demo-rate is given
+    cfg = write_toml(tmp_path / "sim.toml", {"camera": {"source": "emulator"}, "plc": {"mode": "simulated"}})
+    assert app.main(["--config", str(cfg)]) == 2 and seen["demo_rate"] is None
+    assert app.main(["--config", str(cfg), "--demo-rate", "auto"]) == 2 and seen["demo_rate"] == "auto"
 
 
-def test_demo_rate_option_is_checked_and_refused_beside_a_real_plc(tmp_path, capsys):
+def test_demo_rate_option_is_checked_and_refused_beside_a_real_plc(tmp_path, capsys, monkeypatch):
     """--demo-rate takes 'auto' or a positive rate, and is refused when the config's PLC is a real one."""
     import service.app as app
 
@@ -542,7 +546,12 @@ def test_demo_rate_option_is_checked_and_refused_beside_a_real_plc(tmp_path, cap
         assert exc.value.code == 2 and "give 'auto' or parts per second" in capsys.readouterr().err
     cfg = write_toml(tmp_path / "line.toml", {"plc": {"mode": "client", "host": "192.168.0.10"}})
     assert app.main(["--config", str(cfg), "--demo-rate", "2"]) == 2
-    assert "this config's PLC is real ([plc] mode = 'client')" in capsys.readouterr().err
+    assert "the PLC configured here is real ([plc] mode = 'client')" in capsys.readouterr().err
+    monkeypatch.setenv("VALVE_INSPECT_PLC__MODE", "client")  # no --config, a real PLC by the environment
+    monkeypatch.setenv("VALVE_INSPECT_PLC__HOST", "192.168.0.10")
+    monkeypatch.setenv("VALVE_INSPECT_SIMULATION__MIX_WITH_REAL_HARDWARE", "true")  # else the loader refuses first
+    assert app.main(["--demo-rate", "2"]) == 2
+    assert "the PLC configured here is real" in capsys.readouterr().err
     with pytest.raises(ValueError, match="demo_rate must be"):
         app.Daemon(make_settings(tmp_path), demo_rate=0)
 
@@ -570,7 +579,9 @@ def test_the_demo_rate_fits_the_time_one_inspection_takes(tmp_path, valve_image,
 
     frames = tmp_path / "frames"
     frames.mkdir()
-    cv2.imwrite(str(frames / "part_000000.bmp"), valve_image)
+    cv2.imwrite(str(frames / "part_000000.png"), valve_image.astype(np.uint16) * 256)  # Mono16: not a camera frame
+    cv2.imwrite(str(frames / "part_000001.bmp"), dark())  # no valve: it would never reach the model
+    cv2.imwrite(str(frames / "part_000002.bmp"), valve_image)
     d = make_daemon(tmp_path, model=SlowModel(seconds), camera={"images": str(frames)})
     rate = d._fit_demo_rate(4.0)
     assert d.model.calls == 5 and low <= rate <= high, rate
@@ -583,6 +594,26 @@ def test_the_demo_rate_fits_the_time_one_inspection_takes(tmp_path, valve_image,
     (tmp_path / "empty" / "notes.txt").write_text("no frames here")
     d = make_daemon(tmp_path, model=SlowModel(seconds), camera={"images": str(tmp_path / "empty")})
     assert d._fit_demo_rate(4.0) == 4.0 and d.model.calls == 0
+    # a model that fails on the frame: the configured rate, not a daemon that cannot start
+    d = make_daemon(tmp_path, model=FakeModel(error=RuntimeError("session lost")), camera={"images": str(frames)})
+    assert d._fit_demo_rate(4.0) == 4.0 and d.model.calls == 1
+
+
+def test_demo_frames_are_replayed_as_whole_bmp_files(tmp_path, valve_image):
+    """bmp_frames writes each BMP once, and writes again a copy cut short (by a killed process)."""
+    import cv2
+
+    from service.sim.demo import bmp_frames
+
+    png = tmp_path / "frames"
+    png.mkdir()
+    cv2.imwrite(str(png / "part_000000.png"), valve_image)
+    out = bmp_frames(png)
+    bmp = out / "part_000000.bmp"
+    assert np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), valve_image)
+    assert not list(tmp_path.glob(".*.tmp"))
+    bmp.write_bytes(bmp.read_bytes()[:1000])
+    assert bmp_frames(png) == out and np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), valve_image)
 
 
 def test_every_reported_part_reaches_the_live_view_by_reference(tmp_path, valve_image):
