@@ -510,8 +510,9 @@ class Daemon:
 
         from service.roi import extract
 
-        folder = Path(self.settings.camera.images or "")
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".bmp", ".png", ".tif", ".tiff"))
+        folder = Path(self.settings.camera.images or "")  # a folder of frames, or one file (as the emulator takes)
+        files = [folder] if folder.is_file() else sorted(
+            p for p in folder.glob("*") if p.suffix.lower() in (".bmp", ".png", ".tif", ".tiff"))
         image = None
         for path in files[:8]:  # the first frame with a valve in it: a frame without one never reaches the model
             candidate = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

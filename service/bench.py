@@ -64,7 +64,7 @@ from service.errors import FatalError, ValveInspectError
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.records import Verdict
-from service.sim.demo import bmp_frames, demo_frames  # noqa: F401 (bmp_frames: service.soak and the tests import it here)
+from service.sim.demo import bmp_frames, demo_frames
 
 DEFAULT_RATES = (4.0, 8.0, 12.0, 16.0, 20.0, 23.0)
 STAGES = ("roi", "infer", "segment")

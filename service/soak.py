@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from service.app import Daemon
-from service.bench import bench_settings, bmp_frames
+from service.bench import bench_settings
 from service.errors import FatalError, ValveInspectError
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.sim.demo import demo_frames
+from service.sim.demo import bmp_frames, demo_frames
 
 GROWTH_LIMIT = 0.05
 #: bytes per outcome record the simulator keeps (PartOutcome: a dataclass of 8 small fields, in a deque)

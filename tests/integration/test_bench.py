@@ -188,11 +188,12 @@ def test_bench_frames_are_bmp_copies_and_the_plot_is_written(bench_result):
 
 
 def test_bmp_frames_match_the_png_frames(tmp_path):
-    """bmp_frames writes pixel-identical BMP copies once and reuses them."""
+    """bmp_frames writes pixel-identical BMP copies once, reuses them, leaves no temporary file and writes again a
+    copy cut short (by a killed process)."""
     import cv2
     import numpy as np
 
-    from service.bench import bmp_frames
+    from service.sim.demo import bmp_frames
 
     png_dir = tmp_path / "frames"
     png_dir.mkdir()
@@ -203,6 +204,9 @@ def test_bmp_frames_match_the_png_frames(tmp_path):
     assert np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), img)
     mtime = bmp.stat().st_mtime_ns
     assert bmp_frames(png_dir) == out and bmp.stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob(".*.tmp"))
+    bmp.write_bytes(bmp.read_bytes()[:100])
+    assert bmp_frames(png_dir) == out and np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), img)
 
 
 def test_highest_sustained_and_rate_parsing():

@@ -67,8 +67,7 @@ def test_an_unanswered_or_twice_answered_part_fails():
 def test_a_short_real_soak_answers_every_part_and_samples_the_process(tmp_path, monkeypatch):
     """20 s of one real daemon at 4 parts/s (emulator, PLC simulator, ONNX): every part answered, samples
     carry RSS, threads, fds and queue depths, and threads stay constant."""
-    from service.bench import bmp_frames
-    from service.sim.demo import demo_frames
+    from service.sim.demo import bmp_frames, demo_frames
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     frames, classes = demo_frames(parts=8)

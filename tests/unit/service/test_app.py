@@ -586,6 +586,9 @@ def test_the_demo_rate_fits_the_time_one_inspection_takes(tmp_path, valve_image,
     rate = d._fit_demo_rate(4.0)
     assert d.model.calls == 5 and low <= rate <= high, rate
     assert app.DEMO_LOAD == 0.35
+    # camera.images as one file, as the emulator also takes it
+    d = make_daemon(tmp_path, model=SlowModel(seconds), camera={"images": str(frames / "part_000002.bmp")})
+    assert low <= d._fit_demo_rate(4.0) <= high and d.model.calls == 5
     if seconds:
         monkeypatch.setattr(app, "DEMO_LOAD", 0.01)  # as on a machine 50x slower: the floor
         assert d._fit_demo_rate(4.0) == app.DEMO_MIN_RATE_HZ == 0.2
@@ -597,23 +600,6 @@ def test_the_demo_rate_fits_the_time_one_inspection_takes(tmp_path, valve_image,
     # a model that fails on the frame: the configured rate, not a daemon that cannot start
     d = make_daemon(tmp_path, model=FakeModel(error=RuntimeError("session lost")), camera={"images": str(frames)})
     assert d._fit_demo_rate(4.0) == 4.0 and d.model.calls == 1
-
-
-def test_demo_frames_are_replayed_as_whole_bmp_files(tmp_path, valve_image):
-    """bmp_frames writes each BMP once, and writes again a copy cut short (by a killed process)."""
-    import cv2
-
-    from service.sim.demo import bmp_frames
-
-    png = tmp_path / "frames"
-    png.mkdir()
-    cv2.imwrite(str(png / "part_000000.png"), valve_image)
-    out = bmp_frames(png)
-    bmp = out / "part_000000.bmp"
-    assert np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), valve_image)
-    assert not list(tmp_path.glob(".*.tmp"))
-    bmp.write_bytes(bmp.read_bytes()[:1000])
-    assert bmp_frames(png) == out and np.array_equal(cv2.imread(str(bmp), cv2.IMREAD_UNCHANGED), valve_image)
 
 
 def test_every_reported_part_reaches_the_live_view_by_reference(tmp_path, valve_image):
