@@ -69,7 +69,13 @@ def measure(model_path: Path | None, work: Path, parts: int, seed: int, mix: str
     if not manifest.is_file():
         print(f"rendering {parts} parts (seed {seed}, mix {mix}) -> {work}", flush=True)
         write_dataset(work, parts=parts, seed=seed, mix=mix, overwrite=True)
+    else:
+        print(f"reusing the parts in {work}", flush=True)
     rows = read_manifest(manifest)
+    seeds = {row["seed"] for row in rows}
+    if len(rows) != parts or seeds != {seed}:
+        raise SystemExit(f"{work} holds {len(rows)} parts of seed(s) {sorted(seeds)}, not {parts} of seed {seed}: "
+                         f"pass another --work, or delete {work} to render them again")
     model = InferenceModel(model_path, intra_op_threads=threads)
     names = list(model.classes)
     if set(names) != set(CLASSES):
@@ -132,16 +138,28 @@ def summarise(slices: list[dict]) -> dict:
     ambiguous = [s for s in errors if s["label"] == "good" and s["defect_px"] > 0]
     faint = [s for s in errors if s["label"] in ("dirt", "scratch") and s["pred"] == "good"
              and s["snr"] is not None and s["snr"] < 1.0]
-    near_label = [s for s in errors if s["label"] in ("dirt", "scratch") and s["defect_px"] < 100]
+    small = [s for s in errors if s["label"] in ("dirt", "scratch") and s["defect_px"] < 100]
+    by_part: dict[int, list[dict]] = {}
+    for s in slices:
+        by_part.setdefault(s["part"], []).append(s)
+    # a cut-off slice called a defect changes the part's accept/reject only when no other slice of the part is
+    # called a defect, and adds a Reject bit of its own when no other slice is called that class
+    cutoff_parts = {
+        "flips_accept": sum(not any(o["pred"] != "good" for o in by_part[s["part"]] if o is not s) for s in ambiguous),
+        "adds_a_class": sum(not any(o["pred"] == s["pred"] for o in by_part[s["part"]] if o is not s)
+                            for s in ambiguous),
+    }
     n = len(slices)
     return {
         "slices": n, "accuracy": sum(right) / n, "errors": len(errors), "confusion": dict(confusion.most_common()),
         "defect_recall_by_px": by_px, "defect_recall_by_snr": by_snr, "good_false_alarms": good_groups,
         "errors_explained": {
             "good label, 1-39 defect px (the label's cut-off)": len(ambiguous),
-            "defect label, 40-99 px": len(near_label),
+            "defect label, 40-99 px, any wrong class": len(small),
+            "defect called good, 40-99 px": sum(s["pred"] == "good" for s in small),
             "defect called good, snr < 1 (fainter than the texture)": len(faint),
         },
+        "cutoff_errors_in_their_parts": cutoff_parts,
         "accuracy_without_cutoff_slices": accuracy_where(
             slices, lambda s: not (s["label"] == "good" and s["defect_px"] > 0)),
         "accuracy_without_1_99_px_slices": accuracy_where(slices, lambda s: not 0 < s["defect_px"] < 100),
@@ -160,6 +178,7 @@ def print_table(summary: dict) -> None:
     for g, v in summary["good_false_alarms"].items():
         print(f"  {g}: {v['flagged']}/{v['n']} {v['as']}")
     print("errors explained:", summary["errors_explained"])
+    print("cut-off errors in their parts:", summary["cutoff_errors_in_their_parts"])
     print(f"accuracy without the good-labelled slices holding 1-39 defect px: "
           f"{summary['accuracy_without_cutoff_slices']:.4f}")
     print(f"accuracy without the slices holding 1-99 defect px: {summary['accuracy_without_1_99_px_slices']:.4f}")
@@ -177,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="write the summary (and every slice) here")
     args = ap.parse_args(argv)
+    from service.sim.synth import CLASSES, parse_mix
+    other = sorted(k for k, w in parse_mix(args.mix).items() if w > 0 and k not in CLASSES)
+    if other:
+        ap.error(f"--mix {args.mix!r} names {', '.join(other)}: the demo model knows only {', '.join(CLASSES)}")
     t0 = time.monotonic()
     slices = measure(args.model, args.work, args.parts, args.seed, args.mix, args.threads)
     summary = summarise(slices)

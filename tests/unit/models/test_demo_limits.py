@@ -19,6 +19,11 @@ def test_ring_contrast_measures_a_dark_disc_against_its_surround():
     snr, weber = ring_contrast(img.astype(np.uint8), disc)
     assert snr == pytest.approx(20.0 / 5.0, rel=0.2)
     assert weber == pytest.approx(20.0 / 150.0, rel=0.1)
+    # a soft rim 1-2 px outside the mask (a blob's blurred edge) is left out of the surround: the ring starts 2 px out
+    soft = img.copy()
+    rim = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 10 ** 2) & ~disc
+    soft[rim] -= 20.0
+    assert ring_contrast(np.clip(soft, 0, 255).astype(np.uint8), disc)[0] == pytest.approx(snr, rel=0.2)
     # the same disc painted at the surface's own gray is invisible
     flat = np.clip(rng.normal(150.0, 5.0, (64, 64)), 0, 255).astype(np.uint8)
     assert ring_contrast(flat, disc)[0] < 0.5
@@ -49,7 +54,8 @@ def test_summary_separates_label_cutoff_faint_and_other_errors():
     explained = s["errors_explained"]
     assert explained["good label, 1-39 defect px (the label's cut-off)"] == 1
     assert explained["defect called good, snr < 1 (fainter than the texture)"] == 1
-    assert explained["defect label, 40-99 px"] == 1
+    assert explained["defect label, 40-99 px, any wrong class"] == 1
+    assert explained["defect called good, 40-99 px"] == 1
     flagged = s["good_false_alarms"]
     assert flagged["good parts"] == {"n": 7, "flagged": 1, "as": {"dirt": 1}}
     assert flagged["defect parts, 1-39 defect px (below the label's 40)"]["flagged"] == 1
@@ -60,7 +66,38 @@ def test_summary_separates_label_cutoff_faint_and_other_errors():
     assert s["accuracy_without_cutoff_slices"] == pytest.approx(7 / 11)
 
 
-def test_end_to_end_on_rendered_parts_with_the_shipped_model(tmp_path):
+def test_bin_edges_and_the_faint_rule():
+    slices = [row("dirt", "good", px=99, snr=1.0, part_class="dirt"),      # 40-99 bin; snr 1.0 is not faint
+              row("dirt", "dirt", px=100, snr=0.999, part_class="dirt"),   # 100-299 bin; 0.5-1 bin
+              row("scratch", "dirt", px=70, snr=0.2),                     # faint, but not called good
+              row("good", "good", px=39, part_class="dirt"),               # the label's cut-off, right
+              row("good", "dirt", px=1, part_class="dirt")]                # the cut-off, called a defect
+    s = summarise(slices)
+    px, snr = s["defect_recall_by_px"], s["defect_recall_by_snr"]
+    assert px["40-99"]["dirt"] == {"n": 1, "found": 0, "called_good": 1}
+    assert px["100-299"]["dirt"] == {"n": 1, "found": 1, "called_good": 0}
+    assert snr["1-2"]["dirt"]["n"] == 1 and snr["0.5-1"]["dirt"]["n"] == 1 and snr["0-0.5"]["scratch"]["n"] == 1
+    explained = s["errors_explained"]
+    assert explained["defect called good, snr < 1 (fainter than the texture)"] == 0
+    assert explained["defect label, 40-99 px, any wrong class"] == 2
+    assert explained["defect called good, 40-99 px"] == 1
+    assert explained["good label, 1-39 defect px (the label's cut-off)"] == 1
+    assert s["good_false_alarms"]["defect parts, 1-39 defect px (below the label's 40)"]["n"] == 2
+    # without the slices holding 1-99 px only the 100 px one is left, and it is right
+    assert s["accuracy_without_1_99_px_slices"] == 1.0
+
+
+def test_cutoff_errors_are_placed_in_their_parts():
+    def at(part, label, pred, px=0):
+        return {**row(label, pred, px=px, part_class="dirt"), "part": part}
+    slices = [at(0, "good", "scratch", px=20), at(0, "dirt", "dirt", px=400),     # rejected anyway; adds scratch
+              at(1, "good", "dirt", px=20), at(1, "dirt", "dirt", px=400),        # rejected anyway; no new class
+              at(2, "good", "dirt", px=20), at(2, "dirt", "good", px=50)]         # the only defect call
+    parts = summarise(slices)["cutoff_errors_in_their_parts"]
+    assert parts == {"flips_accept": 1, "adds_a_class": 2}
+
+
+def test_end_to_end_on_rendered_parts_with_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "limits.json"
     assert main(["--work", str(tmp_path / "parts"), "--parts", "3", "--seed", "5", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -70,6 +107,20 @@ def test_end_to_end_on_rendered_parts_with_the_shipped_model(tmp_path):
     assert [s["defect_px"] for s in doc["slices"]] == [px for m in manifest for px in m["slice_defect_px"]]
     right = sum(s["label"] == s["pred"] for s in doc["slices"])
     assert doc["summary"]["accuracy"] == pytest.approx(right / len(doc["slices"]))
-    # a second call reuses the rendered parts and gives the same slices
+    assert "rendering 3 parts" in capsys.readouterr().out
+    # a second call reuses the rendered parts (no rendering) and gives the same slices
     assert main(["--work", str(tmp_path / "parts"), "--parts", "3", "--seed", "5", "--json", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert "rendering" not in second and "reusing the parts" in second
     assert json.loads(out.read_text())["slices"] == doc["slices"]
+    # parts of another seed or count are refused, not silently scored under the arguments' name
+    with pytest.raises(SystemExit, match="not 4 of seed 5"):
+        main(["--work", str(tmp_path / "parts"), "--parts", "4", "--seed", "5"])
+    with pytest.raises(SystemExit, match="not 3 of seed 6"):
+        main(["--work", str(tmp_path / "parts"), "--parts", "3", "--seed", "6"])
+
+
+def test_novel_defects_in_the_mix_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "parts"), "--parts", "2", "--mix", "good=0.5,novel=0.5"])
+    assert "novel" in capsys.readouterr().err and not (tmp_path / "parts").exists()
