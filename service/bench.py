@@ -292,7 +292,7 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'rate/s':>6} {'made':>5} {'res':>5} {'insp':>5} {'wdog':>5} {'ovfl':>5} {'n/i':>5} {'sust/s':>7} "
             f"{'lat50':>6} {'lat99':>6} {'roi50':>6} {'roi99':>6} {'inf50':>6} {'inf99':>6} {'seg50':>6} "
-            f"{'seg99':>6} {'cpu%':>5} {'acc':>5} {'rssMiB':>7}  verdict")
+            f"{'seg99':>6} {'cpu%':>5} {'acc':>5} {'peakMiB':>7}  verdict")
     lines = [head, "-" * len(head)]
     for r in rows:
         st = r["stages"]
@@ -307,7 +307,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{'FALLS BEHIND' if r['falls_behind'] else 'keeps up'}")
     lines.append("(latencies in ms: frame arrival -> result written, and per stage; wdog = PLC watchdog rejects, "
                  "ovfl = queue overflow, n/i = NotInspected; cpu% = process CPU / wall, 100 per core; acc = "
-                 "verdicts right against the ground truth of the frame each part was given)")
+                 "verdicts right against the ground truth of the frame each part was given; peakMiB = the process's peak RSS "
+                 "so far, which only grows over the rates of one run: the JSON's rss_mib is the resident set at the "
+                 "end of each rate)")
     return "\n".join(lines)
 
 
