@@ -34,6 +34,11 @@ def test_each_bound_scores_the_test_images_and_names_the_escapes(tmp_path):
     # defect_min (7): every good kept; d-low and d-mid escape
     assert rules["defect_min"]["good_recall"] == 1.0 and rules["defect_min"]["escaped"] == ["d-low", "d-mid"]
     assert rules["defect_min"]["accuracy"] == pytest.approx(5 / 7)
+    # hindsight: the best accuracy any bound reaches on these images (5/7 at 2, 5 and 9: the lowest, 2, is kept)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bounds"]["hindsight"] == 2.0 and rules["hindsight"]["escaped"] == []
+    assert rules["hindsight"]["accuracy"] == pytest.approx(5 / 7)
+    assert all(rules["hindsight"]["accuracy"] >= r["accuracy"] for r in rules.values())
 
 
 def test_a_run_without_calibration_or_with_more_classes_is_refused(tmp_path):
