@@ -44,6 +44,11 @@ def ranks(run: Path, images: list[str]) -> dict:
     return out
 
 
+def _num(v, spec: str = ".4f") -> str:
+    """A figure for the printout, "-" where there is none (an image the leave-one-out cannot rank)."""
+    return "-" if v is None else format(v, spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -53,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     images = [s.strip() for s in args.images.split(",") if s.strip()]
     found = [ranks(run, images) for run in args.runs]
     for f in found:
-        print(f"{f['run']}: AP {f['ap']:.4f}")
+        print(f"{f['run']}: AP {_num(f['ap'])}")
         for name, r in f["images"].items():
-            side = "defective" if r["defective"] else "good"
-            print(f"  {name} ({side}): log-odds {r['logodds']:.2f}, {r['beyond']} beyond, AP without {r['ap_without']:.4f}")
+            side = {True: "defective", False: "good", None: "not ranked"}[r["defective"]]
+            print(f"  {name} ({side}): log-odds {_num(r['logodds'], '.2f')}, {_num(r['beyond'], 'd')} beyond, "
+                  f"AP without {_num(r['ap_without'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"images": images, "runs": found}, indent=1) + "\n")

@@ -14,7 +14,8 @@ defective one). For four bounds on the image log-odds, and a ceiling:
 * ``defect_min``: the lowest defective validation image (the least sensitive bound that still finds every
   validation defect);
 * ``hindsight``: the bound with the best accuracy on the test images themselves (the lowest on ties): what
-  the run's ranking allows at best, not a rule (it is set on the images it scores);
+  the run's ranking allows at best, not a rule (it is set on the images it scores); +inf (written null)
+  when calling nothing defective is best;
 
 the test images' good recall (1 - false reject rate), defect recall (1 - escape rate) and accuracy, with the
 defective test images each bound lets through. docs/results.md ("Where the bound sits") reads these rows.
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name}/image_metrics.json has no calibration: run `valve-model realdata calibrate` first")
         if len({i["true"] for i in m["per_image"]}) != 2:
             raise SystemExit(f"{name}: this diagnostic is for a good-vs-defective dataset (KolektorSDD)")
+        bound_of = {**bounds(cal), "hindsight": hindsight(m["per_image"])}
+        # JSON has no infinity: a hindsight bound of +inf (nothing called defective is best) is written as null
         row = {"run": name, "validation_images": cal["images"], "validation_defective": cal["defect_images"],
-               "bounds": {**bounds(cal), "hindsight": hindsight(m["per_image"])}, "rules": {}}
-        for rule, b in row["bounds"].items():
+               "bounds": {k: None if math.isinf(b) else b for k, b in bound_of.items()}, "rules": {}}
+        for rule, b in bound_of.items():
             row["rules"][rule] = score(m["per_image"], b)
             r = row["rules"][rule]
             print(f"{name}  {rule:10s} bound {b:7.2f}  good {100 * r['good_recall']:5.1f} %  defect "

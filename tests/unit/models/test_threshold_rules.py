@@ -41,6 +41,22 @@ def test_each_bound_scores_the_test_images_and_names_the_escapes(tmp_path):
     assert all(rules["hindsight"]["accuracy"] >= r["accuracy"] for r in rules.values())
 
 
+def test_hindsight_may_call_nothing_defective(tmp_path):
+    # two good images above the only defective one: the best accuracy (2/3) calls nothing defective
+    images = [{"source": "g1", "true": 0, "defect_logodds": 1.0}, {"source": "g2", "true": 0, "defect_logodds": 2.0},
+              {"source": "d", "true": 1, "defect_logodds": 0.0}]
+    write_run(tmp_path / "run", images, {"good_max": 0.5, "defect_min": 0.7, "threshold_logodds": 0.6,
+                                         "images": 4, "defect_images": 1})
+    out = tmp_path / "rules.json"
+    assert main([str(tmp_path / "run"), "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "Infinity" not in text
+    row = json.loads(text)["rows"][0]
+    assert row["bounds"]["hindsight"] is None
+    assert row["rules"]["hindsight"]["accuracy"] == pytest.approx(2 / 3)
+    assert row["rules"]["hindsight"]["escaped"] == ["d"]
+
+
 def test_a_run_without_calibration_or_with_more_classes_is_refused(tmp_path):
     write_run(tmp_path / "a", [{"source": "x", "true": 0, "defect_logodds": 0.0}], {})
     with pytest.raises(SystemExit, match="realdata calibrate"):
