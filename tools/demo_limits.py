@@ -33,6 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from service.sim.synth import SEGMENTED
+
 PX_BINS = ((1, 39), (40, 99), (100, 299), (300, 999), (1000, 10 ** 9))
 SNR_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf")))
 RING = (2, 8)
@@ -63,7 +65,8 @@ def in_bin(value: float, lo: float, hi: float) -> bool:
 
 def measure(model_path: Path | None, work: Path, parts: int, seed: int, mix: str, threads: int) -> list[dict]:
     from service.infer import InferenceModel
-    from service.sim.synth import CLASSES, MANIFEST, label_frame, read_manifest, write_dataset
+    from service.roi import extract
+    from service.sim.synth import CLASSES, MANIFEST, read_manifest, slice_labels, write_dataset
 
     manifest = work / MANIFEST
     if not manifest.is_file():
@@ -84,10 +87,12 @@ def measure(model_path: Path | None, work: Path, parts: int, seed: int, mix: str
     for row in rows:
         frame = cv2.imread(str(work / row["file"]), cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(str(work / row["mask"]), cv2.IMREAD_UNCHANGED) if row["mask"] else None
-        labels, px, batch = label_frame(frame, mask, row["class"], min_defect_px=row["min_defect_px"])
+        # cut and labelled as synth's label_frame does, keeping the mask's slices for the contrast below
+        batch = extract(frame)
+        mask_slices = batch.frame_to_slices(mask > 0) if mask is not None else None
+        labels, px = slice_labels(row["class"], mask_slices, row["min_defect_px"])
         if labels != row["slice_labels"]:
             raise SystemExit(f"{row['file']}: labels {labels} differ from the manifest's {row['slice_labels']}")
-        mask_slices = batch.frame_to_slices(mask > 0) if mask is not None else None
         pred = model.run(batch.slices)
         for i, label in enumerate(labels):
             snr = weber = None
@@ -110,19 +115,19 @@ def summarise(slices: list[dict]) -> dict:
     right = [s["pred"] == s["label"] for s in slices]
     errors = [s for s in slices if s["pred"] != s["label"]]
     confusion = Counter(f"{s['label']}->{s['pred']}" for s in errors)
-    defect = [s for s in slices if s["label"] in ("dirt", "scratch")]
+    defect = [s for s in slices if s["label"] in SEGMENTED]
     good = [s for s in slices if s["label"] == "good"]
 
     def recall(rows: list[dict]) -> dict:
         return {"n": len(rows), "found": sum(r["pred"] == r["label"] for r in rows),
                 "called_good": sum(r["pred"] == "good" for r in rows)}
 
-    by_px = {f"{lo}-{hi if hi < 10 ** 9 else ''}".rstrip("-") + ("+" if hi >= 10 ** 9 else ""):
+    by_px = {f"{lo}+" if hi >= 10 ** 9 else f"{lo}-{hi}":
              {c: recall([s for s in defect if s["label"] == c and in_bin(s["defect_px"], lo, hi)])
-              for c in ("dirt", "scratch")} for lo, hi in PX_BINS[1:]}
+              for c in SEGMENTED} for lo, hi in PX_BINS[1:]}
     by_snr = {f"{lo:g}-{hi:g}" if hi != float("inf") else f"{lo:g}+":
               {c: recall([s for s in defect if s["label"] == c and s["snr"] is not None and in_bin(s["snr"], lo, hi)])
-               for c in ("dirt", "scratch")} for lo, hi in SNR_BINS}
+               for c in SEGMENTED} for lo, hi in SNR_BINS}
 
     def false_alarms(rows: list[dict]) -> dict:
         return {"n": len(rows), "flagged": sum(r["pred"] != "good" for r in rows),
@@ -136,9 +141,9 @@ def summarise(slices: list[dict]) -> dict:
             [s for s in good if s["part_class"] != "good" and s["defect_px"] > 0]),
     }
     ambiguous = [s for s in errors if s["label"] == "good" and s["defect_px"] > 0]
-    faint = [s for s in errors if s["label"] in ("dirt", "scratch") and s["pred"] == "good"
+    faint = [s for s in errors if s["label"] in SEGMENTED and s["pred"] == "good"
              and s["snr"] is not None and s["snr"] < 1.0]
-    small = [s for s in errors if s["label"] in ("dirt", "scratch") and s["defect_px"] < 100]
+    small = [s for s in errors if s["label"] in SEGMENTED and s["defect_px"] < 100]
     by_part: dict[int, list[dict]] = {}
     for s in slices:
         by_part.setdefault(s["part"], []).append(s)
