@@ -63,6 +63,7 @@ class TrainConfig:
     stem_init: str = "identity"
     bn_recal: int = 256
     epoch_size: int | None = None
+    ema: float = 0.0
     precision: str = "auto"
     threads: int | None = None
     workers: int = 0
@@ -76,7 +77,7 @@ class TrainConfig:
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
                                          "input_size", "augment", "rot90", "brightness", "contrast", "balance",
-                                         "schedule", "stem_init", "bn_recal", "epoch_size")
+                                         "schedule", "stem_init", "bn_recal", "epoch_size", "ema")
 
 
 @dataclass
@@ -126,6 +127,11 @@ def _validate(config: TrainConfig) -> None:
             and not config.augment:
         raise TrainError("--rot90, --brightness and --contrast set the augmentation that --no-augment turns off: "
                          "drop one or the other")
+    if not 0.0 <= config.ema < 1.0:
+        raise TrainError(f"--ema is the weight average's decay per step, in [0, 1) (0 = off), not {config.ema}")
+    if config.ema and not config.bn_recal:
+        raise TrainError("--ema validates and saves averaged weights, whose BatchNorm statistics must be recomputed "
+                         "for them: keep --bn-recal above 0 (the default 256), or drop --ema")
     if config.precision not in PRECISIONS:
         raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
     if config.bn_recal < 0:

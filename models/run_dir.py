@@ -15,16 +15,17 @@ from models.checkpoint import LAST_NAME, WEIGHTS_NAME
 from models.recipe import TrainConfig, TrainError
 
 STATE_NAME = "train_state.pt"
+EMA_NAME = "ema.safetensors"  # the running weight average (--ema), for an exact resume
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.json"
 SPLIT_NAME = "split.json"
 CURVES_NAME = "curves.png"
 #: what a run writes; ``--force`` removes exactly these (and their .tmp leftovers), nothing else
-RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME)
+RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_NAME, CURVES_NAME, EMA_NAME)
 STATE_FORMAT = 1
 #: what runs written before an option existed did (a resume of such a run keeps it)
 LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None, "channels": None, "stem_init": "drawn",
-                  "rot90": False, "brightness": 10.0, "contrast": 0.1}
+                  "rot90": False, "brightness": 10.0, "contrast": 0.1, "ema": 0.0}
 
 
 def _jsonable(v):

@@ -29,6 +29,11 @@ and on by default, each recorded in config.json and switchable off:
   lower validation loss, then the earlier epoch), not plain accuracy, which a model calling
   everything good scores high on imbalanced data.
 
+Off by default, measured on KolektorSDD (docs/results.md): ``--ema D`` validates and keeps an exponential
+moving average of the weights (decay D per optimizer step, warmed up as min(D, (1 + n) / (10 + n))), with its
+own recalibrated BN statistics; the model itself trains exactly as without it (last.safetensors and the training
+losses are the same), so a run with and one without it differ only in which weights are scored and kept.
+
 The run directory::
 
     config.json         {"model": ModelConfig, "train": hyperparameters, versions, command line,
@@ -40,6 +45,8 @@ The run directory::
     model.safetensors   the weights with the best validation accuracy (ties: lower validation
                         loss, then the earlier epoch); the last epoch's without a validation set
     train_state.pt      optimizer state, epoch, best metric, RNG states (torch.load weights_only)
+    ema.safetensors     with --ema: the weight average after the latest epoch (model.safetensors is the best
+                        epoch's average)
     curves.png          loss and accuracy per epoch
 
 Determinism (CPU): the model is initialised after seeding python, numpy and torch; the shuffling
@@ -63,12 +70,13 @@ the device, one epoch, the BatchNorm statistics, the loop and the command.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +125,7 @@ from models.recipe import (
 from models.run_dir import (
     CONFIG_NAME,
     CURVES_NAME,
+    EMA_NAME,
     LEGACY_OPTIONS,
     LOG_NAME,
     RUN_FILES,
@@ -185,8 +194,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
               optimizer: torch.optim.Optimizer | None = None, bar: tqdm | None = None,
-              per_class: dict | None = None, bf16: bool = False) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy).
+              per_class: dict | None = None, bf16: bool = False,
+              after_step: Callable[[], None] | None = None) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given (``after_step`` is called after each optimizer step).
+    Returns (mean loss, accuracy).
 
     ``per_class``, when given, is filled with {label: [correct, total]} (for the balanced accuracy).
     """
@@ -206,6 +217,8 @@ def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: tor
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
             k = int(y.numel())
             loss_sum += float(loss.item()) * k
             hit = logits.argmax(dim=1) == y
@@ -220,6 +233,26 @@ def run_epoch(model: IRACNN, loader: DataLoader, loss_fn: nn.Module, device: tor
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}")
     return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+#: the warm-up of the weight average: update n uses decay min(--ema, (1 + n) / (EMA_WARMUP + n)), so the first
+#: steps do not average in the initialisation for hundreds of steps (at --ema 0.99 it reaches 0.99 after ~890 updates)
+EMA_WARMUP = 10
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of update number ``updates`` (0-based) of a weight average with nominal ``decay``."""
+    return min(decay, (1 + updates) / (EMA_WARMUP + updates))
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model, parameter by parameter; the buffers (BatchNorm running
+    statistics) are copied: the averaged weights get their own by recalibration before they are used."""
+    for a, p in zip(average.parameters(), model.parameters(), strict=True):
+        a.lerp_(p.detach(), 1.0 - decay)
+    for a, b in zip(average.buffers(), model.buffers(), strict=True):
+        a.copy_(b)
 
 
 def balanced_accuracy(per_class: dict) -> float | None:
@@ -406,6 +439,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     best: dict = {"epoch": None, "val_bal_acc": None, "val_loss": None}
     history: list[dict] = []
     log_path = out / LOG_NAME
+    ema_updates = 0
     if saved is not None:
         state = load_train_state(out / STATE_NAME)
         done = int(state["epoch"])
@@ -415,6 +449,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                              f"(epoch {done}); the run was interrupted while saving. Start a new run, "
                              "or copy a consistent pair back")
         model.load_state_dict(load_file(str(out / LAST_NAME), device=str(device)), strict=True)
+        if config.ema:
+            ema_meta = read_metadata(out / EMA_NAME) if (out / EMA_NAME).is_file() else {}
+            if ema_meta.get("epoch") != str(done) or "ema_updates" not in state:
+                raise TrainError(f"{out / EMA_NAME} (epoch {ema_meta.get('epoch')}) does not match {STATE_NAME} "
+                                 f"(epoch {done}); the run was interrupted while saving. Start a new run, "
+                                 "or copy a consistent set back")
+            ema_updates = int(state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         best = dict(state["best"])
@@ -443,7 +484,11 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "stem_signs": "both (a one-sign draw of the stem's first conv has its second half flipped)",
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
-                "bn_recal": config.bn_recal, "epoch_size": config.epoch_size,
+                "bn_recal": config.bn_recal, "epoch_size": config.epoch_size, "ema": config.ema,
+                "weights_kept": (f"an exponential average of the weights (decay {config.ema:g} per step, warm-up "
+                                 f"min(decay, (1 + n) / ({EMA_WARMUP} + n)) at update n), validated and kept; "
+                                 "last.safetensors is the trained model itself"
+                                 if config.ema else "the trained model's"),
                 "precision": precision, "precision_option": config.precision,
                 "memory_format": "channels_last",
                 "bn_recalibration": (f"BN running statistics recomputed over {len(recal_idx)} training images "
@@ -468,6 +513,20 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         write_json(out / SPLIT_NAME, split)
         log_path.write_text("")
 
+    # --ema: an exponential average of the weights is what validation scores and the run keeps; the model itself
+    # trains exactly as without it (the average draws no random numbers), last.safetensors holds the model
+    average = None
+    if config.ema:
+        average = copy.deepcopy(model)
+        if saved is not None:
+            average.load_state_dict(load_file(str(out / EMA_NAME), device=str(device)), strict=True)
+
+    def update_average() -> None:
+        nonlocal ema_updates
+        ema_update(average, model, ema_decay(config.ema, ema_updates))
+        ema_updates += 1
+
+    scored = average if average is not None else model  # the weights validation scores and the run keeps
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     pin = device.type == "cuda"
     say = tqdm.write if show_bar else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -498,18 +557,22 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                    leave=False, dynamic_ncols=True) if show_bar else None
         try:
             train_loss, train_acc = run_epoch(model, loader, loss_fn, device, optimizer, bar,
-                                              bf16=precision == "bf16")
+                                              bf16=precision == "bf16",
+                                              after_step=update_average if average is not None else None)
         finally:
             if bar is not None:
                 bar.close()
-        if config.bn_recal:
+        if config.bn_recal:  # the model and its average each get their own statistics (last.safetensors as without it)
             recalibrate_bn(model, plain_ds, device, config.batch_size, recal_idx)
+            if average is not None:
+                with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG,
+                    recalibrate_bn(average, plain_ds, device, config.batch_size, recal_idx)  # which dropout uses
         val_loss = val_acc = val_bal = None
         if val_ds is not None:
             vloader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False,
                                  num_workers=config.workers, pin_memory=pin)
             per_class: dict = {}
-            val_loss, val_acc = run_epoch(model, vloader, loss_fn, device, per_class=per_class)
+            val_loss, val_acc = run_epoch(scored, vloader, loss_fn, device, per_class=per_class)
             val_bal = balanced_accuracy(per_class)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                   "val_acc": val_acc, "val_bal_acc": val_bal, "lr": optimizer.param_groups[0]["lr"],
@@ -517,9 +580,11 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
 
         improved = improves(record, best)
         save_weights(out / LAST_NAME, model, {"epoch": str(epoch)})
+        if average is not None:
+            save_weights(out / EMA_NAME, average, {"epoch": str(epoch)})
         if improved:
             best = {"epoch": epoch, "val_bal_acc": val_bal, "val_acc": val_acc, "val_loss": val_loss}
-            save_weights(out / WEIGHTS_NAME, model,
+            save_weights(out / WEIGHTS_NAME, scored,
                          {"epoch": str(epoch), "val_acc": "" if val_acc is None else repr(val_acc),
                           "val_bal_acc": "" if val_bal is None else repr(val_bal)})
         with log_path.open("a") as f:
@@ -528,7 +593,8 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         # the commit point: a resume starts after the last epoch whose state was saved
         save_train_state(out / STATE_NAME, {"format": STATE_FORMAT, "epoch": epoch,
                                             "optimizer": optimizer.state_dict(), "best": best,
-                                            "rng": rng_state(), "model_config": mcfg.to_dict()})
+                                            "rng": rng_state(), "model_config": mcfg.to_dict(),
+                                            **({"ema_updates": ema_updates} if average is not None else {})})
         say(f"epoch {epoch}/{config.epochs}  lr {record['lr']:.2e}  train_loss {_fmt(train_loss)}  "
             f"train_acc {_fmt(train_acc, 3)}  val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  "
             f"val_bal_acc {_fmt(val_bal, 3)}  {record['seconds']:.1f}s"
@@ -623,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before 2026-11-30; either way the first conv starts with both signs)")
     p.add_argument("--epoch-size", type=int, help="draws per epoch of the class-balanced sampling (default: "
                                                   "the number of training images)")
+    p.add_argument("--ema", type=float,
+                   help="validate and keep an exponential moving average of the weights with this decay per step "
+                        f"(default {d.ema:g} = off; 0.99 averages over about 100 steps); the model trains as without it")
     p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "
                                                 f"before each validation (default {d.bn_recal}; 0 = off)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -650,7 +719,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
              "width", "channels", "head_width", "head_pool", "input_size", "augment", "rot90", "brightness",
              "contrast", "balance",
              "schedule", "stem_init", "bn_recal",
-             "epoch_size", "precision")
+             "epoch_size", "ema", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.resume:

@@ -105,7 +105,8 @@ def planned_differences(run: Path, dataset: str) -> list[str]:
 
     plain = TrainConfig(data="", out="")
     # the augmentation options have a value whether given or not: a call without --rot90 plans rot90 off
-    planned = {**{k: getattr(plain, k) for k in ("rot90", "brightness", "contrast")}, **PROTOCOL[dataset]["train"]}
+    planned = {**{k: getattr(plain, k) for k in ("rot90", "brightness", "contrast", "ema")},
+               **PROTOCOL[dataset]["train"]}
 
     def option(k, v):
         return shlex.join(option_args(k, v))

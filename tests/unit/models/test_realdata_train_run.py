@@ -36,6 +36,9 @@ def test_train_run_starts_resumes_or_skips_a_run_by_what_it_holds(tmp_path, monk
     realdata.train_run(tmp_path / "tiles", tmp_path / "mt" / "seed6", 6, "magnetic-tile", 1, "cpu",
                        changes={"rot90": False})
     assert "--no-rot90" in calls[-1] and "False" not in calls[-1]
+    realdata.train_run(tmp_path / "tiles", tmp_path / "mt" / "seed7", 7, "magnetic-tile", 1, "cpu",
+                       changes={"ema": 0.99})
+    assert calls[-1][calls[-1].index("--ema") + 1] == "0.99"
 
     out.mkdir(parents=True)
     (out / "train_state.pt").write_bytes(b"")
@@ -47,10 +50,10 @@ def test_train_run_starts_resumes_or_skips_a_run_by_what_it_holds(tmp_path, monk
 
     (out / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu")
-    assert "--resume" in calls[-1] and len(calls) == 5  # all epochs but no bn_check yet: resumed (it writes it)
+    assert "--resume" in calls[-1] and len(calls) == 6  # all epochs but no bn_check yet: resumed (it writes it)
     (out / "config.json").write_text(json.dumps({"train": {}, "bn_check": {"gap_points": 0.0}}))
     assert realdata.train_run(tmp_path / "tiles", out, 4, "magnetic-tile", 1, "cpu") == 0.0
-    assert len(calls) == 5  # complete: nothing started
+    assert len(calls) == 6  # complete: nothing started
 
     monkeypatch.setattr(realdata.subprocess, "call", lambda cmd, **kw: 2)
     with pytest.raises(SystemExit, match="failed"):
@@ -67,6 +70,7 @@ def test_a_recorded_command_repeats_the_options_the_call_was_given():
     assert realdata.given_options(args) == (" --datasets magnetic-tile --labels mask --epochs 100 --rot90 "
                                             "--contrast 0.25")
     assert realdata.given_options(parse(["summary", "--seeds", "0,1", "--no-rot90"])) == " --seeds 0,1 --no-rot90"
+    assert realdata.given_options(parse(["train", "--ema", "0.99"])) == " --ema 0.99"
 
 
 def test_the_protocol_text_names_the_augmentation_the_run_recorded():
@@ -76,7 +80,9 @@ def test_the_protocol_text_names_the_augmentation_the_run_recorded():
     assert "flips and transposes (8 symmetries), brightness +-25, contrast +-0.25" in realdata.augmentation_text(strong)
     assert realdata.augmentation_text({"augment": False, "augmentation": None}) == "no augmentation, "
     text = realdata.protocol_text("magnetic-tile", "mask", {"train": strong, "model": {}})
-    assert "transposes" in text
+    assert "transposes" in text and "weight average" not in text
+    assert "an exponential weight average (decay 0.99), " in realdata.protocol_text(
+        "magnetic-tile", "mask", {"train": {**strong, "ema": 0.99}, "model": {}})
 
 
 def test_the_ablation_refuses_before_training_a_call_whose_augmentation_differs_from_the_runs(tmp_path, monkeypatch):
@@ -97,6 +103,8 @@ def test_the_ablation_refuses_before_training_a_call_whose_augmentation_differs_
     assert planned_differences(run, "magnetic-tile") == []
     (run / "config.json").write_text(json.dumps({"train": {"epochs": 3}}))  # from before the options
     assert planned_differences(run, "magnetic-tile")[0] == "--rot90 (the run: --no-rot90)"
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train", {"preset": "compact", "epochs": 3, "ema": 0.99})
+    assert "--ema 0.99 (the run: --ema 0.0)" in planned_differences(run, "magnetic-tile")
 
 
 def test_a_recorded_option_with_a_space_is_quoted():

@@ -428,3 +428,62 @@ def test_augmentation_options_are_recorded_locked_on_resume_and_checked(data, tm
     assert "--brightness is the jitter's range in gray levels, 0 to 255" in capsys.readouterr().err
     assert run_train(data, tmp_path / "c", "--no-augment", "--rot90") == 2
     assert "--no-augment" in capsys.readouterr().err
+
+
+def test_ema_decay_warms_up_and_the_update_is_a_weighted_mean():
+    """The average's decay starts low ((1 + n) / (10 + n)) and reaches --ema; an update moves each parameter
+    by (1 - decay) of its distance to the model's and copies the buffers."""
+    from models.train import EMA_WARMUP, ema_decay, ema_update
+
+    assert ema_decay(0.99, 0) == pytest.approx(1 / EMA_WARMUP)
+    assert ema_decay(0.99, 10) == pytest.approx(11 / 20)
+    assert ema_decay(0.99, 10_000) == 0.99
+    avg, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        avg.weight.fill_(1.0)
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(5.0)
+    ema_update(avg, model, 0.75)
+    assert torch.allclose(avg.weight, torch.full((3,), 1.5))  # 0.75 * 1 + 0.25 * 3
+    assert torch.equal(avg.running_mean, model.running_mean) and torch.equal(model.weight, torch.full((3,), 3.0))
+
+
+def test_ema_leaves_the_training_alone_and_keeps_the_average(data, tmp_path):
+    """--ema trains the same model (last.safetensors, training losses) as a run without it, and keeps the
+    recalibrated average (model.safetensors = ema.safetensors where the last epoch is kept) instead."""
+    plain, avg, no_val = tmp_path / "plain", tmp_path / "ema", tmp_path / "no-val"
+    assert run_train(data, plain, "--epochs", "3") == 0
+    assert run_train(data, avg, "--epochs", "3", "--ema", "0.9") == 0
+    assert same_tensors(plain / "last.safetensors", avg / "last.safetensors")
+    assert [r["train_loss"] for r in read_log(plain)] == [r["train_loss"] for r in read_log(avg)]
+    assert [r["val_loss"] for r in read_log(plain)] != [r["val_loss"] for r in read_log(avg)]  # the average's
+    t = json.loads((avg / "config.json").read_text())["train"]
+    assert t["ema"] == 0.9 and "exponential average" in t["weights_kept"]
+    assert json.loads((plain / "config.json").read_text())["train"]["ema"] == 0.0
+    assert load_train_state(avg / "train_state.pt")["ema_updates"] == 3 * math.ceil(40 / 16)
+    assert run_train(data, no_val, "--epochs", "2", "--val-fraction", "0", "--ema", "0.9") == 0  # keeps the last
+    assert same_tensors(no_val / "model.safetensors", no_val / "ema.safetensors")
+    assert not same_tensors(no_val / "model.safetensors", no_val / "last.safetensors")
+
+
+def test_ema_resumes_exactly_and_is_locked(data, tmp_path, capsys):
+    """1 epoch + --resume to 3 with --ema gives the same average, kept weights and log as 3 in one go; a resume
+    that changes --ema, or finds the average's file missing, is refused; bad values are refused with the fix."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run_train(data, full, "--epochs", "3", "--ema", "0.8") == 0
+    assert run_train(data, split, "--epochs", "1", "--ema", "0.8") == 0
+    assert cli_main(["train", "--out", str(split), "--resume", "--epochs", "3", "--threads", "1"]) == 0
+    for name in ("last.safetensors", "model.safetensors", "ema.safetensors"):
+        assert same_tensors(full / name, split / name), name
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(full)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(split)]
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(split), "--resume", "--epochs", "4", "--ema", "0.9"]) == 2
+    assert "ema 0.9 (the run used 0.8)" in capsys.readouterr().err
+    (split / "ema.safetensors").unlink()
+    assert cli_main(["train", "--out", str(split), "--resume", "--epochs", "4", "--threads", "1"]) == 2
+    assert "ema.safetensors" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "a", "--ema", "1") == 2
+    assert "--ema is the weight average's decay per step, in [0, 1)" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "b", "--ema", "0.9", "--bn-recal", "0") == 2
+    assert "keep --bn-recal above 0" in capsys.readouterr().err
