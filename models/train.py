@@ -29,7 +29,7 @@ and on by default, each recorded in config.json and switchable off:
   lower validation loss, then the earlier epoch), not plain accuracy, which a model calling
   everything good scores high on imbalanced data.
 
-Off by default, measured on KolektorSDD (docs/results.md): ``--ema D`` validates and keeps an exponential
+Off by default: ``--ema D`` validates and keeps an exponential
 moving average of the weights (decay D per optimizer step, warmed up as min(D, (1 + n) / (10 + n))), with its
 own recalibrated BN statistics; the model itself trains exactly as without it (last.safetensors and the training
 losses are the same), so a run with and one without it differ only in which weights are scored and kept.
@@ -40,11 +40,13 @@ The run directory::
                          "data": format, path, classes, counts per class for train/val, split seed}
     split.json          the relative paths of the training and validation images
     log.jsonl           one JSON object per epoch: epoch, train_loss, train_acc, val_loss,
-                        val_acc, lr, seconds (val_* null without a validation set)
+                        val_acc, lr, seconds (val_* null without a validation set; with --ema
+                        the average's)
     last.safetensors    the weights after the latest epoch
     model.safetensors   the weights with the best validation accuracy (ties: lower validation
                         loss, then the earlier epoch); the last epoch's without a validation set
-    train_state.pt      optimizer state, epoch, best metric, RNG states (torch.load weights_only)
+    train_state.pt      optimizer state, epoch, best metric, RNG states, with --ema the average's
+                        update count (torch.load weights_only)
     ema.safetensors     with --ema: the weight average after the latest epoch (model.safetensors is the best
                         epoch's average)
     curves.png          loss and accuracy per epoch
@@ -145,7 +147,7 @@ from service.sim.synth import NOVEL_LABEL
 
 #: with the names of models.recipe and models.run_dir that callers import from here
 __all__ = [
-    "CONFIG_NAME", "CURVES_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
+    "CONFIG_NAME", "CURVES_NAME", "EMA_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
     "SCHEDULES", "SPLIT_NAME", "STATE_FORMAT", "STATE_NAME", "RunResult", "TrainConfig", "TrainError",
     "balanced_accuracy", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
     "clean_run_dir", "config_from_args", "cpu_has_bf16", "epoch_seed", "fill_resumed_options", "lr_at", "main", "model_config_for",
@@ -451,10 +453,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         model.load_state_dict(load_file(str(out / LAST_NAME), device=str(device)), strict=True)
         if config.ema:
             ema_meta = read_metadata(out / EMA_NAME) if (out / EMA_NAME).is_file() else {}
-            if ema_meta.get("epoch") != str(done) or "ema_updates" not in state:
+            if ema_meta.get("epoch") != str(done):
                 raise TrainError(f"{out / EMA_NAME} (epoch {ema_meta.get('epoch')}) does not match {STATE_NAME} "
                                  f"(epoch {done}); the run was interrupted while saving. Start a new run, "
                                  "or copy a consistent set back")
+            if "ema_updates" not in state:
+                raise TrainError(f"{out / STATE_NAME} holds no count of the weight average's updates, though the "
+                                 "run trained with --ema: it was not written by this valve-model. Start a new run")
             ema_updates = int(state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])

@@ -55,6 +55,6 @@ log="$out/$dataset-log.txt"
   nvidia-smi --query-gpu=memory.used --format=csv 2>&1 | tail -1
   fi
 } > "$log" 2>&1
-tar czf "$out/$dataset-runs.tar.gz" --exclude='./*/tiles' --exclude='train_state.pt' --exclude='last.safetensors' \
+tar czf "$out/$dataset-runs.tar.gz" --exclude='./*/tiles' --exclude='train_state.pt' --exclude='last.safetensors' --exclude='ema.safetensors' \
     -C "$runs" . 2>>"$log"
 tail -n 40 "$log"

@@ -5,7 +5,8 @@
 Each RUN is a ``valve-model realdata`` run folder (``<runs>/<dataset>-<labels>/seed<N>``); its test and training
 tiles are the ones beside it (``<runs>/tiles/<dataset>-<labels>/{test,train}``). For both weight files the run
 saves (``model.safetensors``: the best validation balanced accuracy; ``last.safetensors``: the final epoch, both
-BN-recalibrated when saved) the test images are scored exactly as ``valve-model realdata train`` scores them
+BN-recalibrated when saved; for a run trained with ``--ema`` the final epoch's weights are the average's,
+``ema.safetensors``, since the kept weights and the logged validation figures are the average's too) the test images are scored exactly as ``valve-model realdata train`` scores them
 (``models.tiles.evaluate_images``: AP of the image log-odds, accuracy at the daemon's 0.5 and at the threshold
 calibrated on the run's validation images; with ``--segmentation`` the runtime masks' defect IoU too). The run's
 cached probabilities are not touched (``cache=False``).
@@ -21,6 +22,13 @@ import time
 from pathlib import Path
 
 WEIGHTS = ("model.safetensors", "last.safetensors")
+
+
+def weight_files(run: Path) -> tuple[str, str]:
+    """The kept and the final epoch's weight files of ``run``: the average's (ema.safetensors) where it trained
+    with --ema, so that both are the weights validation scored."""
+    train = json.loads((run / "config.json").read_text()).get("train", {})
+    return (WEIGHTS[0], "ema.safetensors") if train.get("ema") else WEIGHTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"run": str(run), "epochs": len(log), "best_epoch": best_epoch(run),
                "val_bal_acc": {"best": max(r["val_bal_acc"] for r in log), "last": log[-1]["val_bal_acc"]},
                "weights": {}}
-        for weights in WEIGHTS:
+        for weights in weight_files(run):
             if not (run / weights).is_file():
                 raise SystemExit(f"{run / weights} is missing: this diagnostic needs a run saved by valve-model train")
             t0 = time.time()

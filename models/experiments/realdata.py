@@ -22,7 +22,7 @@ scored on the test parts (models.tiles.evaluate_images). Two label modes side by
     image   image labels only: every tile of a defect image carries its label (no mask is read)
 
 Recipe overrides (``--epochs``, ``--epoch-size``, ``--batch-size``, ``--width``, ``--channels``, ``--head-pool``,
-``--rot90``, ``--brightness``, ``--contrast``) change the
+``--rot90``, ``--brightness``, ``--contrast``, ``--ema``) change the
 training, not the tiles; each run's config.json records what it used, and the summary's protocol text is
 read from there. ``pack`` writes a lossless copy of the datasets for another machine: KolektorSDD resized
 once to the protocol's scale 0.5 (PNG, 36 MB instead of 101 MB of JPEG), Magnetic-tile as it is, each

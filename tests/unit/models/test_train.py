@@ -464,6 +464,17 @@ def test_ema_leaves_the_training_alone_and_keeps_the_average(data, tmp_path):
     assert run_train(data, no_val, "--epochs", "2", "--val-fraction", "0", "--ema", "0.9") == 0  # keeps the last
     assert same_tensors(no_val / "model.safetensors", no_val / "ema.safetensors")
     assert not same_tensors(no_val / "model.safetensors", no_val / "last.safetensors")
+    assert "bn_check" in json.loads((no_val / "config.json").read_text())
+    # the average's BatchNorm statistics are its own: recomputing them over the training images (all 48 here,
+    # fewer than --bn-recal's 256) leaves them as saved
+    from models.data import ImageDataset, load_samples, split_samples
+    from models.train import recalibrate_bn
+
+    model = load(no_val)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    train_s, _ = split_samples(load_samples(data), 0.0, 0)
+    recalibrate_bn(model, ImageDataset(train_s, 48), torch.device("cpu"), 16, range(len(train_s)))
+    assert saved and all(torch.allclose(model.state_dict()[k], v, rtol=1e-3, atol=1e-3) for k, v in saved.items())
 
 
 def test_ema_resumes_exactly_and_is_locked(data, tmp_path, capsys):

@@ -36,3 +36,15 @@ def test_both_weight_files_are_scored_like_the_run_and_the_cache_is_left_alone(m
     (run / "last.safetensors").unlink()
     with pytest.raises(SystemExit, match="last.safetensors is missing"):
         main([str(run)])
+
+
+def test_an_ema_run_compares_the_kept_average_with_the_last_average(tmp_path):
+    """A run trained with --ema scored its average at every validation, so its final-epoch weights are
+    ema.safetensors, not the raw model in last.safetensors; older runs (no ema key) keep last.safetensors."""
+    from tools.weights_choice import weight_files
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"ema": 0.995}}))
+    assert weight_files(tmp_path) == ("model.safetensors", "ema.safetensors")
+    for train in ({"ema": 0.0}, {}):
+        (tmp_path / "config.json").write_text(json.dumps({"train": train}))
+        assert weight_files(tmp_path) == ("model.safetensors", "last.safetensors")
