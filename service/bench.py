@@ -23,6 +23,10 @@ How each rate is measured:
 * daemon_inspected: window parts the daemon itself finished with an inspection verdict (whether or not the
   result reached the PLC before its watchdog); plc_late_results: results the simulator received after its
   watchdog had already rejected the part (from the window start to the end of the drain; JSON only).
+* plc_missed_part_ids: window PartIds the PLC link's polls never saw (the simulator wrote the next one before
+  a poll read it: the poll thread stalled longer than a part period); each is a watchdog reject, by the
+  interface's contract (docs/plc-interface.md, "PartId"). watchdog_rejects_seen: the watchdog rejects of parts
+  the daemon did see, so did not answer in time (JSON only).
 * sustained parts/s = inspected / seconds.
 * Latencies are recorded per part by a Daemon subclass overriding ``_report`` (called once per result,
   right after it was published to the PLC): part latency = frame arrival -> result written (announce ->
@@ -240,6 +244,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         rss_now = _rss_mib()
         time.sleep(sim.watchdog_s + 0.5)  # every window part resolved (result or the PLC's watchdog)
         late = sim.stats()["late_results"] - late0
+        missed_ids = set(daemon.plc.stats().get("missed_part_ids", ()))  # PartIds the link's polls never saw
     finally:
         if daemon is not None:
             daemon.stop("bench")
@@ -249,6 +254,8 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
     outcomes = [o for o in list(sim.outcomes) if o.index in window]
     produced = n1 - n0
     watchdog = sum(1 for o in outcomes if o.got == "timeout")
+    missed = sum(1 for i in window if i + 1 in missed_ids)
+    watchdog_seen = sum(1 for o in outcomes if o.got == "timeout" and o.index + 1 not in missed_ids)
     results = sum(1 for o in outcomes if o.got != "timeout")
     not_inspected = sum(1 for o in outcomes if o.got == "not_inspected")
     inspected = results - not_inspected
@@ -271,6 +278,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
     return {
         "rate": rate, "seconds": round(measured, 3), "produced": produced, "results": results,
         "inspected": inspected, "watchdog_rejects": watchdog, "not_inspected": not_inspected,
+        "plc_missed_part_ids": missed, "watchdog_rejects_seen": watchdog_seen,
         "not_inspected_reasons": reasons, "overflow": overflow, "daemon_inspected": daemon_inspected,
         "plc_late_results": late,
         "sustained_parts_per_s": inspected / measured if measured > 0 else 0.0,

@@ -145,6 +145,10 @@ class _Queued:
 
 _RESOLVED = -1  # marks a PartId whose result was written (in _announced)
 _ANNOUNCED_MAX = 4096
+#: a PartId that moved on by more than one and at most this much within a connection skipped the ids between
+#: (the PLC's PartId is a counter): they were announced and overwritten between two polls. A larger or backward
+#: jump is a counter reset or another numbering, not counted as missed.
+_MISSED_GAP_MAX = 1000
 
 
 def _default_client_factory() -> Any:
@@ -208,12 +212,13 @@ class PlcLink:
 
         self._stats: dict[str, Any] = dict(
             connects=0, reconnects=0, connect_failures=0, read_failures=0, write_failures=0,
-            parts_detected=0, parts_missed_on_reconnect=0, results_written=0, results_dropped=0,
+            parts_detected=0, parts_missed_on_reconnect=0, parts_missed=0, results_written=0, results_dropped=0,
             status_writes=0, events_dropped=0, part_events_dropped=0, last_error="", last_latency_ms=None,
             max_latency_ms=None,
         )
         self._dropped_parts: collections.deque[PlcEvent] = collections.deque(maxlen=_ANNOUNCED_MAX)
         self._dropped: collections.Counter[str] = collections.Counter()
+        self._missed: collections.deque[int] = collections.deque(maxlen=_ANNOUNCED_MAX)  # PartIds never seen
 
     # ---------------------------------------------------------------- app API
 
@@ -318,6 +323,7 @@ class PlcLink:
             out = dict(self._stats)
             out.update(
                 connected=self._up_evt.is_set(), dropped_by_reason=dict(self._dropped), queue_depth=len(self._results),
+                missed_part_ids=list(self._missed),
                 result_seq=self._result_seq, vision_heartbeat=self._vision_hb, plc_heartbeat=self._plc_hb,
                 plc_heartbeat_stale=self._plc_stale, enable=self._enable, last_part_id=self._last_part_id,
                 epoch=self._epoch,
@@ -514,6 +520,19 @@ class PlcLink:
                               hint="PLC in STOP, or its program does not increment PlcHeartbeat")
         pid = inputs.part_id
         if pid and pid != self._last_part_id:
+            previous = self._last_part_id
+            if previous is not None and 1 < pid - previous <= _MISSED_GAP_MAX:
+                # the PLC wrote more than one PartId since the last poll: the ones between were never seen, so
+                # never answered; the PLC's watchdog rejects them. Counted where the operators look.
+                missed = list(range(previous + 1, pid))
+                with self._lock:
+                    self._stats["parts_missed"] += len(missed)
+                    self._dropped["part_id_missed"] += len(missed)
+                    self._missed.extend(missed)
+                self._log.warning("plc_part_ids_missed", first=missed[0], last=missed[-1], count=len(missed),
+                                  poll_ms=round(self.config.poll_interval_s * 1000.0, 1),
+                                  hint="two PartIds within one poll: the part period is shorter than the poll, or "
+                                       "the daemon stalled; the PLC's watchdog rejects these parts")
             self._last_part_id = pid
             self._announced[pid] = self._epoch
             self._announced.move_to_end(pid)

@@ -56,6 +56,8 @@ ANSWERED_REASONS = {"trigger_late", "camera_not_ready", "overflow", "overload", 
 def check_row_consistent(r: dict) -> None:
     """The JSON's figures for one rate agree with each other and with the falls-behind rule."""
     assert r["results"] + r["watchdog_rejects"] == r["produced"], r
+    # a PartId the link never saw is never answered: it is a watchdog reject, and every other one was seen
+    assert r["watchdog_rejects"] == r["watchdog_rejects_seen"] + r["plc_missed_part_ids"], r
     assert r["inspected"] + r["not_inspected"] == r["results"], r
     assert sum(r["not_inspected_reasons"].values()) >= 0 and r["overflow"] >= 0, r
     assert 0.0 <= r["sustained_parts_per_s"] <= r["inspected"] / r["seconds"] * 1.001, r  # seconds is rounded
@@ -122,6 +124,7 @@ def test_bench_writes_its_frames_into_xdg_cache_home(bench_result):
 def _row(rate, produced, results, inspected, not_inspected=0, watchdog=0, overflow=0, reasons=None):
     r = {"rate": rate, "seconds": 3.0, "produced": produced, "results": results, "inspected": inspected,
          "watchdog_rejects": watchdog, "not_inspected": not_inspected, "overflow": overflow,
+         "watchdog_rejects_seen": watchdog, "plc_missed_part_ids": 0,
          "not_inspected_reasons": reasons or ({"overload": not_inspected} if not_inspected else {}),
          "sustained_parts_per_s": inspected / 3.0, "latency_p50_ms": 50.0, "latency_p99_ms": 90.0,
          "stages": {s: {"p50_ms": 1.0, "p99_ms": 2.0} for s in ("roi", "infer", "segment")},
@@ -169,12 +172,19 @@ def test_rate_far_above_capacity_falls_behind(bench_result):
 
 def test_overload_degrades_gracefully_every_part_answered_in_time(bench_result):
     """At 40 parts/s (below the PLC link's polling limit) the line either keeps up or sheds load instead of
-    collapsing: every part gets its result before the PLC's watchdog, and parts are still inspected (the shed
-    ones are NotInspected at once: trigger_late, camera_not_ready, overflow or overload)."""
+    collapsing: every part the link saw gets its result before the PLC's watchdog, and parts are still inspected
+    (the shed ones are NotInspected at once: trigger_late, camera_not_ready, overflow or overload).
+
+    A part period of 25 ms leaves the 10 ms poll little slack: on this shared 2-core machine a poll thread
+    stalled for a part period now and then (CI 2026-12-01: one PartId of 108 overwritten before any poll read it;
+    1 run in 3 alone, every run beside two trainings). Such a part is never announced, so never answered, and
+    the PLC's watchdog rejects it, as docs/plc-interface.md specifies; the link counts it (plc_missed_part_ids,
+    valve_inspect_plc_results_dropped_total{reason="part_id_missed"}). Those stay rare here."""
     mid = bench_result["rates"][1]
     assert mid["rate"] == 40 and mid["produced"] > 60
-    assert mid["watchdog_rejects"] == 0, mid
-    assert mid["results"] == mid["produced"]
+    assert mid["watchdog_rejects_seen"] == 0, mid
+    assert mid["plc_missed_part_ids"] <= 0.05 * mid["produced"], mid
+    assert mid["results"] + mid["plc_missed_part_ids"] == mid["produced"]
     assert mid["inspected"] > 0 and mid["sustained_parts_per_s"] > 0
     assert mid["inspected"] + mid["not_inspected"] == mid["results"]
     assert set(mid["not_inspected_reasons"]) <= ANSWERED_REASONS, mid

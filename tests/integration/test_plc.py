@@ -582,3 +582,31 @@ def test_reals_beyond_float32_saturate():
     """Reals beyond the float32 range saturate instead of raising during packing."""
     r = unpack_result(pack_result(Verdict(part_id=1, accept=True, inspect_ms=1e300), seq=1))
     assert math.isfinite(r.inspect_ms) and r.inspect_ms > 3e38
+
+
+def test_part_ids_overwritten_between_two_polls_are_counted_as_missed(sim):
+    """Three PartIds written within one poll: the link announces the last and counts the two it never saw (stats,
+    dropped_by_reason "part_id_missed" for the metric, their ids for the bench); a counter reset or a jump
+    beyond _MISSED_GAP_MAX is another numbering, not a miss."""
+    lk = make_link(sim, poll_interval_s=0.5).start()
+    try:
+        assert lk.wait_connected(5)
+        first = sim.new_part()
+        ev = next_part(lk)
+        assert ev is not None and ev.part_id == first
+        assert wait_for_a_full_poll(sim, lk), lk.stats()  # a poll just ended: the next is about 0.5 s away
+        ids = [sim.new_part() for _ in range(3)]
+        ev = next_part(lk)
+        assert ev is not None and ev.part_id == ids[-1]
+        st = lk.stats()
+        assert st["parts_missed"] == 2 and st["missed_part_ids"] == ids[:2], st
+        assert st["dropped_by_reason"]["part_id_missed"] == 2 and st["parts_detected"] == 2
+        assert wait_for_a_full_poll(sim, lk), lk.stats()
+        sim.new_part(part_id=1)  # the PLC's counter restarted
+        assert next_part(lk).part_id == 1
+        assert wait_for_a_full_poll(sim, lk), lk.stats()
+        sim.new_part(part_id=5000)  # another numbering
+        assert next_part(lk).part_id == 5000
+        assert lk.stats()["parts_missed"] == 2
+    finally:
+        lk.stop()
