@@ -244,7 +244,7 @@ def run_rate(rate: float, *, seconds: float, warmup: float, images: str, classes
         rss_now = _rss_mib()
         time.sleep(sim.watchdog_s + 0.5)  # every window part resolved (result or the PLC's watchdog)
         late = sim.stats()["late_results"] - late0
-        missed_ids = set(daemon.plc.stats().get("missed_part_ids", ()))  # PartIds the link's polls never saw
+        missed_ids = set(daemon.plc.missed_part_ids())  # PartIds the link's polls never saw
     finally:
         if daemon is not None:
             daemon.stop("bench")

@@ -323,7 +323,6 @@ class PlcLink:
             out = dict(self._stats)
             out.update(
                 connected=self._up_evt.is_set(), dropped_by_reason=dict(self._dropped), queue_depth=len(self._results),
-                missed_part_ids=list(self._missed),
                 result_seq=self._result_seq, vision_heartbeat=self._vision_hb, plc_heartbeat=self._plc_hb,
                 plc_heartbeat_stale=self._plc_stale, enable=self._enable, last_part_id=self._last_part_id,
                 epoch=self._epoch,
@@ -331,6 +330,12 @@ class PlcLink:
         return out
 
     # ---------------------------------------------------------------- owner thread
+
+    def missed_part_ids(self) -> list[int]:
+        """The PartIds the polls never saw (the latest _ANNOUNCED_MAX), oldest first; kept out of stats(), which the
+        control loop reads every 0.2 s."""
+        with self._lock:
+            return list(self._missed)
 
     def _drop_locked(self, verdict: Verdict, reason: str) -> None:
         self._stats["results_dropped"] += 1
