@@ -629,16 +629,9 @@ def given_options(args: argparse.Namespace) -> str:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling", "ablation"))
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: at 192 px one job with 2 "
-                                                        "threads beats two 1-thread jobs, docs/trainability.md)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per training (default 2)")
-    p.add_argument("--device", default="cpu")
+def add_override_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe overrides (OVERRIDES) as options; shared with ``valve-model unknown loco``, whose held-out runs
+    must be trained as their reference. :func:`check_overrides` validates them before anything is cut."""
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (smoke runs)")
     p.add_argument("--epoch-size", type=int, default=None, help="override the protocol's draws per epoch")
     p.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
@@ -652,6 +645,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", type=float, default=None, help="override the contrast jitter (relative)")
     p.add_argument("--ema", type=float, default=None,
                    help="validate and keep an exponential average of the weights (valve-model train --ema)")
+
+
+def check_overrides(args: argparse.Namespace, prog: str = PROG) -> None:
+    """Refuse --width with --channels, normalise --channels (refused here, before any tiles are cut, not in each
+    training's log)."""
+    if getattr(args, "channels", None) is None:
+        return
+    if args.width is not None:
+        raise SystemExit(f"{prog}: --width and --channels both set the model's channels: give one")
+    from models.train import parse_channels
+
+    try:
+        args.channels = ",".join(map(str, parse_channels(args.channels)))
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"{prog}: --channels {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("step", choices=("tiles", "train", "calibrate", "summary", "pack", "ceiling", "ablation"))
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--labels", default=",".join(LABEL_MODES), help="mask,image")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1: at 192 px one job with 2 "
+                                                        "threads beats two 1-thread jobs, docs/trainability.md)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training (default 2)")
+    p.add_argument("--device", default="cpu")
+    add_override_arguments(p)
     p.add_argument("--out", default=None, help="pack: the folder for the copy; ceiling: the JSON to write "
                                                "(default docs/results/segmentation-ceiling.json)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
@@ -682,15 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{PROG}: {option} {','.join(unknown) or '(empty)'}: give one or more of "
                              f"{','.join(known)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if args.channels is not None and args.width is not None:
-        raise SystemExit(f"{PROG}: --width and --channels both set the model's channels: give one")
-    if args.channels is not None:
-        from models.train import parse_channels
-
-        try:  # refused here, before any tiles are cut, not in each training's log
-            args.channels = ",".join(map(str, parse_channels(args.channels)))
-        except argparse.ArgumentTypeError as e:
-            raise SystemExit(f"{PROG}: --channels {e}") from None
+    check_overrides(args)
     override_protocol(args, list(PROTOCOL))
     if args.step == "ablation":
         from models.experiments.realdata_ablation import run as ablation

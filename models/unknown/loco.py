@@ -254,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
     ds, labels = args.dataset, "mask"
     if ds not in R.PROTOCOL:
         raise UnknownError(f"--dataset {ds!r}: one of {', '.join(R.PROTOCOL)}")
+    R.check_overrides(args, "valve-model unknown loco")
     R.override_protocol(args, [ds])
     R.make_tiles(runs, data_root, ds, labels)
     train_tiles, test_tiles = R.tiles_dir(runs, ds, labels, "train"), R.tiles_dir(runs, ds, labels, "test")
@@ -366,11 +367,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=str(R.DEFAULT_DATA_ROOT))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training")
-    p.add_argument("--epochs", type=int, default=None, help="override the realdata protocol's epochs")
-    p.add_argument("--epoch-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--width", type=float, default=None)
-    p.add_argument("--head-pool", default=None)
+    R.add_override_arguments(p)  # the realdata recipe's overrides, all of them: the reference run's recipe
     p.add_argument("--false-flag-rate", type=float, default=DEFAULT_RATE,
                    help=f"the Mahalanobis threshold's rate on the good validation images (default {DEFAULT_RATE})")
     p.add_argument("--json", dest="json_out", default=str(R.DEFAULT_SUMMARY.with_name("unknown-loco.json")))

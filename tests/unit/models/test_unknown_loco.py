@@ -128,3 +128,30 @@ def test_a_held_out_run_with_another_recipe_or_other_tiles_is_refused(tmp_path):
     (held / "split.json").write_text(json.dumps({"train": ["good/x.png", "b/z.png"], "val": ["a/y.png"]}))
     with pytest.raises(UnknownError, match="other tiles"):
         check_trained_on(held, folder)
+
+
+def test_loco_takes_every_recipe_override_of_realdata_and_checks_them_before_cutting_tiles(tiny_protocol, tmp_path,
+                                                                                            monkeypatch):
+    # the held-out runs must be trained as their reference: every option realdata's recipe has, loco has
+    given = {"epochs": "3", "epoch-size": "64", "batch-size": "8", "channels": "4,8,16,32", "head-pool": "mix",
+             "brightness": "25", "contrast": "0.25", "ema": "0.99"}
+    argv = ["loco", "--runs", str(tmp_path / "runs"), "--rot90"] + [x for k, v in given.items() for x in (f"--{k}", v)]
+    assert {k.replace("-", "_") for k in given} | {"rot90"} >= set(realdata.OVERRIDES) - {"width"}
+
+    def stop(*_a, **_k):
+        raise RuntimeError("tiles")
+
+    monkeypatch.setattr(realdata, "make_tiles", stop)
+    monkeypatch.setitem(realdata.PROTOCOL["magnetic-tile"], "train", dict(realdata.PROTOCOL["magnetic-tile"]["train"]))
+    args = build_parser().parse_args(argv)
+    with pytest.raises(RuntimeError, match="tiles"):
+        run(args)
+    train = realdata.PROTOCOL["magnetic-tile"]["train"]
+    assert (train["epochs"], train["epoch_size"], train["batch_size"], train["head_pool"]) == (3, 64, 8, "mix")
+    assert (train["rot90"], train["brightness"], train["contrast"], train["ema"]) == (True, 25.0, 0.25, 0.99)
+    assert train["channels"] == "4,8,16,32"
+
+    with pytest.raises(SystemExit, match="--width and --channels both set"):
+        run(build_parser().parse_args(argv + ["--width", "0.25"]))
+    with pytest.raises(SystemExit, match="valve-model unknown loco: --channels"):
+        run(build_parser().parse_args(["loco", "--runs", str(tmp_path / "runs"), "--channels", "4,8"]))
