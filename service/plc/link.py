@@ -532,6 +532,7 @@ class PlcLink:
                 missed = list(range(previous + 1, pid))
                 with self._lock:
                     self._stats["parts_missed"] += len(missed)
+                    self._stats["results_dropped"] += len(missed)  # = the sum of dropped_by_reason, as the metric
                     self._dropped["part_id_missed"] += len(missed)
                     self._missed.extend(missed)
                 self._log.warning("plc_part_ids_missed", first=missed[0], last=missed[-1], count=len(missed),

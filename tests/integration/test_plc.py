@@ -601,6 +601,7 @@ def test_part_ids_overwritten_between_two_polls_are_counted_as_missed(sim):
         st = lk.stats()
         assert st["parts_missed"] == 2 and lk.missed_part_ids() == ids[:2], st
         assert st["dropped_by_reason"]["part_id_missed"] == 2 and st["parts_detected"] == 2
+        assert st["results_dropped"] == sum(st["dropped_by_reason"].values()) == 2, st
         assert wait_for_a_full_poll(sim, lk), lk.stats()
         sim.new_part(part_id=1)  # the PLC's counter restarted
         assert next_part(lk).part_id == 1
