@@ -48,8 +48,28 @@ def entry_of(path: Path, dataset: str, labels: str) -> dict:
     return modes[labels]
 
 
+def legacy_protocol(protocol: str) -> str:
+    """A protocol text written before ``realdata`` named the augmentation, with the augmentation those runs had.
+
+    Summaries written before the augmentation became an option (b1ee67a) leave it out of the text; those runs
+    trained with the then fixed jitter, which is ``LEGACY_OPTIONS``'s (flips, brightness +-10, contrast +-0.1), the
+    same rule ``realdata`` applies to such runs' config.json. A text that names its augmentation is kept as it is.
+    """
+    if "augmentation" in protocol or "BN recalibration" not in protocol:
+        return protocol
+    from models.experiments.realdata import augmentation_text
+    from models.run_dir import LEGACY_OPTIONS
+
+    legacy = {"augmentation": {"hflip": True, "vflip": True, **{k: LEGACY_OPTIONS[k] for k in
+                                                                  ("rot90", "brightness", "contrast")}}}
+    return protocol.replace("BN recalibration", augmentation_text(legacy) + "BN recalibration", 1)
+
+
 def pool(paths: list[Path], dataset: str, labels: str) -> dict:
     entries = [(p, entry_of(p, dataset, labels)) for p in paths]
+    legacy = [str(p) for p, e in entries if legacy_protocol(e["protocol"]) != e["protocol"]]
+    for _, e in entries:
+        e["protocol"] = legacy_protocol(e["protocol"])
     first_path, first = entries[0]
     for p, e in entries[1:]:
         if e["protocol"] != first["protocol"]:
@@ -68,6 +88,8 @@ def pool(paths: list[Path], dataset: str, labels: str) -> dict:
             source.append(str(p))
     out: dict = {"dataset": dataset, "labels": labels, "protocol": first["protocol"], "seeds": seeds,
                  "sources": source, "test_images": first.get("test_images")}
+    if legacy:
+        out["augmentation_read_as_legacy"] = legacy  # their text predates the augmentation clause
     for m in METRICS:
         if all(m in e for _, e in entries):
             out[m] = stat([v for _, e in entries for v in e[m]["values"]])

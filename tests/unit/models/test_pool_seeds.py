@@ -50,3 +50,22 @@ def test_files_of_different_recipes_or_test_sets_or_a_seed_twice_are_refused(tmp
         pool([a], "kolektorsdd", "mask")
     with pytest.raises(SystemExit, match="no 'image' labels"):
         pool([a], "magnetic-tile", "image")
+
+
+OLD = ("192x192 tiles (slice labels from the masks); IRA-CNN compact width 0.125, 100 epochs, cosine lr, "
+       "stem init identity, BN recalibration, weights on balanced validation accuracy; trained on cpu")
+
+
+def test_a_text_from_before_the_augmentation_clause_pools_with_the_default_augmentation_only(tmp_path):
+    """Summaries written before realdata named the augmentation trained with the then fixed jitter (flips, +-10,
+    +-0.1): they pool with a run that names exactly that, and not with one that trained with another."""
+    default = OLD.replace("BN recalibration", "augmentation flips, brightness +-10, contrast +-0.1, BN recalibration")
+    a = summary(tmp_path / "a.json", [0, 1], [0.52, 0.49], protocol=OLD)
+    b = summary(tmp_path / "b.json", [2], [0.40], protocol=default)
+    pooled = pool([a, b], "magnetic-tile", "mask")
+    assert pooled["seeds"] == [0, 1, 2] and pooled["protocol"] == default
+    assert pooled["augmentation_read_as_legacy"] == [str(a)]
+    stronger = default.replace("brightness +-10, contrast +-0.1", "brightness +-25, contrast +-0.25")
+    with pytest.raises(SystemExit, match="different recipes"):
+        pool([a, summary(tmp_path / "c.json", [2], [0.40], protocol=stronger)], "magnetic-tile", "mask")
+    assert "augmentation_read_as_legacy" not in pool([b], "magnetic-tile", "mask")
