@@ -57,19 +57,23 @@ def legacy_protocol(protocol: str) -> str:
     """
     if "augmentation" in protocol or "BN recalibration" not in protocol:
         return protocol
+    from models.data import Augment
     from models.experiments.realdata import augmentation_text
     from models.run_dir import LEGACY_OPTIONS
 
-    legacy = {"augmentation": {"hflip": True, "vflip": True, **{k: LEGACY_OPTIONS[k] for k in
-                                                                  ("rot90", "brightness", "contrast")}}}
-    return protocol.replace("BN recalibration", augmentation_text(legacy) + "BN recalibration", 1)
+    legacy = Augment(**{k: LEGACY_OPTIONS[k] for k in ("rot90", "brightness", "contrast")})  # as train.py builds it
+    return protocol.replace("BN recalibration", augmentation_text({"augmentation": legacy.to_dict()})
+                            + "BN recalibration", 1)
 
 
 def pool(paths: list[Path], dataset: str, labels: str) -> dict:
     entries = [(p, entry_of(p, dataset, labels)) for p in paths]
-    legacy = [str(p) for p, e in entries if legacy_protocol(e["protocol"]) != e["protocol"]]
-    for _, e in entries:
-        e["protocol"] = legacy_protocol(e["protocol"])
+    legacy = []
+    for p, e in entries:
+        text = legacy_protocol(e["protocol"])
+        if text != e["protocol"]:
+            legacy.append(str(p))
+            e["protocol"] = text
     first_path, first = entries[0]
     for p, e in entries[1:]:
         if e["protocol"] != first["protocol"]:
