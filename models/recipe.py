@@ -21,6 +21,9 @@ from models.ira_cnn import STEM_INITS, ModelConfig, preset_config
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+#: which training images the BN recalibration and the final BN check read: ``natural``, a seeded permutation of the
+#: training side as it lies (its class mix); ``balanced``, drawn as class-balanced sampling draws its batches
+BN_DRAWS = ("natural", "balanced")
 #: the cosine schedule ends at lr * LR_FLOOR
 LR_FLOOR = 0.01
 
@@ -62,6 +65,7 @@ class TrainConfig:
     schedule: str = "cosine"
     stem_init: str = "identity"
     bn_recal: int = 256
+    bn_draws: str = "natural"
     epoch_size: int | None = None
     ema: float = 0.0
     precision: str = "auto"
@@ -77,7 +81,7 @@ class TrainConfig:
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
                                          "input_size", "augment", "rot90", "brightness", "contrast", "balance",
-                                         "schedule", "stem_init", "bn_recal", "epoch_size", "ema")
+                                         "schedule", "stem_init", "bn_recal", "bn_draws", "epoch_size", "ema")
 
 
 @dataclass
@@ -134,6 +138,11 @@ def _validate(config: TrainConfig) -> None:
                          "for them: keep --bn-recal above 0 (the default 256), or drop --ema")
     if config.precision not in PRECISIONS:
         raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
+    if config.bn_draws not in BN_DRAWS:
+        raise TrainError(f"--bn-draws must be one of {', '.join(BN_DRAWS)}, not {config.bn_draws!r}")
+    if config.bn_draws == "balanced" and not config.balance:
+        raise TrainError("--bn-draws balanced draws the BN images as class-balanced sampling draws its batches; "
+                         "with --no-balance the training batches are plain shuffles: drop --bn-draws balanced")
     if config.bn_recal < 0:
         raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
     if config.width is not None and config.channels is not None:

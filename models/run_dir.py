@@ -25,7 +25,8 @@ RUN_FILES = (CONFIG_NAME, SPLIT_NAME, LOG_NAME, LAST_NAME, WEIGHTS_NAME, STATE_N
 STATE_FORMAT = 1
 #: what runs written before an option existed did (a resume of such a run keeps it)
 LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None, "channels": None, "stem_init": "drawn",
-                  "rot90": False, "brightness": 10.0, "contrast": 0.1, "ema": 0.0}
+                  "rot90": False, "brightness": 10.0, "contrast": 0.1, "ema": 0.0,
+                  "bn_draws": "natural"}
 
 
 def _jsonable(v):

@@ -16,7 +16,11 @@ and on by default, each recorded in config.json and switchable off:
 * BatchNorm recalibration (``--bn-recal N``, default 256, 0 = off): before each validation the BN running
   statistics are recomputed over up to N training images without augmentation (a cumulative
   average, not the lagging momentum average), so eval-mode predictions match train mode; the weights
-  saved are the recalibrated ones. At the end ``bn_check`` in config.json compares, on up to
+  saved are the recalibrated ones. The images go through in a fixed shuffled order, so that each batch
+  mixes the classes as a training batch does (before 2026-12-02 they went class by class, and the
+  running variance missed the variance between the classes). ``--bn-draws`` says which images:
+  ``natural`` (default), a seeded permutation of the training side with its class mix; ``balanced``,
+  drawn as class-balanced sampling draws its batches (the statistics the weights trained with). At the end ``bn_check`` in config.json compares, on up to
   BN_CHECK_IMAGES (1024) training images that include those, the accuracy with batch statistics
   (train-mode BN, dropout off) and with the running statistics (eval mode): the gap must be within
   1 point (``running_minus_batch_points`` keeps its sign: above 0, eval mode is the better one);
@@ -111,6 +115,7 @@ from models.ira_cnn import (
     init_stem,
 )
 from models.recipe import (
+    BN_DRAWS,
     LR_FLOOR,
     PRECISIONS,
     SCHEDULES,
@@ -149,7 +154,7 @@ from service.sim.synth import NOVEL_LABEL
 __all__ = [
     "CONFIG_NAME", "CURVES_NAME", "EMA_NAME", "LEGACY_OPTIONS", "LOG_NAME", "LR_FLOOR", "PRECISIONS", "PROG", "RUN_FILES",
     "SCHEDULES", "SPLIT_NAME", "STATE_FORMAT", "STATE_NAME", "RunResult", "TrainConfig", "TrainError",
-    "balanced_accuracy", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
+    "balanced_accuracy", "balanced_draws", "balanced_weights", "bn_check", "build_parser", "check_resume_options", "check_run_dir",
     "clean_run_dir", "config_from_args", "cpu_has_bf16", "epoch_seed", "fill_resumed_options", "lr_at", "main", "model_config_for",
     "read_log", "recalibrate_bn", "resolve_device", "resolve_precision", "rng_state", "run_epoch",
     "seed_everything", "set_rng_state", "train", "write_json",
@@ -274,10 +279,16 @@ def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, b
     The running statistics Adam's last steps left behind lag the weights (momentum 0.1 averages over
     the last ~10 batches of changing weights); recomputing them with the final weights makes eval mode
     see what train mode saw. Dropout is off meanwhile; parameters are untouched.
+
+    The images are batched in a fixed shuffled order (the same whatever the order of ``indices``), as
+    :func:`bn_check` batches them: the running variance is the average of the batches' variances, and a
+    batch of one class (indices in class order, as a dataset lists them) has no between-class variance,
+    so class-ordered batches left the variance too small (before 2026-12-02; tools/bn_draws.py).
     """
     bns = _bn_layers(model)
     if not bns or not len(indices):
         return
+    order = np.random.default_rng(0).permutation(sorted(indices)).tolist()
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -285,13 +296,29 @@ def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, b
     model.eval()
     for m in bns:
         m.train()
-    loader = DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         for x, _ in loader:
             model(x.to(device))
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.eval()
+
+
+def balanced_draws(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """``n`` indices into ``labels`` drawn as class-balanced sampling draws: a class uniformly, then one of its
+    images, with replacement; seeded, and the first k of n draws are the k draws (the check extends the
+    recalibration's images)."""
+    rng = np.random.default_rng([seed, 11])
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    keys = sorted(by_class)
+    out = []
+    for _ in range(n):
+        members = by_class[keys[int(rng.integers(len(keys)))]]
+        out.append(members[int(rng.integers(len(members)))])
+    return out
 
 
 def bn_check(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_size: int,
@@ -421,11 +448,15 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     train_ds = ImageDataset(train_s, mcfg.input_size, augment, seed=config.seed)
     plain_ds = ImageDataset(train_s, mcfg.input_size, None, preload=False)  # the training images, unaugmented
     plain_ds.images = train_ds.images
-    bn_order = np.random.default_rng([config.seed, 7]).permutation(len(train_s))
-    recal_idx = sorted(bn_order[:config.bn_recal].tolist())
     # the final check reads more images than the recalibration: on 256 one image is 0.39 points, and the batch
     # statistics' own noise alone moved a run's gap by 1 point (tools/bn_gap.py, docs/results.md)
-    check_idx = sorted(bn_order[:max(config.bn_recal, BN_CHECK_IMAGES)].tolist())
+    n_check = max(config.bn_recal, BN_CHECK_IMAGES)
+    if config.bn_draws == "balanced":  # as the training batches are drawn (tools/bn_draws.py, docs/results.md)
+        bn_order = np.asarray(balanced_draws([s.label for s in train_s], n_check, config.seed), dtype=np.int64)
+    else:
+        bn_order = np.random.default_rng([config.seed, 7]).permutation(len(train_s))
+    recal_idx = sorted(bn_order[:config.bn_recal].tolist())
+    check_idx = sorted(bn_order[:n_check].tolist())
     val_ds = ImageDataset(val_s, mcfg.input_size) if val_s else None
     clean_run_dir(out, config)
 
@@ -489,7 +520,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "stem_signs": "both (a one-sign draw of the stem's first conv has its second half flipped)",
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
-                "bn_recal": config.bn_recal, "epoch_size": config.epoch_size, "ema": config.ema,
+                "bn_recal": config.bn_recal, "bn_draws": config.bn_draws, "epoch_size": config.epoch_size, "ema": config.ema,
                 "weights_kept": (f"an exponential average of the weights (decay {config.ema:g} per step, warm-up "
                                  f"min(decay, (1 + n) / ({EMA_WARMUP} + n)) at update n), validated and kept; "
                                  "last.safetensors is the trained model itself"
@@ -497,7 +528,10 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "precision": precision, "precision_option": config.precision,
                 "memory_format": "channels_last",
                 "bn_recalibration": (f"BN running statistics recomputed over {len(recal_idx)} training images "
-                                     "(no augmentation) before each validation and save" if config.bn_recal
+                                     + ("drawn class-balanced as the training batches are " if config.bn_draws
+                                        == "balanced" else "")
+                                     + "(no augmentation, batched in a fixed shuffled order) before each validation "
+                                     "and save" if config.bn_recal
                                      else "off (momentum 0.1 running averages)"),
                 "sampling": ("class-balanced: each draw picks a class uniformly, then an image of it "
                              f"(with replacement); an epoch is {config.epoch_size or 'len(train)'} draws")
@@ -699,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {d.ema:g} = off; 0.99 averages over about 100 steps); the model trains as without it")
     p.add_argument("--bn-recal", type=int, help=f"training images to recompute BatchNorm statistics over "
                                                 f"before each validation (default {d.bn_recal}; 0 = off)")
+    p.add_argument("--bn-draws", choices=BN_DRAWS,
+                   help=f"which training images the BN recalibration and the final BN check read (default "
+                        f"{d.bn_draws}): natural, a seeded permutation of the training side with its class mix; "
+                        "balanced, drawn as class-balanced sampling draws the training batches")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="training forward in bfloat16 autocast: auto (default: where the CPU/GPU runs bf16 "
                         "natively), bf16, or fp32")
@@ -723,7 +761,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
     names = ("data", "format", "preset", "attention", "epochs", "seed", "batch_size", "lr", "val_fraction",
              "width", "channels", "head_width", "head_pool", "input_size", "augment", "rot90", "brightness",
              "contrast", "balance",
-             "schedule", "stem_init", "bn_recal",
+             "schedule", "stem_init", "bn_recal", "bn_draws",
              "epoch_size", "ema", "precision")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

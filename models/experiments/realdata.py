@@ -158,7 +158,7 @@ def run_complete(out: Path, dataset: str) -> bool:
 #: what two runs compared in one table must share besides the model's architecture (the train section's preset,
 #: width, head_pool ... are None where defaulted; the model's keys are the architecture as built)
 SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "rot90",
-                   "brightness", "contrast", "bn_recal", "stem_init", "seed", "val_fraction", "precision_option",
+                   "brightness", "contrast", "bn_recal", "bn_draws", "stem_init", "seed", "val_fraction", "precision_option",
                    "ema")
 
 
@@ -249,7 +249,8 @@ def protocol_text(dataset: str, labels: str, cfg: dict) -> str:
             f"tile defective; IRA-CNN {m.get('preset', '?')} {size} ({m.get('attention', '?')}, "
             f"{m.get('head_pool', '?')} head), {t.get('epochs', '?')} epochs of {t.get('epoch_size', '?')} "
             f"class-balanced draws, batch {t.get('batch_size', '?')}, {t.get('schedule', '?')} lr, "
-            + (f"stem init {t['stem_init']}, " if "stem_init" in t else "") + augmentation_text(t) + "BN recalibration, "
+            + (f"stem init {t['stem_init']}, " if "stem_init" in t else "") + augmentation_text(t)
+            + ("BN recalibration over class-balanced draws, " if t.get("bn_draws") == "balanced" else "BN recalibration, ")
             + (f"an exponential weight average (decay {t['ema']:g}), " if t.get("ema") else "")
             + f"weights on balanced validation accuracy; trained on {where}; seeded grouped split train:test 2:3 "
             "(seed 0)")
@@ -597,7 +598,7 @@ def doc_section(summary: dict, runs: str = "runs/realdata", summary_path: str = 
 
 #: the recipe options a command line may override in PROTOCOL (its attribute names; absent or None = keep)
 OVERRIDES = ("epochs", "epoch_size", "batch_size", "width", "channels", "head_pool", "rot90", "brightness", "contrast",
-             "ema")
+             "ema", "bn_draws")
 
 
 def override_protocol(args: argparse.Namespace, datasets: list[str]) -> None:
@@ -645,6 +646,8 @@ def add_override_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrast", type=float, default=None, help="override the contrast jitter (relative)")
     p.add_argument("--ema", type=float, default=None,
                    help="validate and keep an exponential average of the weights (valve-model train --ema)")
+    p.add_argument("--bn-draws", choices=("natural", "balanced"), default=None,
+                   help="which training tiles the BN recalibration reads (valve-model train --bn-draws)")
 
 
 def check_overrides(args: argparse.Namespace, prog: str = PROG) -> None:

@@ -7,6 +7,7 @@ tests/helpers/datasets.py so that the whole module takes seconds on one CPU thre
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -191,6 +192,35 @@ def test_balanced_weights_draw_every_class_equally_often():
     draws = torch.multinomial(w, 30_000, replacement=True, generator=torch.Generator().manual_seed(0))
     share = torch.bincount(torch.tensor([0, 0, 0, 1, 2, 2])[draws], minlength=3).double() / 30_000
     assert torch.allclose(share, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.02)
+
+
+def test_balanced_draws_draw_every_class_equally_often_and_extend_their_prefix():
+    """--bn-draws balanced: the BN images drawn as the training sampler draws (a class uniformly, then an image
+    of it), seeded; the first k of n draws are the k draws, so the check's images extend the recalibration's."""
+    from models.train import balanced_draws
+
+    labels = [0] * 90 + [1] * 3 + [2] * 7
+    draws = balanced_draws(labels, 30_000, seed=0)
+    share = np.bincount(np.asarray(labels)[draws], minlength=3) / 30_000
+    assert np.allclose(share, 1 / 3, atol=0.02), share
+    assert set(draws) == set(range(100))
+    assert balanced_draws(labels, 256, seed=0) == draws[:256]
+    assert balanced_draws(labels, 256, seed=1) != draws[:256]
+
+
+def test_bn_draws_is_recorded_locked_on_resume_and_needs_balanced_sampling(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(data, run, "--epochs", "1", "--bn-draws", "balanced", "--bn-recal", "8") == 0
+    t = json.loads((run / "config.json").read_text())["train"]
+    assert t["bn_draws"] == "balanced" and "drawn class-balanced" in t["bn_recalibration"]
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "2"]) == 0
+    assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "3", "--bn-draws", "natural"]) == 2
+    assert "bn_draws" in capsys.readouterr().err
+    assert run_train(data, tmp_path / "b", "--bn-draws", "balanced", "--no-balance") == 2
+    assert "--no-balance" in capsys.readouterr().err
+    default = tmp_path / "c"
+    assert run_train(data, default, "--epochs", "1") == 0
+    assert json.loads((default / "config.json").read_text())["train"]["bn_draws"] == "natural"
 
 
 def test_cosine_schedule_runs_from_lr_to_a_hundredth():
@@ -385,6 +415,58 @@ def test_bn_check_batches_mix_the_classes_whatever_the_order_of_the_indices():
     assert a == b
     mixed = [len({int(y[i]) for i in s}) == 2 for s in seen]
     assert sum(mixed) >= len(mixed) // 2, mixed
+
+
+def test_bn_recalibration_batches_mix_the_classes_whatever_the_order_of_the_indices():
+    """The running variance is the mean of the batches' variances: one-class batches (indices in class order, as
+    a folder dataset lists them) would leave out the variance between the classes. The recalibration batches a
+    fixed shuffle, so class-sorted and reversed indices give the same statistics, batches hold both classes, and
+    the first BN layer's running variance is at least as large as over one-class batches."""
+    from models.ira_cnn import build_model, preset_config
+    from models.train import _bn_layers, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("compact", classes=("good", "defect"), input_size=48))
+    y = torch.tensor([0] * 32 + [1] * 32)
+    x = torch.randint(0, 64, (64, 1, 48, 48), dtype=torch.uint8)
+    x[32:] += 160  # the defect class much brighter: most of the variance lies between the classes
+    x[:, 0, 0, 0] = torch.arange(64, dtype=torch.uint8)
+    seen: list[set[int]] = []
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    forward = model.forward
+
+    def spy(batch):
+        seen.append({int(v) for v in batch[:, 0, 0, 0]})
+        return forward(batch)
+
+    def stats() -> list[torch.Tensor]:
+        return [t.clone() for m in _bn_layers(model) for t in (m.running_mean, m.running_var)]
+
+    model.forward = spy
+    recalibrate_bn(model, DS(), torch.device("cpu"), 16, range(64))
+    a = stats()
+    mixed = [len({int(y[i]) for i in s}) == 2 for s in seen]
+    assert sum(mixed) >= len(mixed) // 2, mixed
+    recalibrate_bn(model, DS(), torch.device("cpu"), 16, list(reversed(range(64))))
+    assert all(torch.equal(u, v) for u, v in zip(a, stats(), strict=True))
+    # one-class batches, as the recalibration batched class-sorted indices before 2026-12-02
+    bns = _bn_layers(model)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for i in range(0, 64, 16):
+            forward(x[i:i + 16])
+    model.eval()
+    assert float(a[1].mean()) > 1.2 * float(bns[0].running_var.mean()), (a[1].mean(), bns[0].running_var.mean())
 
 
 def test_the_stem_starts_as_the_identity_by_default_recorded_and_locked_on_resume(data, tmp_path, capsys):

@@ -134,7 +134,7 @@ def test_loco_takes_every_recipe_override_of_realdata_and_checks_them_before_cut
                                                                                             monkeypatch):
     # the held-out runs must be trained as their reference: every option realdata's recipe has, loco has
     given = {"epochs": "3", "epoch-size": "64", "batch-size": "8", "channels": "4,8,16,32", "head-pool": "mix",
-             "brightness": "25", "contrast": "0.25", "ema": "0.99"}
+             "brightness": "25", "contrast": "0.25", "ema": "0.99", "bn-draws": "balanced"}
     argv = ["loco", "--runs", str(tmp_path / "runs"), "--rot90"] + [x for k, v in given.items() for x in (f"--{k}", v)]
     assert {k.replace("-", "_") for k in given} | {"rot90"} >= set(realdata.OVERRIDES) - {"width"}
 
@@ -149,7 +149,7 @@ def test_loco_takes_every_recipe_override_of_realdata_and_checks_them_before_cut
     train = realdata.PROTOCOL["magnetic-tile"]["train"]
     assert (train["epochs"], train["epoch_size"], train["batch_size"], train["head_pool"]) == (3, 64, 8, "mix")
     assert (train["rot90"], train["brightness"], train["contrast"], train["ema"]) == (True, 25.0, 0.25, 0.99)
-    assert train["channels"] == "4,8,16,32"
+    assert train["channels"] == "4,8,16,32" and train["bn_draws"] == "balanced"
 
     with pytest.raises(SystemExit, match="--width and --channels both set"):
         run(build_parser().parse_args(argv + ["--width", "0.25"]))
