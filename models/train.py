@@ -285,10 +285,18 @@ def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, b
     batch of one class (indices in class order, as a dataset lists them) has no between-class variance,
     so class-ordered batches left the variance too small (before 2026-12-02; tools/bn_draws.py).
     """
-    bns = _bn_layers(model)
-    if not bns or not len(indices):
+    if not len(indices):
         return
-    order = np.random.default_rng(0).permutation(sorted(indices)).tolist()
+    recalibrate_bn_in_order(model, dataset, device, batch_size, np.random.default_rng(0).permutation(sorted(indices)).tolist())
+
+
+def recalibrate_bn_in_order(model: IRACNN, dataset: ImageDataset, device: torch.device, batch_size: int,
+                            order: Sequence[int]) -> None:
+    """:func:`recalibrate_bn` over ``dataset[order]`` batched in the order given (tools/bn_draws.py replays the
+    class-ordered batches of before 2026-12-02 with it)."""
+    bns = _bn_layers(model)
+    if not bns or not len(order):
+        return
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -296,7 +304,7 @@ def recalibrate_bn(model: IRACNN, dataset: ImageDataset, device: torch.device, b
     model.eval()
     for m in bns:
         m.train()
-    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(torch.utils.data.Subset(dataset, list(order)), batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         for x, _ in loader:
             model(x.to(device))

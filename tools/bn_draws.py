@@ -33,30 +33,6 @@ import json
 from pathlib import Path
 
 
-def recalibrate_in_order(model, dataset, device, batch_size: int, indices: list[int]) -> None:
-    """models.train.recalibrate_bn as it was before 2026-12-02: the images batched in the order given."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from models.train import _bn_layers
-
-    bns = _bn_layers(model)
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for m in bns:
-        m.train()
-    loader = DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
-    with torch.no_grad():
-        for x, _ in loader:
-            model(x.to(device))
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
-    model.eval()
-
-
 def measure(run: Path, args: argparse.Namespace) -> list[dict]:
     """The rows of one run (one per recalibration variant)."""
     import numpy as np
@@ -74,7 +50,7 @@ def measure(run: Path, args: argparse.Namespace) -> list[dict]:
         tile_probabilities,
         validation_manifest,
     )
-    from models.train import balanced_draws, bn_check, recalibrate_bn
+    from models.train import balanced_draws, bn_check, recalibrate_bn, recalibrate_bn_in_order
 
     rows = []
     cfg = json.loads((run / "config.json").read_text())
@@ -100,7 +76,7 @@ def measure(run: Path, args: argparse.Namespace) -> list[dict]:
     for name, idx in draws.items():
         model.load_state_dict(saved, strict=True)
         if name == "natural-sorted":
-            recalibrate_in_order(model, ds, dev, t["batch_size"], idx)
+            recalibrate_bn_in_order(model, ds, dev, t["batch_size"], idx)
         else:  # batched in a fixed shuffled order
             recalibrate_bn(model, ds, dev, t["batch_size"], idx)
         wname = f"bn-{name}.safetensors"
