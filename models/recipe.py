@@ -66,6 +66,8 @@ class TrainConfig:
     stem_init: str = "identity"
     bn_recal: int = 256
     bn_draws: str = "natural"
+    mil: int = 0
+    mil_warmup: int = 0
     epoch_size: int | None = None
     ema: float = 0.0
     precision: str = "auto"
@@ -81,7 +83,8 @@ class TrainConfig:
     LOCKED: ClassVar[tuple[str, ...]] = ("format", "preset", "attention", "batch_size", "lr", "betas",
                                          "val_fraction", "seed", "width", "channels", "head_width", "head_pool",
                                          "input_size", "augment", "rot90", "brightness", "contrast", "balance",
-                                         "schedule", "stem_init", "bn_recal", "bn_draws", "epoch_size", "ema")
+                                         "schedule", "stem_init", "bn_recal", "bn_draws", "epoch_size", "ema", "mil",
+                                         "mil_warmup")
 
 
 @dataclass
@@ -143,6 +146,17 @@ def _validate(config: TrainConfig) -> None:
     if config.bn_draws == "balanced" and not config.balance:
         raise TrainError("--bn-draws balanced draws the BN images as class-balanced sampling draws its batches; "
                          "with --no-balance the training batches are plain shuffles: drop --bn-draws balanced")
+    if config.mil < 0:
+        raise TrainError(f"--mil is the slices kept per defective image, 1 or more (0 = off), not {config.mil}")
+    if config.mil_warmup < 0:
+        raise TrainError(f"--mil-warmup is a number of epochs, 0 or more, not {config.mil_warmup}")
+    if config.mil_warmup and not config.mil:
+        raise TrainError("--mil-warmup sets the epochs before --mil starts selecting slices: give --mil K too, or "
+                         "drop --mil-warmup")
+    if config.mil and not config.bn_recal:
+        raise TrainError("--mil scores each image's slices in eval mode before every epoch, with BatchNorm "
+                         "statistics recomputed for the current weights: keep --bn-recal above 0 (the default 256), "
+                         "or drop --mil")
     if config.bn_recal < 0:
         raise TrainError(f"--bn-recal must be 0 (off) or a number of training images, not {config.bn_recal}")
     if config.width is not None and config.channels is not None:

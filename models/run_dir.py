@@ -26,7 +26,7 @@ STATE_FORMAT = 1
 #: what runs written before an option existed did (a resume of such a run keeps it)
 LEGACY_OPTIONS = {"schedule": "constant", "bn_recal": 0, "epoch_size": None, "channels": None, "stem_init": "drawn",
                   "rot90": False, "brightness": 10.0, "contrast": 0.1, "ema": 0.0,
-                  "bn_draws": "natural"}
+                  "bn_draws": "natural", "mil": 0, "mil_warmup": 0}
 
 
 def _jsonable(v):

@@ -89,7 +89,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, SubsetRandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from models.attention import ATTENTION_KINDS
@@ -114,6 +114,7 @@ from models.ira_cnn import (
     count_parameters,
     init_stem,
 )
+from models.mil import MIL_WARMUP, bag_validation, make_bags, mask_holds_defect, select_instances
 from models.recipe import (
     BN_DRAWS,
     LR_FLOOR,
@@ -466,6 +467,9 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
     recal_idx = sorted(bn_order[:config.bn_recal].tolist())
     check_idx = sorted(bn_order[:n_check].tolist())
     val_ds = ImageDataset(val_s, mcfg.input_size) if val_s else None
+    # --mil: the slices grouped by source image (models.mil); refused before anything in --out changes
+    bags = make_bags(train_s, data.classes) if config.mil else None
+    val_bags = make_bags(val_s, data.classes) if config.mil and val_s else None
     clean_run_dir(out, config)
 
     seed_everything(config.seed)
@@ -529,6 +533,13 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 "lr_schedule": (f"cosine from lr to lr * {LR_FLOOR} over the epochs (per epoch)"
                                 if config.schedule == "cosine" else "constant"),
                 "bn_recal": config.bn_recal, "bn_draws": config.bn_draws, "epoch_size": config.epoch_size, "ema": config.ema,
+                "mil": config.mil, "mil_warmup": config.mil_warmup,
+                "labels_used": ((f"every slice with its image's label for the first {config.mil_warmup} epoch(s), then "
+                                 if config.mil_warmup else "")
+                                + f"multiple-instance (models.mil): each epoch the {config.mil} slice(s) of each "
+                                "defective image the model scores highest for the image's class, and every slice of "
+                                "the good images; validation on image verdicts (the daemon's any-slice rule)"
+                                if config.mil else "every slice with the label of its class folder"),
                 "weights_kept": (f"an exponential average of the weights (decay {config.ema:g} per step, warm-up "
                                  f"min(decay, (1 + n) / ({EMA_WARMUP} + n)) at update n), validated and kept; "
                                  "last.safetensors is the trained model itself"
@@ -542,10 +553,12 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                                      "and save" if config.bn_recal
                                      else "off (momentum 0.1 running averages)"),
                 "sampling": ("class-balanced: each draw picks a class uniformly, then an image of it "
-                             f"(with replacement); an epoch is {config.epoch_size or 'len(train)'} draws")
+                             f"(with replacement); an epoch is {config.epoch_size or 'len(train)'} draws"
+                             + (" among the epoch's selected slices" if config.mil else ""))
                             if config.balance else
                             "each training image once per epoch, shuffled",
-                "best_metric": "val_bal_acc, the mean recall over classes (ties: lower val_loss, then earlier epoch)",
+                "best_metric": ("val_bal_acc, the mean recall over classes (ties: lower val_loss, then earlier epoch)"
+                                + (", of the validation images' verdicts" if config.mil else "")),
                 "device": str(device), "threads": torch.get_num_threads(), "workers": config.workers,
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "parameters": count_parameters(model), "torch": torch.__version__, "numpy": np.__version__,
@@ -586,17 +599,30 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         say(f"{out} has already trained {start_epoch - 1} epochs (--epochs {config.epochs}): nothing to do")
 
     chance = chance_loss(counts["train"], config.balance)  # the stall warning's level
+    has_defect = mask_holds_defect(train_s) if bags is not None else None  # masks only for the log's mil_hit
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, epoch)
         train_ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        mil_record: dict = {}
+        drawn = list(range(len(train_s)))  # the indices this epoch draws from
+        if bags is not None and epoch > config.mil_warmup:
+            if epoch == 1:  # fresh weights: statistics for them first (a resumed run saved recalibrated ones)
+                with torch.random.fork_rng(devices=[]):
+                    recalibrate_bn(model, plain_ds, device, config.batch_size, recal_idx)
+            drawn, mil_record = select_instances(model, plain_ds, bags, config.mil, device, has_defect)
+            mil_record.pop("selected_by_bag")
         if config.balance:
-            sampler = WeightedRandomSampler(balanced_weights([s.label for s in train_s]),
-                                            config.epoch_size or len(train_s), replacement=True, generator=gen)
+            weights = torch.zeros(len(train_s), dtype=torch.double)
+            weights[drawn] = balanced_weights([train_s[i].label for i in drawn])
+            sampler = WeightedRandomSampler(weights, config.epoch_size or len(drawn), replacement=True, generator=gen)
             loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler,
                                 num_workers=config.workers, pin_memory=pin)
+        elif bags is not None:
+            loader = DataLoader(train_ds, batch_size=config.batch_size, num_workers=config.workers, pin_memory=pin,
+                                sampler=SubsetRandomSampler(drawn, generator=gen))
         else:
             loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
                                 num_workers=config.workers, pin_memory=pin)
@@ -615,7 +641,10 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
                 with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed from the global RNG,
                     recalibrate_bn(average, plain_ds, device, config.batch_size, recal_idx)  # which dropout uses
         val_loss = val_acc = val_bal = None
-        if val_ds is not None:
+        if val_bags is not None:  # --mil: the validation images' verdicts (models.mil.bag_validation)
+            val_loss, val_acc, per_class = bag_validation(scored, val_ds, val_bags, device)
+            val_bal = balanced_accuracy(per_class)
+        elif val_ds is not None:
             vloader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False,
                                  num_workers=config.workers, pin_memory=pin)
             per_class: dict = {}
@@ -623,7 +652,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
             val_bal = balanced_accuracy(per_class)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                   "val_acc": val_acc, "val_bal_acc": val_bal, "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(time.perf_counter() - t0, 3)}
+                  "seconds": round(time.perf_counter() - t0, 3), **mil_record}
 
         improved = improves(record, best)
         save_weights(out / LAST_NAME, model, {"epoch": str(epoch)})
@@ -645,6 +674,7 @@ def _train(config: TrainConfig, out: Path, device: torch.device) -> RunResult:
         say(f"epoch {epoch}/{config.epochs}  lr {record['lr']:.2e}  train_loss {_fmt(train_loss)}  "
             f"train_acc {_fmt(train_acc, 3)}  val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc, 3)}  "
             f"val_bal_acc {_fmt(val_bal, 3)}  {record['seconds']:.1f}s"
+            + (f"  mil_hit {_fmt(record['mil_hit'], 3)}" if record.get("mil_hit") is not None else "")
             + ("  *" if improved and val_bal is not None else ""))
         if epoch == STALL_EPOCHS and config.epochs > STALL_EPOCHS and train_loss >= 0.95 * chance:
             say(f"warning: after {epoch} epochs the training loss {train_loss:.3f} is still at the chance level "
@@ -745,6 +775,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which training images the BN recalibration and the final BN check read (default "
                         f"{d.bn_draws}): natural, a seeded permutation of the training side with its class mix; "
                         "balanced, drawn as class-balanced sampling draws the training batches")
+    p.add_argument("--mil", type=int, metavar="K",
+                   help=f"multiple-instance training from image labels (default {d.mil} = off): each epoch trains "
+                        "on the K slices of each defective image the model scores highest for its class and on every "
+                        "slice of the good images, and validates on image verdicts; an image's slices are the files "
+                        "whose stems share the part before the last '__' (models.mil)")
+    p.add_argument("--mil-warmup", type=int, metavar="E",
+                   help=f"with --mil: train the first E epochs on every slice with its image's label before the "
+                        f"selection starts (default {MIL_WARMUP} with --mil), so that the first selection reads a model that has "
+                        "seen the defects rather than its initialisation")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="training forward in bfloat16 autocast: auto (default: where the CPU/GPU runs bf16 "
                         "natively), bf16, or fp32")
@@ -770,7 +809,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
              "width", "channels", "head_width", "head_pool", "input_size", "augment", "rot90", "brightness",
              "contrast", "balance",
              "schedule", "stem_init", "bn_recal", "bn_draws",
-             "epoch_size", "ema", "precision")
+             "epoch_size", "ema", "precision", "mil", "mil_warmup")
     # options left out are None here: a new run takes TrainConfig's defaults, a resumed run the saved values
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.resume:
@@ -783,6 +822,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> TrainConfig:
         fill_resumed_options(given, saved)
         given.setdefault("format", saved.get("data", {}).get("format", "folders"))
         given.setdefault("data", saved.get("data", {}).get("path"))
+    elif given.get("mil") and "mil_warmup" not in given:  # a new --mil run: the warm-up unless told otherwise
+        given["mil_warmup"] = MIL_WARMUP
     if not given.get("data"):
         raise TrainError("--data is required: the dataset root folder")
     return TrainConfig(out=args.out, threads=args.threads, workers=args.workers, device=args.device,

@@ -147,3 +147,33 @@ def test_unknown_dataset_or_label_names_and_an_empty_summary_are_refused(tmp_pat
     with pytest.raises(SystemExit, match="no scored runs under .* nothing written"):
         realdata.main([*base, "--datasets", " magnetic-tile", "--labels", "mask "])
     assert doc.read_text() == "kept\n" and not (tmp_path / "s.json").exists()
+
+
+def test_the_mil_label_mode_trains_on_the_image_tiles_with_the_selection(tmp_path, monkeypatch):
+    """--labels mil reads the image-labelled tiles (no second copy) and trains them with --mil and its warm-up;
+    the protocol text says so."""
+    assert realdata.tiles_dir(tmp_path, "kolektorsdd", "mil", "train") == \
+        realdata.tiles_dir(tmp_path, "kolektorsdd", "image", "train")
+    assert realdata.run_dir(tmp_path, "kolektorsdd", "mil", 0) != realdata.run_dir(tmp_path, "kolektorsdd", "image", 0)
+    assert "mil" not in realdata.build_parser().parse_args(["train"]).labels  # on request only
+    calls = []
+
+    def fake_call(cmd, **kwargs):  # the training, replaced: its run folder is all it leaves
+        calls.append(cmd)
+        (tmp_path / cmd[cmd.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
+        return 0
+
+    monkeypatch.setattr(realdata.subprocess, "call", fake_call)
+    import models.tiles
+
+    monkeypatch.setattr(models.tiles, "evaluate_images", lambda *a, **k: {"accuracy": 1.0})
+    for dataset in ("kolektorsdd", "magnetic-tile"):
+        realdata.train_one(dataset, "mil", 0, tmp_path, 1, "cpu")
+        cmd = calls[-1]
+        assert cmd[cmd.index("--data") + 1] == str(realdata.tiles_dir(tmp_path, dataset, "image", "train"))
+        assert cmd[cmd.index("--mil") + 1] == str(realdata.MIL_TOP[dataset])
+        assert cmd[cmd.index("--mil-warmup") + 1] == str(realdata.MIL_WARMUP)
+    realdata.train_one("kolektorsdd", "image", 0, tmp_path, 1, "cpu")
+    assert "--mil" not in calls[-1]
+    text = realdata.protocol_text("kolektorsdd", "mil", {"train": {"mil": 2}, "model": {}})
+    assert "multiple-instance training" in text and "(2 a defective image)" in text
