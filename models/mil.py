@@ -40,10 +40,10 @@ from models.images import read_mask
 from models.samples import Sample
 
 #: ``valve-model train --mil K`` without ``--mil-warmup``: the epochs on every slice with its image's label before the
-#: selection starts. Selecting from the first epoch reads the initialisation, which ranks the slices at random: on the
-#: test's made-up bags (tests/unit/models/test_mil.py, one bright square among four tiles) 2 of 4 seeds picked a
-#: noise tile first and never left it (selection hit 0.0 for 8 epochs), while after 1 or 2 warm-up epochs 6 of 6 seeds
-#: picked the square (docs/results.md)
+#: selection starts. Selecting from the first epoch reads the initialisation, which ranks the slices at random: on
+#: made-up bags (tools/mil_warmup.py, one bright square among four noise tiles) 2 of 6 seeds picked a noise tile first
+#: and never left it (selection hit 0.0 for 8 epochs), while after 1 or 2 warm-up epochs 6 of 6 seeds picked the
+#: square (docs/results/mil-warmup-toy.json)
 MIL_WARMUP = 2
 #: the log-probabilities are computed in batches of this many slices
 SCORE_BATCH = 64

@@ -5,7 +5,6 @@ image labels are three quarters wrong."""
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,37 +16,14 @@ from models.data import ImageDataset, load_samples
 from models.errors import DataError
 from models.mil import MIL_WARMUP, bag_of, bag_validation, make_bags, mask_holds_defect, select_instances
 from models.samples import Sample
+from tools.mil_warmup import SIZE, make_bag_dataset
 
-SIZE = 48
 FAST = ["--preset", "compact", "--input-size", str(SIZE), "--threads", "1", "--batch-size", "16"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def make_bag_dataset(root: Path, n_good: int = 12, n_defect: int = 12, tiles: int = 4, seed: int = 0) -> Path:
-    """Image-labelled tiles: ``<img>__t<k>.png`` in good/ or defect/; in a defect image one tile (a seeded
-    position) holds a bright square, the others are the same noise as the good tiles; masks beside the defect
-    images' tiles (foreground only on the square)."""
-    rng = np.random.default_rng(seed)
-    for cls, n in (("good", n_good), ("defect", n_defect)):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            hot = int(rng.integers(tiles)) if cls == "defect" else -1
-            for k in range(tiles):
-                img = rng.normal(100, 12, (SIZE, SIZE)).clip(0, 255).astype(np.uint8)
-                mask = np.zeros((SIZE, SIZE), np.uint8)
-                if k == hot:
-                    y, x = rng.integers(4, SIZE - 16, 2)
-                    img[y:y + 12, x:x + 12] = 230
-                    mask[y:y + 12, x:x + 12] = 255
-                stem = f"{cls}{i:02d}__t{k}"
-                cv2.imwrite(str(root / cls / f"{stem}.png"), img)
-                if cls == "defect":
-                    cv2.imwrite(str(root / cls / f"{stem}_mask.png"), mask)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +112,7 @@ def test_mil_learns_where_image_labels_are_three_quarters_wrong(bag_data, tmp_pa
     """Each defect image shows its defect on one of four tiles. With --mil 1 (and its default warm-up) the selection
     finds the square and the image verdicts on the validation images come out right; the log and the config say
     what was done. Seeds 2 and 3: without the warm-up their first selection picked a noise tile and never left it
-    (mil_hit 0.0 for 8 epochs, fp32 and bf16, on the Intel Xeon of 2026-12-02; models.mil.MIL_WARMUP)."""
+    (mil_hit 0.0 for 8 epochs, fp32 and bf16, on the Intel Xeon of 2026-12-02; tools/mil_warmup.py)."""
     run = tmp_path / "mil"
     assert cli_main(["train", "--data", str(bag_data), "--out", str(run), *FAST, "--epochs", "8", "--mil", "1",
                      "--epoch-size", "96", "--seed", str(seed)]) == 0
@@ -194,3 +170,14 @@ def test_a_run_without_mil_reads_as_mil_0_on_resume(bag_data, tmp_path):
     del cfg["train"]["mil"], cfg["train"]["mil_warmup"]  # as written before the options existed
     (run / "config.json").write_text(json.dumps(cfg))
     assert cli_main(["train", "--out", str(run), "--resume", "--epochs", "2", "--threads", "1"]) == 0
+
+
+def test_the_warmup_tool_reports_each_seeds_selection_per_epoch(tmp_path):
+    from tools.mil_warmup import main
+
+    out = tmp_path / "toy.json"
+    assert main(["--seeds", "2", "--warmups", "1", "--epochs", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["warmup"], r["seed"]) for r in rows] == [(1, 2)]
+    assert rows[0]["mil_hit"][0] is None and len(rows[0]["mil_hit"]) == 3  # no selection in the warm-up epoch
+    assert all(0.0 <= h <= 1.0 for h in rows[0]["mil_hit"][1:]) and 0.0 <= rows[0]["best_val_bal_acc"] <= 1.0
