@@ -37,6 +37,11 @@ Off by default: ``--ema D`` validates and keeps an exponential
 moving average of the weights (decay D per optimizer step, warmed up as min(D, (1 + n) / (10 + n))), with its
 own recalibrated BN statistics; the model itself trains exactly as without it (last.safetensors and the training
 losses are the same), so a run with and one without it differ only in which weights are scored and kept.
+``--mil K`` trains from image labels by multiple-instance selection (models.mil): after ``--mil-warmup`` epochs
+(2 by default) on every slice with its image's label, each epoch trains on the K slices of each defective image the
+model scores highest and every slice of the good images, and validation scores the validation images' verdicts (the
+daemon's any-slice rule) instead of their slices. The BN recalibration and the final BN check read the training
+slices with their folders' (image) labels as without it.
 
 The run directory::
 

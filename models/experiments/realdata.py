@@ -172,7 +172,7 @@ def run_complete(out: Path, dataset: str) -> bool:
 #: width, head_pool ... are None where defaulted; the model's keys are the architecture as built)
 SAME_TRAIN_KEYS = ("epochs", "batch_size", "epoch_size", "lr", "betas", "schedule", "balance", "augment", "rot90",
                    "brightness", "contrast", "bn_recal", "bn_draws", "stem_init", "seed", "val_fraction", "precision_option",
-                   "ema")
+                   "ema", "mil", "mil_warmup")
 
 
 def recipe_differences(run: Path, reference: Path, ignore: tuple[str, ...] = (),
