@@ -20,8 +20,9 @@ from pathlib import Path
 
 def budget(run: Path) -> dict:
     run = Path(run)
-    name, runs = run.parent.name, run.parent.parent
-    folders = {side: runs / "tiles" / name / side for side in ("train", "test")}
+    from models.experiments.realdata import run_tiles
+
+    folders = {side: run_tiles(run, side) for side in ("train", "test")}
     for side, folder in folders.items():
         if not (folder / "tiles.json").is_file():
             raise SystemExit(f"{folder / 'tiles.json'} not found: give a run folder <runs>/<dataset>-<labels>/seed<N> "

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models.experiments.realdata import best_epoch
+    from models.experiments.realdata import best_epoch, run_tiles
     from models.run_dir import LOG_NAME, read_log
     from models.tiles import evaluate_images
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.runs:
         run = Path(name)
-        group = run.parent.name                       # <dataset>-<labels>
-        tiles = run.parent.parent / "tiles" / group
+        tiles = run_tiles(run, "train").parent  # <runs>/tiles/<dataset>-<labels> (the image tiles for mil)
         log = read_log(run / LOG_NAME)
         row = {"run": str(run), "epochs": len(log), "best_epoch": best_epoch(run),
                "val_bal_acc": {"best": max(r["val_bal_acc"] for r in log), "last": log[-1]["val_bal_acc"]},

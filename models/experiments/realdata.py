@@ -93,6 +93,14 @@ def run_dir(runs: Path, dataset: str, labels: str, seed: int) -> Path:
     return runs / f"{dataset}-{labels}" / f"seed{seed}"
 
 
+def run_tiles(run: Path, part: str) -> Path:
+    """The tiles a run folder ``<runs>/<dataset>-<labels>/seed<N>`` was trained (``train``) or is tested (``test``) on,
+    for the diagnostic tools: ``mil`` runs read the image-labelled tiles."""
+    run = Path(run)
+    dataset, _, labels = run.parent.name.rpartition("-")
+    return run.parent.parent / "tiles" / f"{dataset}-{TILE_LABELS.get(labels, labels)}" / part
+
+
 PACKED_NAME = "packed.json"
 
 

@@ -155,6 +155,9 @@ def test_the_mil_label_mode_trains_on_the_image_tiles_with_the_selection(tmp_pat
     assert realdata.tiles_dir(tmp_path, "kolektorsdd", "mil", "train") == \
         realdata.tiles_dir(tmp_path, "kolektorsdd", "image", "train")
     assert realdata.run_dir(tmp_path, "kolektorsdd", "mil", 0) != realdata.run_dir(tmp_path, "kolektorsdd", "image", 0)
+    for labels in realdata.LABEL_MODES:  # what the diagnostic tools read beside a run folder
+        run = realdata.run_dir(tmp_path, "magnetic-tile", labels, 3)
+        assert realdata.run_tiles(run, "test") == realdata.tiles_dir(tmp_path, "magnetic-tile", labels, "test")
     assert "mil" not in realdata.build_parser().parse_args(["train"]).labels  # on request only
     calls = []
 
