@@ -463,7 +463,7 @@ def summarise(runs: Path, seeds: list[int], datasets: list[str] | None = None,
                 "train_wall_s": [m.get("train_wall_s") for _, m in found],
             }
         if entry:
-            primary = entry.get("mask") or entry.get("image")
+            primary = next(entry[k] for k in LABEL_MODES if k in entry)  # mask labels where run, else image, mil
             out[dataset] = {**{k: primary[k] for k in ("protocol", "seeds", "accuracy", "accuracy_calibrated", "ap",
                                                         "defect_iou", "miou_paper")},
                             "label_modes": entry}

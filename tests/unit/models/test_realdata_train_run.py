@@ -133,6 +133,8 @@ def test_the_summary_holds_only_the_datasets_and_label_modes_its_command_names(t
     image_only = realdata.summarise(tmp_path, [0], None, ["image"])
     assert set(image_only) == {"kolektorsdd", "magnetic-tile"}
     assert all(set(v["label_modes"]) == {"image"} for v in image_only.values())
+    mil_only = realdata.summarise(tmp_path, [0], ["kolektorsdd"], ["mil"])  # a summary of mil runs alone
+    assert set(mil_only["kolektorsdd"]["label_modes"]) == {"mil"} and mil_only["kolektorsdd"]["ap"]["mean"] == 1.0
 
 
 def test_unknown_dataset_or_label_names_and_an_empty_summary_are_refused(tmp_path):
