@@ -38,6 +38,7 @@ from torch import nn
 from models.errors import DataError
 from models.images import read_mask
 from models.samples import Sample
+from models.tiles import good_index, image_class, tile_logodds
 
 #: ``valve-model train --mil K`` without ``--mil-warmup``: the epochs on every slice with its image's label before the
 #: selection starts. Selecting from the first epoch reads the initialisation, which ranks the slices at random: on
@@ -71,9 +72,10 @@ class Bags:
 
 def good_label(classes: Sequence[str]) -> int:
     """The label of the good class ("good", or Magnetic-tile's "free"); a clear error without one."""
-    for i, c in enumerate(classes):
-        if c.lower() in ("good", "free"):
-            return i
+    try:
+        return good_index(classes)
+    except StopIteration:
+        pass
     raise DataError(f"--mil needs a good class (a folder named good or free) beside the defect classes; the data "
                     f"has {', '.join(classes)}: add the good slices, or train without --mil")
 
@@ -158,14 +160,8 @@ def bag_validation(model: nn.Module, dataset, bags: Bags, device: torch.device) 
         lp = logp[pos:pos + len(idx)]
         pos += len(idx)
         p = np.exp(lp)
-        defect = 1.0 - p[:, bags.good]
-        worst = int(np.argmax(defect))
-        if defect[worst] >= 0.5:
-            d = p.copy()
-            d[:, bags.good] = -1.0
-            pred = int(np.unravel_index(np.argmax(d), d.shape)[1])
-        else:
-            pred = bags.good
+        worst = int(np.argmax(1.0 - p[:, bags.good]))
+        pred = image_class(p, tile_logodds(p, bags.good), bags.good, 0.0)  # log-odds 0: p(defect) 0.5
         loss_sum += -float(lp[worst, label])
         ok = pred == label
         correct += int(ok)

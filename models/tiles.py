@@ -269,6 +269,17 @@ def tile_logodds(p: np.ndarray, good: int) -> np.ndarray:
     return np.log(np.maximum(defect, tiny)) - np.log(np.maximum(p[:, good], tiny))
 
 
+def image_class(p: np.ndarray, odds: np.ndarray, good: int, bound: float) -> int:
+    """The daemon's rule on one image's tile probabilities ``p`` (T, K) and their :func:`tile_logodds` ``odds``:
+    good unless a tile's log-odds reach ``bound``; then the defect class with the highest probability over the
+    tiles (models.mil's image-level validation uses it too)."""
+    if odds.max() < bound:
+        return good
+    d = p.copy()
+    d[:, good] = -1.0
+    return int(np.unravel_index(np.argmax(d), d.shape)[1])
+
+
 def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: float = 0.5,
                  threshold_logodds: float | None = None) -> dict:
     """Per image: the defect score (max over its tiles of 1 - p(good)) and its log-odds (max over its
@@ -290,12 +301,7 @@ def image_scores(manifest: dict, tile_probs: dict[str, np.ndarray], threshold: f
         p = np.stack([tile_probs[t["file"]] for t in im["tiles"]]).astype(np.float64)  # (T, K)
         odds = tile_logodds(p, good)
         per_class = p.max(axis=0)
-        if odds.max() >= bound:
-            d = p.copy()
-            d[:, good] = -1.0
-            pred = int(np.unravel_index(np.argmax(d), d.shape)[1])
-        else:
-            pred = good
+        pred = image_class(p, odds, good, bound)
         out["images"].append({"source": im["source"], "true": classes.index(im["label"]), "pred": pred,
                               "defect_score": float((1.0 - p[:, good]).max()),
                               "defect_logodds": float(odds.max()), "class_scores": per_class.tolist()})
